@@ -1,0 +1,231 @@
+//! Helpers for the end-to-end scenarios in `e2e/tests/`. The cluster itself is started by
+//! `e2e/test.sh`, which runs these tests inside the cluster's network namespace with
+//! `SHARDMESH_E2E=1` and `KUBECONFIG` set. The scenarios are `#[ignore]`d so a plain
+//! `cargo test` skips them; run without the harness they fail loudly instead of passing.
+
+use std::{fmt::Debug, future::Future, time::Duration};
+
+use k8s_openapi::{api::core::v1::Namespace, NamespaceResourceScope};
+use kube::{
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    Api, Client, Resource, ResourceExt,
+};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use shardmesh_api::ShardedService;
+
+/// Default deadline of a wait: generous, the CI machine has 2 shared cores.
+pub const WAIT: Duration = Duration::from_secs(240);
+
+/// Image of the demo app, imported into the cluster by the harness.
+pub const DEMO_IMAGE: &str = "shardmesh.local/demo:dev";
+
+/// Namespace the harness installs the operator into.
+pub const OPERATOR_NAMESPACE: &str = "shardmesh-system";
+
+/// A client for the harness' cluster; panics with instructions outside the harness.
+pub async fn client() -> Client {
+    assert!(
+        std::env::var_os("SHARDMESH_E2E").is_some(),
+        "the e2e scenarios need the real cluster started by e2e/test.sh (SHARDMESH_E2E is unset); \
+         run: e2e/test.sh"
+    );
+    Client::try_default()
+        .await
+        .unwrap_or_else(|e| panic!("cannot build a client from KUBECONFIG: {e}"))
+}
+
+/// Polls `probe` every 500 ms until it returns `Ok(Some(v))`, for at most `timeout`. On timeout
+/// panics naming what was awaited and the last observation (`Ok(None)` carries none; `Err` is
+/// an observation too: API errors during a wait are retried).
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let start = tokio::time::Instant::now();
+    let mut last = String::from("(no observation yet)");
+    loop {
+        match probe().await {
+            Ok(Some(v)) => {
+                eprintln!(
+                    "[e2e] {what}: ok after {:.1}s",
+                    start.elapsed().as_secs_f64()
+                );
+                return v;
+            }
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for: {what}\nlast observation: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Like [`wait_for`] for a predicate over a freshly fetched object; the last object's relevant
+/// part (from `show`) is printed on timeout.
+pub async fn wait_obj<K>(
+    api: &Api<K>,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&K) -> bool,
+    show: impl Fn(&K) -> String,
+) -> K
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    wait_for(what, WAIT, || async {
+        let o = api.get(name).await?;
+        if pred(&o) {
+            Ok(Some(o))
+        } else {
+            Err(anyhow::anyhow!("{}", show(&o)))
+        }
+    })
+    .await
+}
+
+/// A namespace for one scenario. Deleted by [`TestNamespace::delete`] at the end of a passing
+/// test; a failing test leaves it for the harness' diagnostics dump.
+pub struct TestNamespace {
+    /// Namespace name.
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    /// Creates `e2e-<prefix>-<random>`.
+    pub async fn create(client: &Client, prefix: &str) -> Self {
+        let suffix: u32 = std::process::id()
+            ^ (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0));
+        let name = format!("e2e-{prefix}-{:x}", suffix & 0xffffff);
+        let api: Api<Namespace> = Api::all(client.clone());
+        let ns: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": name}})).expect("namespace literal");
+        api.create(&PostParams::default(), &ns)
+            .await
+            .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+        eprintln!("[e2e] namespace {name}");
+        TestNamespace {
+            name,
+            client: client.clone(),
+        }
+    }
+
+    /// An API handle for namespaced kind `K` in this namespace.
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    /// Deletes the namespace (background; the cluster is torn down after the run anyway).
+    pub async fn delete(self) {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let _ = api.delete(&self.name, &DeleteParams::background()).await;
+    }
+}
+
+/// A ShardedService of the demo app as JSON, ready to patch in tests.
+pub fn demo_service(name: &str, shards: i32, replicas: i32) -> Value {
+    json!({
+        "apiVersion": "shardmesh.io/v1alpha1",
+        "kind": "ShardedService",
+        "metadata": {"name": name},
+        "spec": {
+            "shards": shards,
+            "replicasPerShard": replicas,
+            "port": 8080,
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 5,
+                    "containers": [{
+                        "name": "app",
+                        "image": DEMO_IMAGE,
+                        "imagePullPolicy": "IfNotPresent",
+                        "ports": [{"name": "http", "containerPort": 8080}],
+                        "readinessProbe": {
+                            "httpGet": {"path": "/readyz", "port": 8080},
+                            "periodSeconds": 1
+                        }
+                    }]
+                }
+            }
+        }
+    })
+}
+
+/// Server-side applies a ShardedService given as JSON (as `kubectl apply --server-side` would).
+pub async fn apply_service(
+    api: &Api<ShardedService>,
+    body: &Value,
+) -> kube::Result<ShardedService> {
+    let name = body["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    api.patch(
+        &name,
+        &PatchParams::apply("e2e").force(),
+        &Patch::Apply(body),
+    )
+    .await
+}
+
+/// The condition `t` of a ShardedService as (status, reason, message).
+pub fn condition(svc: &ShardedService, t: &str) -> Option<(String, String, String)> {
+    svc.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Whether condition `t` has status `True` for the current generation.
+pub fn is_true(svc: &ShardedService, t: &str) -> bool {
+    let current =
+        svc.status.as_ref().and_then(|s| s.observed_generation) == svc.metadata.generation;
+    current && condition(svc, t).is_some_and(|c| c.0 == "True")
+}
+
+/// Compact status summary for timeout messages.
+pub fn show(svc: &ShardedService) -> String {
+    match &svc.status {
+        None => format!("generation {:?}, no status yet", svc.metadata.generation),
+        Some(s) => format!(
+            "generation {:?} observed {:?} ready {:?} epoch {} conditions {:?}",
+            svc.metadata.generation,
+            s.observed_generation,
+            s.ready,
+            s.epoch,
+            s.conditions
+                .iter()
+                .map(|c| format!("{}={} ({}: {})", c.type_, c.status, c.reason, c.message))
+                .collect::<Vec<_>>()
+        ),
+    }
+}
+
+/// Names of the objects of kind `K` labelled for service `svc` in `api`'s namespace, sorted.
+pub async fn names<K>(api: &Api<K>, svc: &str) -> anyhow::Result<Vec<String>>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let mut v: Vec<String> = api
+        .list(&ListParams::default().labels(&shardmesh_api::labels::service_selector_string(svc)))
+        .await?
+        .items
+        .iter()
+        .map(|o| o.name_any())
+        .collect();
+    v.sort();
+    Ok(v)
+}

@@ -1,0 +1,439 @@
+//! Operator scenarios on the real cluster: lifecycle, scaling, shards, self-healing, bad input.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{Deployment, StatefulSet},
+        core::v1::{Pod, Service},
+        events::v1::Event,
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+    Api, ResourceExt,
+};
+use serde_json::json;
+use shardmesh_api::{v1alpha1::condition, ShardedService};
+use shardmesh_e2e::*;
+
+fn sts_summary(list: &[StatefulSet]) -> BTreeMap<String, (i32, i32)> {
+    list.iter()
+        .map(|s| {
+            (
+                s.name_any(),
+                (
+                    s.spec.as_ref().and_then(|x| x.replicas).unwrap_or(-1),
+                    s.status
+                        .as_ref()
+                        .and_then(|x| x.ready_replicas)
+                        .unwrap_or(0),
+                ),
+            )
+        })
+        .collect()
+}
+
+async fn wait_ready(api: &Api<ShardedService>, name: &str, what: &str) -> ShardedService {
+    wait_obj(api, name, what, |s| is_true(s, condition::READY), show).await
+}
+
+#[tokio::test]
+#[ignore = "e2e: needs the real cluster; run e2e/test.sh"]
+async fn operator_runs_in_cluster_with_its_crd() {
+    let client = client().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    wait_obj(
+        &crds,
+        "shardedservices.shardmesh.io",
+        "CRD Established",
+        |c| {
+            c.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                })
+        },
+        |c| format!("{:?}", c.status),
+    )
+    .await;
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let d = wait_obj(
+        &deploys,
+        "shardmesh-operator",
+        "operator Deployment available",
+        |d| {
+            d.status
+                .as_ref()
+                .and_then(|s| s.available_replicas)
+                .unwrap_or(0)
+                >= 1
+        },
+        |d| format!("{:?}", d.status),
+    )
+    .await;
+    let spec = d.spec.expect("spec").template.spec.expect("pod spec");
+    assert_eq!(
+        spec.service_account_name.as_deref(),
+        Some("shardmesh-operator")
+    );
+}
+
+/// Create 3×2 → Ready; scale 2→3→2; add a shard; refuse shard removal, then allow it; delete →
+/// everything garbage-collected.
+#[tokio::test]
+#[ignore = "e2e: needs the real cluster; run e2e/test.sh"]
+async fn lifecycle_scale_shards_and_garbage_collection() {
+    let client = client().await;
+    let ns = TestNamespace::create(&client, "life").await;
+    let svcs: Api<ShardedService> = ns.api();
+    let sts: Api<StatefulSet> = ns.api();
+    let services: Api<Service> = ns.api();
+    let pods: Api<Pod> = ns.api();
+    let mut body = demo_service("orders", 3, 2);
+
+    apply_service(&svcs, &body).await.expect("apply 3x2");
+    let s = wait_ready(&svcs, "orders", "3x2 orders Ready").await;
+    let st = s.status.expect("status");
+    assert_eq!(st.shards.len(), 3);
+    for (i, sh) in st.shards.iter().enumerate() {
+        assert_eq!(
+            (sh.index, sh.replicas, sh.ready_replicas),
+            (i as i32, 2, 2),
+            "{sh:?}"
+        );
+        assert_eq!(sh.members.len(), 2);
+        assert!(
+            sh.members
+                .iter()
+                .all(|m| m.starts_with(&format!("orders-{i}-"))),
+            "{sh:?}"
+        );
+    }
+    assert_eq!(st.ready.as_deref(), Some("6/6"));
+    assert!(st.epoch >= 1);
+    assert_eq!(
+        names(&sts, "orders").await.expect("sts"),
+        ["orders-0", "orders-1", "orders-2"]
+    );
+    assert_eq!(
+        names(&services, "orders").await.expect("svc"),
+        ["orders", "orders-0", "orders-1", "orders-2"]
+    );
+    // The app learns its shard from the operator.
+    let pod = pods.get("orders-2-0").await.expect("pod orders-2-0");
+    let env = pod.spec.expect("spec").containers[0]
+        .env
+        .clone()
+        .unwrap_or_default();
+    let get = |n: &str| {
+        env.iter()
+            .find(|e| e.name == n)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(
+        (get("SHARDMESH_SHARD"), get("SHARDMESH_SHARDS")),
+        (Some("2".into()), Some("3".into()))
+    );
+
+    // Scale up in place.
+    body["spec"]["replicasPerShard"] = json!(3);
+    apply_service(&svcs, &body).await.expect("scale to 3");
+    let s = wait_ready(&svcs, "orders", "orders scaled to 3 per shard").await;
+    assert_eq!(
+        s.status.as_ref().and_then(|s| s.ready.clone()).as_deref(),
+        Some("9/9")
+    );
+    let list = sts.list(&ListParams::default()).await.expect("list").items;
+    assert!(
+        sts_summary(&list).values().all(|v| *v == (3, 3)),
+        "{:?}",
+        sts_summary(&list)
+    );
+
+    // And back down, through the scale subresource as `kubectl scale` does.
+    sts_scale(&svcs, "orders", 2).await;
+    let s = wait_ready(&svcs, "orders", "orders scaled back to 2 per shard").await;
+    assert_eq!(s.spec.replicas_per_shard, 2);
+    wait_for("3 shards × 2 pods", WAIT, || async {
+        let n = names(&pods, "orders").await?;
+        if n.len() == 6 {
+            Ok(Some(()))
+        } else {
+            Err(anyhow::anyhow!("pods: {n:?}"))
+        }
+    })
+    .await;
+    body["spec"]["replicasPerShard"] = json!(2);
+
+    // Add a shard.
+    body["spec"]["shards"] = json!(4);
+    apply_service(&svcs, &body).await.expect("4 shards");
+    let s = wait_ready(&svcs, "orders", "orders with 4 shards Ready").await;
+    assert_eq!(s.status.as_ref().map(|s| s.shards.len()), Some(4));
+    assert_eq!(names(&sts, "orders").await.expect("sts").len(), 4);
+
+    // Removing a shard is refused: the objects stay, the condition says why and how.
+    body["spec"]["shards"] = json!(3);
+    apply_service(&svcs, &body)
+        .await
+        .expect("3 shards (refused by the operator)");
+    let s = wait_obj(
+        &svcs,
+        "orders",
+        "Invalid=ShardRemovalRefused",
+        |s| is_true(s, condition::INVALID),
+        show,
+    )
+    .await;
+    let (_, reason, msg) = condition(&s, condition::INVALID).expect("Invalid");
+    assert_eq!(reason, "ShardRemovalRefused");
+    assert!(
+        msg.contains("spec.shards") && msg.contains("allowShardRemoval"),
+        "{msg}"
+    );
+    assert_eq!(
+        names(&sts, "orders").await.expect("sts").len(),
+        4,
+        "nothing deleted"
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> = ns.api();
+    wait_for("a Warning event ShardRemovalRefused", WAIT, || async {
+        let evs: Vec<Event> = events.list(&ListParams::default()).await?.items;
+        Ok(evs
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("ShardRemovalRefused")
+                    && e.type_.as_deref() == Some("Warning")
+            })
+            .then_some(()))
+    })
+    .await;
+
+    // With the override, shard 3 goes away.
+    body["spec"]["rollout"] = json!({"allowShardRemoval": true});
+    apply_service(&svcs, &body)
+        .await
+        .expect("3 shards with override");
+    wait_ready(&svcs, "orders", "orders back to 3 shards").await;
+    wait_for("shard 3 objects deleted", WAIT, || async {
+        let s = names(&sts, "orders").await?;
+        let v = names(&services, "orders").await?;
+        Ok((s.len() == 3 && v.len() == 4).then_some(()))
+    })
+    .await;
+
+    // Delete the CR: owner references garbage-collect everything.
+    svcs.delete("orders", &DeleteParams::foreground())
+        .await
+        .expect("delete");
+    wait_for(
+        "all StatefulSets, Services and Pods of orders gone",
+        WAIT,
+        || async {
+            let left = [
+                names(&sts, "orders").await?,
+                names(&services, "orders").await?,
+                names(&pods, "orders").await?,
+            ]
+            .concat();
+            if left.is_empty() {
+                Ok(Some(()))
+            } else {
+                Err(anyhow::anyhow!("left: {left:?}"))
+            }
+        },
+    )
+    .await;
+    ns.delete().await;
+}
+
+async fn sts_scale(api: &Api<ShardedService>, name: &str, replicas: i32) {
+    let patch = json!({"spec": {"replicas": replicas}});
+    api.patch_scale(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch scale subresource");
+}
+
+/// Killing a pod turns the service Degraded; the StatefulSet replaces it and it is Ready again.
+#[tokio::test]
+#[ignore = "e2e: needs the real cluster; run e2e/test.sh"]
+async fn pod_loss_is_degraded_then_healed() {
+    let client = client().await;
+    let ns = TestNamespace::create(&client, "heal").await;
+    let svcs: Api<ShardedService> = ns.api();
+    let pods: Api<Pod> = ns.api();
+    let services: Api<Service> = ns.api();
+    apply_service(&svcs, &demo_service("carts", 2, 2))
+        .await
+        .expect("apply");
+    let before = wait_ready(&svcs, "carts", "carts Ready").await;
+    let epoch0 = before.status.as_ref().map_or(0, |s| s.epoch);
+    let old_uid = pods.get("carts-1-0").await.expect("pod").uid();
+
+    pods.delete(
+        "carts-1-0",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::default()
+        },
+    )
+    .await
+    .expect("kill pod");
+    let degraded = wait_obj(
+        &svcs,
+        "carts",
+        "carts Degraded after losing a pod",
+        |s| is_true(s, condition::DEGRADED),
+        show,
+    )
+    .await;
+    let (_, reason, msg) = condition(&degraded, condition::DEGRADED).expect("Degraded");
+    assert_eq!(reason, "ReplicasUnavailable");
+    assert!(msg.contains("shard 1: 1/2 ready"), "{msg}");
+
+    let healed = wait_obj(
+        &svcs,
+        "carts",
+        "carts Ready again with a new carts-1-0",
+        |s| is_true(s, condition::READY) && !is_true(s, condition::DEGRADED),
+        show,
+    )
+    .await;
+    assert_ne!(pods.get("carts-1-0").await.expect("pod").uid(), old_uid);
+    assert!(
+        healed.status.as_ref().map_or(0, |s| s.epoch) >= epoch0 + 2,
+        "epoch bumps on leave and rejoin: {}",
+        show(&healed)
+    );
+
+    // Drift: a deleted owned Service is recreated by the operator.
+    services
+        .delete("carts-0", &DeleteParams::default())
+        .await
+        .expect("delete svc");
+    wait_for("Service carts-0 recreated", WAIT, || async {
+        Ok(services
+            .get_opt("carts-0")
+            .await?
+            .filter(|s| s.metadata.deletion_timestamp.is_none())
+            .map(|_| ()))
+    })
+    .await;
+    ns.delete().await;
+}
+
+/// Bad input is refused at the earliest point: the CRD schema at apply time, otherwise the
+/// operator's Invalid condition naming the field (and nothing is created).
+#[tokio::test]
+#[ignore = "e2e: needs the real cluster; run e2e/test.sh"]
+async fn invalid_specs_are_rejected_naming_the_field() {
+    let client = client().await;
+    let ns = TestNamespace::create(&client, "bad").await;
+    let svcs: Api<ShardedService> = ns.api();
+    let sts: Api<StatefulSet> = ns.api();
+
+    let schema_rejected: Vec<(&str, serde_json::Value, &str)> = vec![
+        ("zero shards", json!({"shards": 0}), "spec.shards"),
+        ("too many shards", json!({"shards": 5000}), "spec.shards"),
+        (
+            "negative replicas",
+            json!({"replicasPerShard": -1}),
+            "spec.replicasPerShard",
+        ),
+        ("port too big", json!({"port": 70000}), "spec.port"),
+        (
+            "unknown retryOn",
+            json!({"resilience": {"retries": {"retryOn": ["sometimes"]}}}),
+            "spec.resilience.retries.retryOn",
+        ),
+        (
+            "bad duration",
+            json!({"resilience": {"timeouts": {"perTry": "5 parsecs"}}}),
+            "spec.resilience.timeouts.perTry",
+        ),
+        (
+            "bad pod policy",
+            json!({"rollout": {"podManagementPolicy": "Sometimes"}}),
+            "spec.rollout.podManagementPolicy",
+        ),
+        ("string shards", json!({"shards": "four"}), "spec.shards"),
+    ];
+    for (what, patch, field) in schema_rejected {
+        let mut body = demo_service("bad", 2, 1);
+        merge(&mut body["spec"], &patch);
+        let err = apply_service(&svcs, &body).await.expect_err(what);
+        let msg = err.to_string();
+        assert!(
+            msg.contains(field),
+            "{what}: error should name {field}: {msg}"
+        );
+        eprintln!("[e2e] {what}: rejected at apply: {msg}");
+    }
+    let mut missing = demo_service("bad", 2, 1);
+    missing["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("template");
+    let msg = apply_service(&svcs, &missing)
+        .await
+        .expect_err("missing template")
+        .to_string();
+    assert!(msg.contains("template"), "{msg}");
+
+    let operator_rejected: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "no containers",
+            json!({"template": {"spec": {"containers": []}}}),
+            "spec.template.spec.containers",
+        ),
+        ("sidecar port clash", json!({"port": 4143}), "spec.port"),
+        (
+            "deadline below per-try",
+            json!({"resilience": {"timeouts": {"perTry": "20s", "overall": "5s"}}}),
+            "spec.resilience.timeouts.overall",
+        ),
+    ];
+    for (i, (what, patch, field)) in operator_rejected.into_iter().enumerate() {
+        let name = format!("invalid-{i}");
+        let mut body = demo_service(&name, 2, 1);
+        merge(&mut body["spec"], &patch);
+        apply_service(&svcs, &body)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: schema accepts it: {e}"));
+        let s = wait_obj(
+            &svcs,
+            &name,
+            &format!("{what}: Invalid condition"),
+            |s| is_true(s, condition::INVALID),
+            show,
+        )
+        .await;
+        let (_, reason, msg) = condition(&s, condition::INVALID).expect("Invalid");
+        assert_eq!(reason, "InvalidSpec");
+        assert!(
+            msg.contains(field),
+            "{what}: message should name {field}: {msg}"
+        );
+        assert!(
+            names(&sts, &name).await.expect("list").is_empty(),
+            "{what}: nothing may be created"
+        );
+        eprintln!("[e2e] {what}: Invalid: {msg}");
+    }
+    ns.delete().await;
+}
+
+fn merge(dst: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (dst, patch) {
+        (serde_json::Value::Object(d), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                merge(d.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (d, p) => *d = p.clone(),
+    }
+}

@@ -1,0 +1,507 @@
+//! `shardmesh.io/v1alpha1` `ShardedService`.
+//!
+//! Every field carries a doc comment: they become the CRD's `description`s, which is what
+//! `kubectl explain shardedservice.spec...` prints.
+
+use k8s_openapi::{api::core::v1::PodTemplateSpec, apimachinery::pkg::apis::meta::v1::Condition};
+use kube::CustomResource;
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+use serde::{Deserialize, Serialize};
+
+use crate::duration::DurationString;
+
+/// A service whose key space is split into `shards`, each served by `replicasPerShard` pods of
+/// `template`, with the shardmesh sidecar routing requests to the shard owning their key.
+// clippy mistakes the repeated `printcolumn(type_ = ...)` keys for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "shardmesh.io",
+    version = "v1alpha1",
+    kind = "ShardedService",
+    namespaced,
+    status = "ShardedServiceStatus",
+    derive = "PartialEq",
+    shortname = "shsvc",
+    category = "shardmesh",
+    doc = "A sharded, replicated service: `shards` key ranges, each served by `replicasPerShard` pods of `template`, with the shardmesh sidecar doing routing, retries, timeouts and circuit breaking.",
+    scale(
+        spec_replicas_path = ".spec.replicasPerShard",
+        status_replicas_path = ".status.replicasPerShard",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Shards",
+        type_ = "integer",
+        json_path = ".spec.shards",
+        description = "Number of shards"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".spec.replicasPerShard",
+        description = "Desired replicas per shard"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.ready",
+        description = "Ready pods / desired pods"
+    ),
+    printcolumn(
+        name = "Epoch",
+        type_ = "integer",
+        json_path = ".status.epoch",
+        description = "Shard-map generation"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardedServiceSpec {
+    /// Number of shards the key space is split into (1-1024). Raising it adds shards. Lowering it
+    /// is refused (the removed shards' data would be orphaned) unless
+    /// `rollout.allowShardRemoval` is true.
+    #[schemars(range(min = 1, max = 1024))]
+    pub shards: i32,
+
+    /// Pods serving each shard (1-100). Any replica of a shard may serve the shard's keys.
+    /// Changing it scales every shard in place. Also set by `kubectl scale`.
+    #[schemars(range(min = 1, max = 100))]
+    pub replicas_per_shard: i32,
+
+    /// Port the application listens on inside the pod (1-65535). The sidecar forwards to
+    /// 127.0.0.1:`port`; the ports 4140, 4143 and 4191 are reserved for the sidecar.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// Where the shard key of a request comes from.
+    #[serde(default)]
+    pub shard_key: ShardKey,
+
+    /// Pod template of the application, as in a Deployment. Must have at least one container.
+    /// shardmesh adds the labels `shardmesh.io/service` and `shardmesh.io/shard`.
+    #[schemars(schema_with = "pod_template_schema")]
+    pub template: PodTemplateSpec,
+
+    /// Timeouts, retries, circuit breaking and concurrency limits the sidecar applies.
+    /// Every field has a safe default; nothing is unlimited.
+    #[serde(default)]
+    pub resilience: Resilience,
+
+    /// How changes are rolled out to the shards.
+    #[serde(default)]
+    pub rollout: Rollout,
+}
+
+/// The pod template is kept opaque in the CRD schema (a full PodTemplateSpec schema is several
+/// hundred KiB); the operator and the validating webhook check it instead.
+fn pod_template_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "description": "Pod template of the application, as in a Deployment (metadata + spec). Must have at least one container. shardmesh adds the labels shardmesh.io/service and shardmesh.io/shard.",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}
+
+/// Where the shard key of a request is read from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardKey {
+    /// HTTP header carrying the key (case-insensitive, a valid header name).
+    /// Requests to a sharded destination without it get HTTP 400 naming the header.
+    #[serde(default = "default_shard_header")]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+    )]
+    pub header: String,
+}
+
+fn default_shard_header() -> String {
+    "x-shard-key".to_string()
+}
+
+impl Default for ShardKey {
+    fn default() -> Self {
+        ShardKey {
+            header: default_shard_header(),
+        }
+    }
+}
+
+/// Resilience policy of the sidecar for requests to this service.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Resilience {
+    /// Connect, per-try and overall timeouts.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Retries with exponential backoff, full jitter and a retry budget.
+    #[serde(default)]
+    pub retries: Retries,
+    /// Per-endpoint circuit breaker.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreaker,
+    /// Concurrency limit (bulkhead) of the inbound side; excess requests are shed with 503.
+    #[serde(default)]
+    pub concurrency: Concurrency,
+}
+
+/// Timeouts. The overall deadline bounds every retry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeouts {
+    /// Time to establish a TCP connection to an endpoint (default 1s; at most 1m).
+    #[serde(default = "d_connect")]
+    pub connect: DurationString,
+    /// Time one attempt may take until the response headers arrive (default 2s; at most 10m).
+    #[serde(default = "d_per_try")]
+    pub per_try: DurationString,
+    /// Deadline for the whole request, all retries and backoff included (default 10s; at most
+    /// 10m; must be at least `perTry`). Exceeded: HTTP 504.
+    #[serde(default = "d_overall")]
+    pub overall: DurationString,
+}
+
+fn d_connect() -> DurationString {
+    "1s".into()
+}
+fn d_per_try() -> DurationString {
+    "2s".into()
+}
+fn d_overall() -> DurationString {
+    "10s".into()
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: d_connect(),
+            per_try: d_per_try(),
+            overall: d_overall(),
+        }
+    }
+}
+
+/// Failure classes that may be retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum RetryOn {
+    /// The connection could not be established (the request never left).
+    #[serde(rename = "connect-failure")]
+    ConnectFailure,
+    /// The connection was reset or closed before a response arrived.
+    #[serde(rename = "reset")]
+    Reset,
+    /// HTTP 429 Too Many Requests (`Retry-After` is honoured).
+    #[serde(rename = "429")]
+    TooManyRequests,
+    /// HTTP 502 Bad Gateway.
+    #[serde(rename = "502")]
+    BadGateway,
+    /// HTTP 503 Service Unavailable (`Retry-After` is honoured).
+    #[serde(rename = "503")]
+    ServiceUnavailable,
+    /// HTTP 504 Gateway Timeout, or the per-try timeout expired.
+    #[serde(rename = "504")]
+    GatewayTimeout,
+}
+
+impl RetryOn {
+    /// The default retry conditions.
+    pub const DEFAULT: [RetryOn; 6] = [
+        RetryOn::ConnectFailure,
+        RetryOn::Reset,
+        RetryOn::TooManyRequests,
+        RetryOn::BadGateway,
+        RetryOn::ServiceUnavailable,
+        RetryOn::GatewayTimeout,
+    ];
+}
+
+/// Retry policy. Non-idempotent requests (POST, PATCH) are retried only when they provably never
+/// reached the application, or carry an `Idempotency-Key` header.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Retries {
+    /// Total attempts including the first (1-10; default 3; 1 disables retries).
+    #[serde(default = "d_max_attempts")]
+    #[schemars(range(min = 1, max = 10))]
+    pub max_attempts: i32,
+    /// First backoff before a retry; the n-th waits a random time in [0, min(maxBackoff,
+    /// baseBackoff * 2^n)] (full jitter). Default 25ms.
+    #[serde(default = "d_base_backoff")]
+    pub base_backoff: DurationString,
+    /// Cap of the backoff (default 1s; at least `baseBackoff`).
+    #[serde(default = "d_max_backoff")]
+    pub max_backoff: DurationString,
+    /// Failure classes that are retried (default: all of connect-failure, reset, 429, 502, 503,
+    /// 504).
+    #[serde(default = "d_retry_on")]
+    pub retry_on: Vec<RetryOn>,
+    /// Retry budget: retries may add at most this percentage of the request rate (0-100;
+    /// default 20). Keeps retries from multiplying load during an outage.
+    #[serde(default = "d_budget_percent")]
+    #[schemars(range(min = 0, max = 100))]
+    pub budget_percent: i32,
+    /// Retries per second always allowed regardless of the budget, so low-traffic clients can
+    /// still retry (0-1000; default 10).
+    #[serde(default = "d_min_retries_per_second")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_retries_per_second: i32,
+    /// Largest request body buffered for replay (0-16777216 bytes; default 65536); requests with
+    /// larger bodies are not retried.
+    #[serde(default = "d_max_replay_body_bytes")]
+    #[schemars(range(min = 0, max = 16777216))]
+    pub max_replay_body_bytes: i32,
+}
+
+fn d_max_attempts() -> i32 {
+    3
+}
+fn d_base_backoff() -> DurationString {
+    "25ms".into()
+}
+fn d_max_backoff() -> DurationString {
+    "1s".into()
+}
+fn d_retry_on() -> Vec<RetryOn> {
+    RetryOn::DEFAULT.to_vec()
+}
+fn d_budget_percent() -> i32 {
+    20
+}
+fn d_min_retries_per_second() -> i32 {
+    10
+}
+fn d_max_replay_body_bytes() -> i32 {
+    64 * 1024
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Retries {
+            max_attempts: d_max_attempts(),
+            base_backoff: d_base_backoff(),
+            max_backoff: d_max_backoff(),
+            retry_on: d_retry_on(),
+            budget_percent: d_budget_percent(),
+            min_retries_per_second: d_min_retries_per_second(),
+            max_replay_body_bytes: d_max_replay_body_bytes(),
+        }
+    }
+}
+
+/// Per-endpoint circuit breaker: closed counts failures; past a threshold it opens (the endpoint
+/// gets no traffic); after `openDuration` it goes half-open and admits `halfOpenProbes`
+/// requests; success closes it, failure re-opens it for longer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreaker {
+    /// Open after this many consecutive failures (1-1000; default 5).
+    #[serde(default = "d_consecutive_failures")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub consecutive_failures: i32,
+    /// Or open when the failure rate over `window` reaches this percentage (1-100; default 50)...
+    #[serde(default = "d_failure_rate_percent")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_rate_percent: i32,
+    /// ...with at least this many requests in the window (1-100000; default 20).
+    #[serde(default = "d_min_requests")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub min_requests: i32,
+    /// Sliding window for the failure rate (default 10s; 1s-10m).
+    #[serde(default = "d_window")]
+    pub window: DurationString,
+    /// How long an endpoint stays open the first time (default 5s); doubled on each re-opening.
+    #[serde(default = "d_open_duration")]
+    pub open_duration: DurationString,
+    /// Cap of the growing open duration (default 1m; at least `openDuration`).
+    #[serde(default = "d_max_open_duration")]
+    pub max_open_duration: DurationString,
+    /// Requests admitted while half-open (1-100; default 3).
+    #[serde(default = "d_half_open_probes")]
+    #[schemars(range(min = 1, max = 100))]
+    pub half_open_probes: i32,
+    /// Never open the breakers of more than this percentage of a destination's endpoints
+    /// (0-100; default 50), so a shared cause cannot eject every replica.
+    #[serde(default = "d_max_ejection_percent")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_ejection_percent: i32,
+}
+
+fn d_consecutive_failures() -> i32 {
+    5
+}
+fn d_failure_rate_percent() -> i32 {
+    50
+}
+fn d_min_requests() -> i32 {
+    20
+}
+fn d_window() -> DurationString {
+    "10s".into()
+}
+fn d_open_duration() -> DurationString {
+    "5s".into()
+}
+fn d_max_open_duration() -> DurationString {
+    "1m".into()
+}
+fn d_half_open_probes() -> i32 {
+    3
+}
+fn d_max_ejection_percent() -> i32 {
+    50
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        CircuitBreaker {
+            consecutive_failures: d_consecutive_failures(),
+            failure_rate_percent: d_failure_rate_percent(),
+            min_requests: d_min_requests(),
+            window: d_window(),
+            open_duration: d_open_duration(),
+            max_open_duration: d_max_open_duration(),
+            half_open_probes: d_half_open_probes(),
+            max_ejection_percent: d_max_ejection_percent(),
+        }
+    }
+}
+
+/// Bulkhead for the inbound side of each pod.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Concurrency {
+    /// Requests in flight to the application at once (1-100000; default 1000). Beyond it the
+    /// sidecar answers 503 with `Retry-After` instead of queueing.
+    #[serde(default = "d_max_in_flight")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_in_flight: i32,
+}
+
+fn d_max_in_flight() -> i32 {
+    1000
+}
+
+impl Default for Concurrency {
+    fn default() -> Self {
+        Concurrency {
+            max_in_flight: d_max_in_flight(),
+        }
+    }
+}
+
+/// How pods of each shard are created and replaced.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollout {
+    /// Pods of a shard that may be unavailable at once during voluntary disruptions and
+    /// rolling updates (1-100; default 1). Becomes the shard's PodDisruptionBudget.
+    #[serde(default = "d_max_unavailable")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_unavailable: i32,
+    /// `Parallel` (default) starts and stops a shard's pods together; `OrderedReady` one by one.
+    #[serde(default)]
+    pub pod_management_policy: PodManagementPolicy,
+    /// Lowering `shards` deletes the workloads of the removed shards, orphaning their keys'
+    /// data. The operator refuses it (condition Invalid, reason ShardRemovalRefused) unless this
+    /// is true. Default false.
+    #[serde(default)]
+    pub allow_shard_removal: bool,
+}
+
+fn d_max_unavailable() -> i32 {
+    1
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Rollout {
+            max_unavailable: d_max_unavailable(),
+            pod_management_policy: PodManagementPolicy::default(),
+            allow_shard_removal: false,
+        }
+    }
+}
+
+/// StatefulSet pod management policy of each shard.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PodManagementPolicy {
+    /// Create and delete a shard's pods in parallel.
+    #[default]
+    Parallel,
+    /// Create pods one at a time, each after the previous is Ready.
+    OrderedReady,
+}
+
+impl PodManagementPolicy {
+    /// The StatefulSet field value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PodManagementPolicy::Parallel => "Parallel",
+            PodManagementPolicy::OrderedReady => "OrderedReady",
+        }
+    }
+}
+
+/// Observed state, written only by the operator.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardedServiceStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Shard-map generation: increases on every membership change of any shard.
+    #[serde(default)]
+    pub epoch: i64,
+    /// Ready pods / desired pods across all shards, e.g. `5/6`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    /// The smallest number of ready replicas of any shard (the scale subresource's view).
+    #[serde(default)]
+    pub replicas_per_shard: i32,
+    /// Label selector of all pods of the service (for the scale subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Per-shard state, one entry per shard index.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardStatus>,
+    /// Capabilities the API server lacks and what shardmesh does without them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+    /// `Ready`, `Progressing`, `Degraded` and `Invalid`, each with a reason and message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// State of one shard.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardStatus {
+    /// Shard index (0-based).
+    pub index: i32,
+    /// Desired replicas.
+    pub replicas: i32,
+    /// Replicas whose pods are Ready.
+    pub ready_replicas: i32,
+    /// Names of the ready member pods, sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
+}
+
+/// Condition types set on a ShardedService.
+pub mod condition {
+    /// All shards have all replicas ready at the current generation.
+    pub const READY: &str = "Ready";
+    /// A change (create, scale, template update) is being rolled out.
+    pub const PROGRESSING: &str = "Progressing";
+    /// A shard has fewer ready replicas than desired outside a rollout.
+    pub const DEGRADED: &str = "Degraded";
+    /// The spec cannot be applied; the message names the field and the fix.
+    pub const INVALID: &str = "Invalid";
+}

@@ -1,0 +1,434 @@
+//! Pure builders: a validated `ShardedService` → the objects that should exist. No client, no
+//! I/O, so every shape is unit-tested without a cluster.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy},
+        core::v1::{
+            EnvVar, EnvVarSource, ObjectFieldSelector, PodTemplateSpec, Service, ServicePort,
+            ServiceSpec,
+        },
+        policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
+    },
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference},
+        util::intstr::IntOrString,
+    },
+};
+use kube::{Resource, ResourceExt};
+use shardmesh_api::{labels, ShardedService};
+
+use crate::{capabilities::Capabilities, Error, Result};
+
+/// Env vars the operator sets on every application container so the app knows its place.
+pub mod env {
+    /// Name of the ShardedService.
+    pub const SERVICE: &str = "SHARDMESH_SERVICE";
+    /// Shard index of the pod.
+    pub const SHARD: &str = "SHARDMESH_SHARD";
+    /// Number of shards (an app may reject keys it does not own).
+    pub const SHARDS: &str = "SHARDMESH_SHARDS";
+    /// Pod name (downward API).
+    pub const POD_NAME: &str = "POD_NAME";
+    /// Pod namespace (downward API).
+    pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
+    /// Pod IP (downward API).
+    pub const POD_IP: &str = "POD_IP";
+}
+
+/// Everything one ShardedService should own.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Desired {
+    /// One StatefulSet per shard, index order.
+    pub stateful_sets: Vec<StatefulSet>,
+    /// One headless Service per shard (stable pod DNS, per-shard discovery).
+    pub shard_services: Vec<Service>,
+    /// The Service spanning every shard.
+    pub routing_service: Service,
+    /// One PodDisruptionBudget per shard; empty when the server lacks policy/v1.
+    pub disruption_budgets: Vec<PodDisruptionBudget>,
+}
+
+/// Builds the desired objects. The spec must have passed validation.
+pub fn build(svc: &ShardedService, caps: &Capabilities) -> Result<Desired> {
+    let owner = svc
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField("metadata.uid"))?;
+    let ns = svc
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = svc.name_any();
+    let shards = u32::try_from(svc.spec.shards).unwrap_or(0);
+    let mut desired = Desired {
+        routing_service: routing_service(svc, &name, &ns, &owner),
+        ..Desired::default()
+    };
+    for i in 0..shards {
+        desired
+            .stateful_sets
+            .push(stateful_set(svc, &name, &ns, &owner, i));
+        desired
+            .shard_services
+            .push(shard_service(svc, &name, &ns, &owner, i));
+        if caps.pdb_v1 {
+            desired
+                .disruption_budgets
+                .push(disruption_budget(svc, &name, &ns, &owner, i));
+        }
+    }
+    Ok(desired)
+}
+
+fn meta(
+    name: String,
+    ns: &str,
+    owner: &OwnerReference,
+    labels: BTreeMap<String, String>,
+) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(ns.to_string()),
+        labels: Some(labels),
+        owner_references: Some(vec![owner.clone()]),
+        ..ObjectMeta::default()
+    }
+}
+
+fn object_labels(selector: BTreeMap<String, String>, component: &str) -> BTreeMap<String, String> {
+    let mut l = selector;
+    l.insert(labels::MANAGED_BY.into(), labels::MANAGED_BY_VALUE.into());
+    l.insert(labels::COMPONENT.into(), component.into());
+    l
+}
+
+fn http_port(svc: &ShardedService) -> ServicePort {
+    ServicePort {
+        name: Some("http".into()),
+        port: svc.spec.port,
+        target_port: Some(IntOrString::Int(svc.spec.port)),
+        protocol: Some("TCP".into()),
+        ..ServicePort::default()
+    }
+}
+
+fn routing_service(svc: &ShardedService, name: &str, ns: &str, owner: &OwnerReference) -> Service {
+    Service {
+        metadata: meta(
+            name.to_string(),
+            ns,
+            owner,
+            object_labels(labels::service_selector(name), "routing"),
+        ),
+        spec: Some(ServiceSpec {
+            selector: Some(labels::service_selector(name)),
+            ports: Some(vec![http_port(svc)]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn shard_service(
+    svc: &ShardedService,
+    name: &str,
+    ns: &str,
+    owner: &OwnerReference,
+    shard: u32,
+) -> Service {
+    Service {
+        metadata: meta(
+            labels::shard_object_name(name, shard),
+            ns,
+            owner,
+            object_labels(labels::shard_selector(name, shard), "shard"),
+        ),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(labels::shard_selector(name, shard)),
+            ports: Some(vec![http_port(svc)]),
+            publish_not_ready_addresses: Some(false),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn disruption_budget(
+    svc: &ShardedService,
+    name: &str,
+    ns: &str,
+    owner: &OwnerReference,
+    shard: u32,
+) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(
+            labels::shard_object_name(name, shard),
+            ns,
+            owner,
+            object_labels(labels::shard_selector(name, shard), "shard"),
+        ),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(svc.spec.rollout.max_unavailable)),
+            selector: Some(LabelSelector {
+                match_labels: Some(labels::shard_selector(name, shard)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+fn stateful_set(
+    svc: &ShardedService,
+    name: &str,
+    ns: &str,
+    owner: &OwnerReference,
+    shard: u32,
+) -> StatefulSet {
+    let selector = labels::shard_selector(name, shard);
+    StatefulSet {
+        metadata: meta(
+            labels::shard_object_name(name, shard),
+            ns,
+            owner,
+            object_labels(selector.clone(), "shard"),
+        ),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(svc.spec.replicas_per_shard),
+            service_name: Some(labels::shard_object_name(name, shard)),
+            selector: LabelSelector {
+                match_labels: Some(selector.clone()),
+                ..LabelSelector::default()
+            },
+            pod_management_policy: Some(svc.spec.rollout.pod_management_policy.as_str().into()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                ..StatefulSetUpdateStrategy::default()
+            }),
+            template: pod_template(svc, name, shard, selector),
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    }
+}
+
+/// The user's template with our labels and the identity env vars added to every container.
+fn pod_template(
+    svc: &ShardedService,
+    name: &str,
+    shard: u32,
+    selector: BTreeMap<String, String>,
+) -> PodTemplateSpec {
+    let mut tpl = svc.spec.template.clone();
+    let meta = tpl.metadata.get_or_insert_with(ObjectMeta::default);
+    meta.labels
+        .get_or_insert_with(BTreeMap::new)
+        .extend(selector);
+    let identity = [
+        literal(env::SERVICE, name),
+        literal(env::SHARD, &shard.to_string()),
+        literal(env::SHARDS, &svc.spec.shards.to_string()),
+        field(env::POD_NAME, "metadata.name"),
+        field(env::POD_NAMESPACE, "metadata.namespace"),
+        field(env::POD_IP, "status.podIP"),
+    ];
+    if let Some(spec) = tpl.spec.as_mut() {
+        for c in &mut spec.containers {
+            let env = c.env.get_or_insert_with(Vec::new);
+            for var in &identity {
+                match env.iter_mut().find(|e| e.name == var.name) {
+                    // SHARDMESH_* are authoritative; the pod identity vars the user may redefine.
+                    Some(existing) if var.name.starts_with("SHARDMESH_") => *existing = var.clone(),
+                    Some(_) => {}
+                    None => env.push(var.clone()),
+                }
+            }
+        }
+    }
+    tpl
+}
+
+fn literal(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn svc(shards: i32, replicas: i32) -> ShardedService {
+        serde_json::from_value(json!({
+            "apiVersion": "shardmesh.io/v1alpha1",
+            "kind": "ShardedService",
+            "metadata": {"name": "orders", "namespace": "shop", "uid": "u-1"},
+            "spec": {
+                "shards": shards, "replicasPerShard": replicas, "port": 8080,
+                "template": {
+                    "metadata": {"labels": {"app": "orders"}},
+                    "spec": {"containers": [
+                        {"name": "app", "image": "demo:1", "env": [{"name": "POD_NAME", "value": "mine"}]},
+                        {"name": "helper", "image": "helper:1"}
+                    ]}
+                }
+            }
+        }))
+        .expect("fixture")
+    }
+
+    #[test]
+    fn four_by_three() {
+        let d = build(&svc(4, 3), &Capabilities::latest()).expect("builds");
+        assert_eq!(d.stateful_sets.len(), 4);
+        assert_eq!(d.shard_services.len(), 4);
+        assert_eq!(d.disruption_budgets.len(), 4);
+        for (i, sts) in d.stateful_sets.iter().enumerate() {
+            let spec = sts.spec.as_ref().expect("spec");
+            assert_eq!(
+                sts.metadata.name.as_deref(),
+                Some(format!("orders-{i}").as_str())
+            );
+            assert_eq!(spec.replicas, Some(3));
+            let sel = spec.selector.match_labels.as_ref().expect("selector");
+            assert_eq!(sel["shardmesh.io/service"], "orders");
+            assert_eq!(sel["shardmesh.io/shard"], i.to_string());
+            // The template's labels are a superset of the selector (else the API rejects it).
+            let tl = spec
+                .template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.labels.as_ref())
+                .expect("labels");
+            assert!(sel.iter().all(|(k, v)| tl.get(k) == Some(v)));
+            assert_eq!(tl["app"], "orders");
+            assert_eq!(
+                spec.service_name.as_deref(),
+                Some(format!("orders-{i}").as_str())
+            );
+            let owner = &sts.metadata.owner_references.as_ref().expect("owner")[0];
+            assert_eq!(
+                (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+                ("ShardedService", "orders", "u-1")
+            );
+            assert_eq!(owner.controller, Some(true));
+        }
+        for (i, s) in d.shard_services.iter().enumerate() {
+            let spec = s.spec.as_ref().expect("spec");
+            assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+            assert_eq!(
+                spec.selector.as_ref().expect("sel")["shardmesh.io/shard"],
+                i.to_string()
+            );
+        }
+        let routing = d.routing_service.spec.as_ref().expect("spec");
+        assert_eq!(routing.selector, Some(labels::service_selector("orders")));
+        assert_eq!(routing.ports.as_ref().expect("ports")[0].port, 8080);
+        for (i, p) in d.disruption_budgets.iter().enumerate() {
+            let spec = p.spec.as_ref().expect("spec");
+            assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
+            assert_eq!(
+                spec.selector.as_ref().and_then(|s| s.match_labels.clone()),
+                Some(labels::shard_selector("orders", i as u32))
+            );
+        }
+    }
+
+    #[test]
+    fn identity_env_on_every_container() {
+        let d = build(&svc(2, 1), &Capabilities::latest()).expect("builds");
+        let pod = d.stateful_sets[1]
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.clone())
+            .expect("pod");
+        for c in &pod.containers {
+            let env = c.env.as_ref().expect("env");
+            let get = |n: &str| env.iter().find(|e| e.name == n).cloned().expect(n);
+            assert_eq!(get(env::SHARD).value.as_deref(), Some("1"));
+            assert_eq!(get(env::SHARDS).value.as_deref(), Some("2"));
+            assert_eq!(get(env::SERVICE).value.as_deref(), Some("orders"));
+            assert_eq!(env.iter().filter(|e| e.name == env::POD_NAME).count(), 1);
+        }
+        // A user-defined POD_NAME is kept.
+        let app = &pod.containers[0];
+        let pn = app
+            .env
+            .as_ref()
+            .and_then(|e| e.iter().find(|e| e.name == env::POD_NAME))
+            .expect("POD_NAME");
+        assert_eq!(pn.value.as_deref(), Some("mine"));
+    }
+
+    #[test]
+    fn replicas_change_only_changes_replicas() {
+        let caps = Capabilities::latest();
+        let a = build(&svc(4, 3), &caps).expect("a");
+        let b = build(&svc(4, 5), &caps).expect("b");
+        let mut a2 = a.clone();
+        for sts in &mut a2.stateful_sets {
+            sts.spec.as_mut().expect("spec").replicas = Some(5);
+        }
+        assert_eq!(a2, b);
+    }
+
+    #[test]
+    fn no_pdb_without_policy_v1() {
+        let caps = Capabilities {
+            pdb_v1: false,
+            ..Capabilities::latest()
+        };
+        let d = build(&svc(3, 2), &caps).expect("builds");
+        assert!(d.disruption_budgets.is_empty());
+        assert_eq!(d.stateful_sets.len(), 3);
+    }
+
+    #[test]
+    fn shards_added_keep_existing_ones_identical() {
+        let caps = Capabilities::latest();
+        let a = build(&svc(3, 2), &caps).expect("a");
+        let b = build(&svc(4, 2), &caps).expect("b");
+        assert_eq!(b.stateful_sets.len(), 4);
+        // Existing shards only learn the new shard count.
+        for (x, y) in a.stateful_sets.iter().zip(&b.stateful_sets) {
+            let mut x = x.clone();
+            for c in &mut x
+                .spec
+                .as_mut()
+                .expect("spec")
+                .template
+                .spec
+                .as_mut()
+                .expect("pod")
+                .containers
+            {
+                for e in c.env.iter_mut().flatten() {
+                    if e.name == env::SHARDS {
+                        e.value = Some("4".into());
+                    }
+                }
+            }
+            assert_eq!(&x, y);
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! The reconcile loop: validate → build → server-side apply → status, wired into a kube-runtime
+//! Controller that wakes on spec changes (not on its own status writes) and on changes of the
+//! objects it owns.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::{
+    api::{
+        apps::v1::StatefulSet,
+        core::v1::{Pod, Service},
+        policy::v1::PodDisruptionBudget,
+    },
+    jiff::Timestamp,
+};
+use kube::{
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+    runtime::{
+        controller::{Action, Controller},
+        events::{Event, EventType, Recorder, Reporter},
+        predicates,
+        reflector::{self, ObjectRef},
+        watcher, WatchStreamExt,
+    },
+    Api, Client, Resource, ResourceExt,
+};
+use serde::{de::DeserializeOwned, Serialize};
+use shardmesh_api::{labels, validate, ShardedService, ShardedServiceStatus};
+use tracing::{info, instrument, warn};
+
+use crate::{
+    build::build,
+    capabilities::Capabilities,
+    status::{self, InvalidReason, Observed},
+    Error, Result,
+};
+
+/// Requeue interval once everything is ready: a safety net, changes arrive through watches.
+const RESYNC: Duration = Duration::from_secs(300);
+/// Requeue interval while shards are not ready.
+const RESYNC_NOT_READY: Duration = Duration::from_secs(30);
+/// First and largest delay of the per-object error backoff.
+const BACKOFF_BASE: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// State shared by all reconciles.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// What the server offers.
+    pub caps: Capabilities,
+    /// Publishes Events on ShardedServices.
+    pub recorder: Recorder,
+    /// Consecutive failures per object, for exponential backoff.
+    failures: Mutex<HashMap<ObjectRef<ShardedService>, u32>>,
+}
+
+impl Context {
+    /// A context reporting Events as `instance` (usually the pod name).
+    pub fn new(client: Client, caps: Capabilities, instance: Option<String>) -> Self {
+        let reporter = Reporter {
+            controller: labels::MANAGED_BY_VALUE.into(),
+            instance,
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            caps,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<ShardedService>, u32>> {
+        // A poisoned lock only means a reconcile panicked mid-update of a counter; keep going.
+        self.failures.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Delay before retrying an object that failed `n` times in a row (n ≥ 1).
+pub fn backoff(n: u32) -> Duration {
+    BACKOFF_BASE
+        .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+        .min(BACKOFF_MAX)
+}
+
+/// Runs the controller until SIGTERM/SIGINT.
+pub async fn run(client: Client, instance: Option<String>) -> anyhow::Result<()> {
+    let caps = Capabilities::detect(&client).await?;
+    let svcs: Api<ShardedService> = Api::all(client.clone());
+    if let Err(e) = svcs.list(&ListParams::default().limit(1)).await {
+        anyhow::bail!(
+            "cannot list shardedservices.shardmesh.io ({e}); install the CRD first: kubectl apply \
+             -f crds/shardedservices.shardmesh.io.yaml"
+        );
+    }
+    let (reader, writer) = reflector::store();
+    // Only generation changes of the ShardedService itself trigger: our status writes do not.
+    let trigger = watcher(svcs, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let managed = watcher::Config::default()
+        .labels(&format!(
+            "{}={}",
+            labels::MANAGED_BY,
+            labels::MANAGED_BY_VALUE
+        ))
+        .any_semantic();
+    let mut controller = Controller::for_stream(trigger, reader)
+        .owns(Api::<StatefulSet>::all(client.clone()), managed.clone())
+        .owns(Api::<Service>::all(client.clone()), managed.clone());
+    if caps.pdb_v1 {
+        controller = controller.owns(Api::<PodDisruptionBudget>::all(client.clone()), managed);
+    }
+    let ctx = Arc::new(Context::new(client, caps, instance));
+    info!("controller started");
+    controller
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "reconcile failed");
+            }
+        })
+        .await;
+    info!("controller stopped");
+    Ok(())
+}
+
+fn error_policy(svc: Arc<ShardedService>, err: &Error, ctx: Arc<Context>) -> Action {
+    let n = {
+        let mut failures = ctx.failures();
+        let n = failures.entry(ObjectRef::from_obj(&*svc)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = backoff(n);
+    warn!(name = %svc.name_any(), namespace = svc.namespace().unwrap_or_default(),
+          error = %err, reason = err.metric_label(), failures = n, retry_in_s = delay.as_secs(),
+          "reconcile error");
+    Action::requeue(delay)
+}
+
+/// One reconcile of one ShardedService.
+#[instrument(skip_all, fields(namespace = svc.namespace().unwrap_or_default(), name = %svc.name_any(), generation = svc.metadata.generation))]
+pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = svc
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = svc.name_any();
+    let uid = svc.uid().ok_or(Error::MissingField("metadata.uid"))?;
+    let client = &ctx.client;
+    let notes = ctx.caps.notes();
+    let selector = labels::service_selector_string(&name);
+
+    let existing = owned_by_shard::<StatefulSet>(client, &ns, &selector, &uid).await?;
+    let current_shards = existing.keys().next_back().map_or(0, |i| i + 1) as i32;
+
+    // 1. validate
+    let mut errors = validate::validate(&svc);
+    let mut reason = InvalidReason::InvalidSpec;
+    if errors.is_empty() {
+        if let Some(e) = validate::shard_removal(current_shards, &svc.spec) {
+            errors.push(e);
+            reason = InvalidReason::ShardRemovalRefused;
+        }
+    }
+    if !errors.is_empty() {
+        warn!(errors = %validate::summarize(&errors), "spec refused; existing objects left untouched");
+        let st = status::invalid(&svc, reason, &errors, notes, Timestamp::now());
+        write_status(&ctx, &svc, st).await?;
+        ctx.failures().remove(&ObjectRef::from_obj(&*svc));
+        return Ok(Action::await_change());
+    }
+
+    // 2. build (pure)
+    let desired = build(&svc, &ctx.caps)?;
+
+    // 3. apply: one field manager, forced, so the operator owns exactly the fields it sets.
+    let mut observed = Observed::default();
+    for (i, sts) in desired.stateful_sets.iter().enumerate() {
+        observed
+            .stateful_sets
+            .insert(i as u32, apply(client, &ns, sts).await?);
+    }
+    for s in desired
+        .shard_services
+        .iter()
+        .chain([&desired.routing_service])
+    {
+        apply(client, &ns, s).await?;
+    }
+    for p in &desired.disruption_budgets {
+        apply(client, &ns, p).await?;
+    }
+    if current_shards > svc.spec.shards {
+        remove_shards(&ctx, &ns, &selector, &uid, svc.spec.shards as u32).await?;
+    }
+
+    // 4. status
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    observed.pods = pods
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items;
+    let st = status::applied(&svc, &observed, notes, Timestamp::now());
+    let ready = st
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    write_status(&ctx, &svc, st).await?;
+    ctx.failures().remove(&ObjectRef::from_obj(&*svc));
+    Ok(Action::requeue(if ready {
+        RESYNC
+    } else {
+        RESYNC_NOT_READY
+    }))
+}
+
+/// Server-side applies `obj` and returns the server's view of it.
+async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let name = obj
+        .meta()
+        .name
+        .clone()
+        .ok_or(Error::MissingField("metadata.name"))?;
+    // SSA needs apiVersion/kind in the body; k8s-openapi types serialize them.
+    let params = PatchParams::apply(labels::FIELD_MANAGER).force();
+    Ok(api.patch(&name, &params, &Patch::Apply(obj)).await?)
+}
+
+/// Objects of kind `K` labelled for the service and owned by this very ShardedService, by shard.
+async fn owned_by_shard<K>(
+    client: &Client,
+    ns: &str,
+    selector: &str,
+    uid: &str,
+) -> Result<BTreeMap<u32, K>>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let list = api
+        .list(&ListParams::default().labels(&format!("{selector},{}", labels::SHARD)))
+        .await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|o| o.owner_references().iter().any(|r| r.uid == uid))
+        .filter_map(|o| {
+            let shard = o.labels().get(labels::SHARD)?.parse().ok()?;
+            Some((shard, o))
+        })
+        .collect())
+}
+
+/// Deletes the per-shard objects of shards `keep..` (only reached with allowShardRemoval).
+async fn remove_shards(
+    ctx: &Context,
+    ns: &str,
+    selector: &str,
+    uid: &str,
+    keep: u32,
+) -> Result<()> {
+    async fn delete_from<K>(
+        client: &Client,
+        ns: &str,
+        selector: &str,
+        uid: &str,
+        keep: u32,
+    ) -> Result<Vec<String>>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let api: Api<K> = Api::namespaced(client.clone(), ns);
+        let mut gone = Vec::new();
+        for (i, o) in owned_by_shard::<K>(client, ns, selector, uid).await? {
+            if i >= keep {
+                let name = o.name_any();
+                match api.delete(&name, &DeleteParams::background()).await {
+                    Ok(_) => gone.push(name),
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(gone)
+    }
+    let client = &ctx.client;
+    let mut gone = delete_from::<StatefulSet>(client, ns, selector, uid, keep).await?;
+    gone.extend(delete_from::<Service>(client, ns, selector, uid, keep).await?);
+    if ctx.caps.pdb_v1 {
+        gone.extend(delete_from::<PodDisruptionBudget>(client, ns, selector, uid, keep).await?);
+    }
+    if !gone.is_empty() {
+        info!(deleted = ?gone, "removed shards above spec.shards (allowShardRemoval)");
+    }
+    Ok(())
+}
+
+/// Writes the status if it changed and publishes Events for notable transitions.
+async fn write_status(ctx: &Context, svc: &ShardedService, st: ShardedServiceStatus) -> Result<()> {
+    let prev = svc.status.clone().unwrap_or_default();
+    if prev == st {
+        return Ok(());
+    }
+    let ns = svc
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<ShardedService> = Api::namespaced(ctx.client.clone(), &ns);
+    let body = serde_json::json!({
+        "apiVersion": "shardmesh.io/v1alpha1",
+        "kind": "ShardedService",
+        "status": st,
+    });
+    let params = PatchParams::apply(labels::FIELD_MANAGER).force();
+    api.patch_status(&svc.name_any(), &params, &Patch::Apply(&body))
+        .await?;
+    let reference = svc.object_ref(&());
+    for t in status::transitions(&prev, &st) {
+        let event = Event {
+            type_: if t.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: t.reason.clone(),
+            note: Some(truncate(&t.note, 1000)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        // An Event is informational: failing to publish one must not fail the reconcile.
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            warn!(error = %e, reason = %t.reason, "could not publish event");
+        }
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(1), Duration::from_secs(2));
+        assert_eq!(backoff(2), Duration::from_secs(4));
+        assert_eq!(backoff(5), Duration::from_secs(32));
+        assert_eq!(backoff(30), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn truncate_on_char_boundary() {
+        assert_eq!(truncate("héllo", 2), "hé…");
+        assert_eq!(truncate("hi", 5), "hi");
+    }
+}

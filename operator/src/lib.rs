@@ -1,0 +1,14 @@
+//! The shardmesh operator: reconciles `ShardedService`s into per-shard StatefulSets, headless
+//! Services, PodDisruptionBudgets and a routing Service, and keeps an honest status.
+//!
+//! Reconcile is a pipeline: `validate` (shardmesh-api) → [`build`] (pure: CR → desired objects)
+//! → apply (server-side apply, one field manager) → [`status`] (pure: observed → status).
+
+pub mod build;
+pub mod capabilities;
+pub mod controller;
+pub mod crdgen;
+pub mod error;
+pub mod status;
+
+pub use error::{Error, Result};

@@ -1,0 +1,145 @@
+//! Reconcile edge cases against kube's tower-test mock: for a refused spec the reconciler writes
+//! the Invalid status (and an Event) and touches nothing else.
+
+use std::sync::Arc;
+
+use http::{Request, Response};
+use kube::{client::Body, Client};
+use serde_json::{json, Value};
+use shardmesh_api::ShardedService;
+use shardmesh_operator::{
+    capabilities::Capabilities,
+    controller::{reconcile, Context},
+};
+use tower_test::mock;
+
+fn svc(shards: i32, port: i32) -> ShardedService {
+    serde_json::from_value(json!({
+        "apiVersion": "shardmesh.io/v1alpha1", "kind": "ShardedService",
+        "metadata": {"name": "orders", "namespace": "shop", "uid": "uid-1", "generation": 2},
+        "spec": {"shards": shards, "replicasPerShard": 2, "port": port,
+                 "template": {"spec": {"containers": [{"name": "app", "image": "demo:1"}]}}}
+    }))
+    .expect("fixture")
+}
+
+fn sts(i: u32) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": format!("orders-{i}"), "namespace": "shop",
+            "labels": {"shardmesh.io/service": "orders", "shardmesh.io/shard": i.to_string()},
+            "ownerReferences": [{"apiVersion": "shardmesh.io/v1alpha1", "kind": "ShardedService",
+                "name": "orders", "uid": "uid-1", "controller": true}]},
+        "spec": {"selector": {}, "serviceName": format!("orders-{i}"), "template": {}}
+    })
+}
+
+fn respond(body: Value) -> Response<Body> {
+    Response::builder()
+        .status(200)
+        .body(Body::from(serde_json::to_vec(&body).expect("json")))
+        .expect("response")
+}
+
+async fn body_json(req: Request<Body>) -> Value {
+    let bytes = req.into_body().collect_bytes().await.expect("body");
+    serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+}
+
+/// Runs one reconcile against a fake API server that owns `existing` StatefulSets and returns
+/// the status the reconciler wrote plus every request line it made.
+async fn refused(svc: ShardedService, existing: Vec<Value>) -> (Value, Vec<String>) {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let server = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut status = Value::Null;
+        while let Some((req, send)) = handle.next_request().await {
+            let line = format!("{} {}", req.method(), req.uri().path());
+            seen.push(line.clone());
+            match line.as_str() {
+                "GET /apis/apps/v1/namespaces/shop/statefulsets" => send.send_response(respond(
+                    json!({"apiVersion": "apps/v1", "kind": "StatefulSetList", "metadata": {}, "items": existing}),
+                )),
+                "PATCH /apis/shardmesh.io/v1alpha1/namespaces/shop/shardedservices/orders/status" => {
+                    let body = body_json(req).await;
+                    status = body["status"].clone();
+                    send.send_response(respond(json!({
+                        "apiVersion": "shardmesh.io/v1alpha1", "kind": "ShardedService",
+                        "metadata": {"name": "orders", "namespace": "shop"},
+                        "spec": {"shards": 1, "replicasPerShard": 1, "port": 1, "template": {}},
+                        "status": status.clone()
+                    })))
+                }
+                "POST /apis/events.k8s.io/v1/namespaces/shop/events" => {
+                    let body = body_json(req).await;
+                    send.send_response(respond(body))
+                }
+                other => panic!("unexpected request {other}"),
+            }
+        }
+        (status, seen)
+    });
+    let client = Client::new(service, "default");
+    let caps = Capabilities {
+        version: "1.20".into(),
+        pdb_v1: false,
+        native_sidecars: false,
+    };
+    let ctx = Arc::new(Context::new(client, caps, Some("test".into())));
+    reconcile(Arc::new(svc), ctx)
+        .await
+        .expect("reconcile succeeds");
+    server.await.expect("fake server")
+}
+
+fn condition<'a>(status: &'a Value, t: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == t))
+        .unwrap_or(&Value::Null)
+}
+
+#[tokio::test]
+async fn invalid_spec_writes_only_status_and_an_event() {
+    let (status, seen) = refused(svc(2, 4143), vec![sts(0), sts(1)]).await;
+    assert_eq!(
+        seen,
+        [
+            "GET /apis/apps/v1/namespaces/shop/statefulsets",
+            "PATCH /apis/shardmesh.io/v1alpha1/namespaces/shop/shardedservices/orders/status",
+            "POST /apis/events.k8s.io/v1/namespaces/shop/events",
+        ]
+    );
+    let invalid = condition(&status, "Invalid");
+    assert_eq!(invalid["status"], "True");
+    assert_eq!(invalid["reason"], "InvalidSpec");
+    assert!(
+        invalid["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("spec.port: 4143"),
+        "{invalid}"
+    );
+    assert_eq!(status["observedGeneration"], 2);
+    assert!(status["notes"][0]
+        .as_str()
+        .unwrap_or("")
+        .contains("policy/v1"));
+}
+
+#[tokio::test]
+async fn lowering_shards_is_refused_without_deleting() {
+    let (status, seen) = refused(svc(2, 8080), vec![sts(0), sts(1), sts(2), sts(3)]).await;
+    assert!(
+        seen.iter()
+            .all(|l| !l.starts_with("DELETE") && !l.contains("/statefulsets/")),
+        "{seen:?}"
+    );
+    let invalid = condition(&status, "Invalid");
+    assert_eq!(invalid["reason"], "ShardRemovalRefused");
+    let msg = invalid["message"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("lowered from 4 to 2") && msg.contains("shards 2-3"),
+        "{msg}"
+    );
+}
