@@ -1,0 +1,197 @@
+//! Inbound proxy: Services target the sidecar's inbound port; it forwards to the application on
+//! 127.0.0.1:`port`, behind a bulkhead.
+//!
+//! The bulkhead sheds instead of queueing: past `maxInFlight` requests the sidecar answers 503
+//! with `Retry-After` at once. A queue would only add latency to requests whose callers are
+//! already timing out, and the caller's sidecar retries a 503 on another replica.
+//! No retries here: the application is the only endpoint, and the caller's sidecar owns retries.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use http::{uri::PathAndQuery, Request, Response, Uri};
+use tokio::sync::Semaphore;
+use tower::{Layer, Service, ServiceBuilder};
+
+use crate::{
+    access_log::{AccessLogConfig, AccessLogLayer, LoggedBody},
+    body::{Guarded, ProxyBody},
+    client::Upstream,
+    ctx::RequestCtx,
+    errors::{BoxFuture, ErrorResponseLayer, ProxyError},
+    headers::strip_hop_by_hop,
+    metrics::{Direction, Metrics},
+};
+
+/// Settings of the inbound side.
+#[derive(Clone, Debug)]
+pub struct Inbound {
+    /// The application's address (127.0.0.1:`--app-port`).
+    pub app: SocketAddr,
+    /// Bulkhead size.
+    pub max_in_flight: usize,
+    /// `Retry-After` sent with shed responses.
+    pub shed_retry_after: Duration,
+    /// Connect timeout to the application.
+    pub connect_timeout: Duration,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Access-log switches.
+    pub access_log: AccessLogConfig,
+}
+
+/// The inbound request path, top to bottom.
+pub fn stack(
+    i: &Inbound,
+) -> impl Service<
+    Request<ProxyBody>,
+    Response = Response<LoggedBody>,
+    Error = Infallible,
+    Future = BoxFuture<Result<Response<LoggedBody>, Infallible>>,
+> + Clone
+       + Send
+       + 'static {
+    ServiceBuilder::new()
+        // One JSON line per request.
+        .layer(AccessLogLayer::new(
+            Direction::Inbound,
+            i.access_log,
+            i.metrics.clone(),
+        ))
+        // Proxy errors become responses (503 + Retry-After when shed).
+        .layer(ErrorResponseLayer)
+        // Bulkhead: at most max_in_flight requests reach the application; the rest are shed.
+        .layer(ShedLayer::new(
+            i.max_in_flight,
+            i.shed_retry_after,
+            i.metrics.clone(),
+        ))
+        // Forward to the application.
+        .service(ToApp {
+            app: i.app,
+            client: Upstream::new(i.connect_timeout),
+        })
+}
+
+/// Concurrency limit that rejects instead of waiting.
+#[derive(Clone, Debug)]
+pub struct ShedLayer {
+    permits: Arc<Semaphore>,
+    max_in_flight: usize,
+    retry_after: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl ShedLayer {
+    /// Admits `max_in_flight` requests at once.
+    pub fn new(max_in_flight: usize, retry_after: Duration, metrics: Arc<Metrics>) -> Self {
+        ShedLayer {
+            permits: Arc::new(Semaphore::new(max_in_flight)),
+            max_in_flight,
+            retry_after,
+            metrics,
+        }
+    }
+}
+
+impl<S> Layer<S> for ShedLayer {
+    type Service = Shed<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Shed {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// See [`ShedLayer`].
+#[derive(Clone, Debug)]
+pub struct Shed<S> {
+    inner: S,
+    layer: ShedLayer,
+}
+
+impl<S> Service<Request<ProxyBody>> for Shed<S>
+where
+    S: Service<
+        Request<ProxyBody>,
+        Response = Response<ProxyBody>,
+        Error = ProxyError,
+        Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>,
+    >,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
+        let Ok(permit) = self.layer.permits.clone().try_acquire_owned() else {
+            self.layer.metrics.shed();
+            let err = ProxyError::Shed {
+                max_in_flight: self.layer.max_in_flight,
+                retry_after: self.layer.retry_after,
+            };
+            return Box::pin(async move { Err(err) });
+        };
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            // The permit is released when the response body is done, not at its headers.
+            Ok(resp.map(|b| Guarded::wrap(b, permit)))
+        })
+    }
+}
+
+/// Sends the request to the application.
+#[derive(Clone, Debug)]
+pub struct ToApp {
+    app: SocketAddr,
+    client: Upstream,
+}
+
+impl Service<Request<ProxyBody>> for ToApp {
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<ProxyBody>) -> Self::Future {
+        let ctx = RequestCtx::from_extensions(req.extensions());
+        {
+            let mut r = ctx.lock();
+            r.attempts = 1;
+            r.tried.push(self.app);
+        }
+        let pq = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(self.app.to_string())
+            .path_and_query(pq)
+            .build();
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            *req.uri_mut() =
+                uri.map_err(|e| ProxyError::BadRequest(format!("cannot build the app URI: {e}")))?;
+            strip_hop_by_hop(req.headers_mut());
+            let mut resp = client.call(req).await?;
+            strip_hop_by_hop(resp.headers_mut());
+            Ok(resp)
+        })
+    }
+}

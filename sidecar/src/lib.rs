@@ -1,0 +1,220 @@
+//! The shardmesh sidecar: an inbound and an outbound HTTP proxy plus an admin server, built as
+//! tower stacks (see [`outbound::stack`] and [`inbound::stack`] for the request paths, top to
+//! bottom). One concern per module:
+//!
+//! | module | concern |
+//! | --- | --- |
+//! | [`config`] | flags/env, the resilience policy, validation |
+//! | [`inbound`] | forward to the app behind a shedding bulkhead |
+//! | [`outbound`] | explicit proxy, destination resolution, the outbound stack |
+//! | [`discovery`] | the `Discover` trait and the static registry file |
+//! | [`timeout`] | overall deadline and per-try timeout |
+//! | [`retry`] | retry rules, replay buffer, backoff |
+//! | [`budget`] | sliding-window retry budget |
+//! | [`balance`] | P2C peak-EWMA and breaker bookkeeping |
+//! | [`breaker`] | the circuit-breaker state machine |
+//! | [`client`] | pooled upstream client, connect timeout |
+//! | [`access_log`] | one JSON line per request |
+//! | [`log`] | non-blocking JSON logging, run-time level |
+//! | [`metrics`] | Prometheus counters and histograms |
+//! | [`admin`] | /live, /ready, /metrics, /shutdown, /log-level |
+//! | [`drain`] | graceful shutdown |
+//! | [`server`] | accept loop shared by the proxies |
+
+pub mod access_log;
+pub mod admin;
+pub mod balance;
+pub mod body;
+pub mod breaker;
+pub mod budget;
+pub mod client;
+pub mod config;
+pub mod ctx;
+pub mod discovery;
+pub mod drain;
+pub mod errors;
+pub mod headers;
+pub mod inbound;
+pub mod log;
+pub mod metrics;
+pub mod outbound;
+pub mod retry;
+pub mod server;
+pub mod timeout;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use crate::{
+    admin::Admin,
+    balance::Endpoints,
+    budget::RetryBudget,
+    config::{ConfigError, Settings},
+    drain::{Connections, Drain, Phase},
+    log::LevelControl,
+    metrics::Metrics,
+};
+
+/// A started sidecar.
+pub struct Running {
+    /// Bound inbound address (None when `--app-port` is unset).
+    pub inbound: Option<SocketAddr>,
+    /// Bound outbound address.
+    pub outbound: SocketAddr,
+    /// Bound admin address.
+    pub admin: SocketAddr,
+    /// Lifecycle control.
+    pub drain: Drain,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    connections: Connections,
+    servers: Vec<JoinHandle<()>>,
+    admin_task: JoinHandle<()>,
+    drain_delay: Duration,
+    grace_period: Duration,
+}
+
+async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener, ConfigError> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            "the port is in use by another process; stop it or choose another port"
+        } else {
+            "choose an address of this host"
+        };
+        ConfigError::new(flag, format!("cannot listen on {addr}: {e}; {hint}"))
+    })
+}
+
+/// Binds every listener (errors name the flag) and starts serving, with fresh metrics.
+pub async fn start(
+    settings: Settings,
+    level: Option<LevelControl>,
+) -> Result<Running, ConfigError> {
+    start_with(settings, level, Arc::new(Metrics::default())).await
+}
+
+/// Like [`start`], recording into `metrics` (shared with the log writer, so dropped log lines
+/// show up in `/metrics`).
+pub async fn start_with(
+    settings: Settings,
+    level: Option<LevelControl>,
+    metrics: Arc<Metrics>,
+) -> Result<Running, ConfigError> {
+    let Settings {
+        args,
+        policy,
+        registry,
+        access_log,
+    } = settings;
+    let drain = Drain::new();
+    let connections = Connections::new();
+
+    let admin_l = bind(args.admin_addr, "--admin-addr (SHARDMESH_ADMIN_ADDR)").await?;
+    let outbound_l = bind(
+        args.outbound_addr,
+        "--outbound-addr (SHARDMESH_OUTBOUND_ADDR)",
+    )
+    .await?;
+    let inbound_l = match args.app_port {
+        Some(_) => Some(bind(args.inbound_addr, "--inbound-addr (SHARDMESH_INBOUND_ADDR)").await?),
+        None => None,
+    };
+    let local = |l: &TcpListener, flag: &str| {
+        l.local_addr()
+            .map_err(|e| ConfigError::new(flag, format!("cannot read the bound address: {e}")))
+    };
+    let admin_addr = local(&admin_l, "--admin-addr")?;
+    let outbound_addr = local(&outbound_l, "--outbound-addr")?;
+    let inbound_addr = match &inbound_l {
+        Some(l) => Some(local(l, "--inbound-addr")?),
+        None => None,
+    };
+    let app = args.app_port.map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
+
+    let outbound = outbound::Outbound {
+        discovery: Arc::new(registry),
+        passthrough: args.passthrough,
+        endpoints: Arc::new(Endpoints::new(policy.breaker)),
+        budget: Arc::new(RetryBudget::new(policy.budget)),
+        metrics: metrics.clone(),
+        access_log,
+        policy: policy.clone(),
+    };
+    let mut servers = vec![tokio::spawn(server::serve(
+        outbound_l,
+        server::HttpService::new(outbound::stack(&outbound)),
+        drain.clone(),
+        connections.token(),
+    ))];
+    if let (Some(l), Some(app)) = (inbound_l, app) {
+        let inbound = inbound::Inbound {
+            app,
+            max_in_flight: policy.max_in_flight,
+            shed_retry_after: args.shed_retry_after,
+            connect_timeout: policy.connect,
+            metrics: metrics.clone(),
+            access_log,
+        };
+        servers.push(tokio::spawn(server::serve(
+            l,
+            server::HttpService::new(inbound::stack(&inbound)),
+            drain.clone(),
+            connections.token(),
+        )));
+    }
+    let admin_task = tokio::spawn(admin::serve(
+        admin_l,
+        Admin {
+            drain: drain.clone(),
+            metrics: metrics.clone(),
+            app,
+            level,
+        },
+    ));
+    tracing::info!(
+        inbound = inbound_addr.map(tracing::field::display),
+        app = app.map(tracing::field::display),
+        outbound = %outbound_addr,
+        admin = %admin_addr,
+        "shardmesh-sidecar started"
+    );
+    Ok(Running {
+        inbound: inbound_addr,
+        outbound: outbound_addr,
+        admin: admin_addr,
+        drain,
+        metrics,
+        connections,
+        servers,
+        admin_task,
+        drain_delay: args.drain_delay,
+        grace_period: args.grace_period,
+    })
+}
+
+impl Running {
+    /// Runs the shutdown sequence once a drain has begun (SIGTERM or `/shutdown`): keep
+    /// accepting for the drain delay, stop the listeners, wait for in-flight requests up to the
+    /// grace period. Returns whether every connection finished in time.
+    pub async fn drained(self) -> bool {
+        self.drain.reached(Phase::Draining).await;
+        if !self.drain.is_immediate() {
+            tracing::info!(delay = ?self.drain_delay, "draining: readiness fails; still accepting during the drain delay");
+            tokio::time::sleep(self.drain_delay).await;
+        }
+        self.drain.stop();
+        for s in self.servers {
+            let _ = s.await;
+        }
+        tracing::info!(grace = ?self.grace_period, "listeners closed; waiting for in-flight requests");
+        let clean = self.connections.wait(self.grace_period).await;
+        if clean {
+            tracing::info!("all in-flight requests finished");
+        } else {
+            tracing::warn!("grace period over with requests still in flight; exiting anyway");
+        }
+        self.admin_task.abort();
+        clean
+    }
+}

@@ -1,0 +1,155 @@
+//! Process logging: JSON lines on stdout through a bounded queue and a writer thread, so a slow
+//! or blocked stdout (a full pipe, a stalled log collector) never blocks a request; lines that
+//! do not fit are dropped and counted. The level can be changed at run time from the admin
+//! server.
+
+use std::{
+    io::{self, Write},
+    sync::{
+        mpsc::{self, Receiver, SyncSender, TrySendError},
+        Arc,
+    },
+    time::Duration,
+};
+
+use tracing_subscriber::{
+    fmt::MakeWriter, layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter, Registry,
+};
+
+use crate::metrics::Metrics;
+
+/// Lines buffered before new ones are dropped.
+pub const QUEUE_LINES: usize = 16 * 1024;
+
+enum Msg {
+    Line(Vec<u8>),
+    Flush(mpsc::Sender<()>),
+}
+
+/// Hands formatted lines to the writer thread.
+#[derive(Clone)]
+pub struct NonBlocking {
+    tx: SyncSender<Msg>,
+    metrics: Arc<Metrics>,
+}
+
+/// One event's bytes; sent as a unit when the formatter drops it.
+pub struct LineWriter {
+    buf: Vec<u8>,
+    tx: SyncSender<Msg>,
+    metrics: Arc<Metrics>,
+}
+
+impl Write for LineWriter {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LineWriter {
+    fn drop(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let buf = std::mem::take(&mut self.buf);
+        match self.tx.try_send(Msg::Line(buf)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.metrics.access_log_dropped()
+            }
+        }
+    }
+}
+
+impl<'a> MakeWriter<'a> for NonBlocking {
+    type Writer = LineWriter;
+    fn make_writer(&'a self) -> LineWriter {
+        LineWriter {
+            buf: Vec::with_capacity(512),
+            tx: self.tx.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+fn writer_thread(rx: Receiver<Msg>) {
+    let stdout = io::stdout();
+    for msg in rx {
+        match msg {
+            Msg::Line(line) => {
+                let mut out = stdout.lock();
+                // stdout closed: nothing sensible to do but keep draining the queue.
+                let _ = out.write_all(&line);
+                let _ = out.flush();
+            }
+            Msg::Flush(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Changes the log filter at run time.
+pub type LevelControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Handle kept by `main`: flushes queued lines before exit and changes the level.
+#[derive(Clone)]
+pub struct Logging {
+    tx: SyncSender<Msg>,
+    /// Level changer for the admin server.
+    pub level: LevelControl,
+}
+
+impl Logging {
+    /// Waits (up to `timeout`) until every line queued so far is written.
+    pub fn flush(&self, timeout: Duration) {
+        let (done_tx, done_rx) = mpsc::channel();
+        if self.tx.try_send(Msg::Flush(done_tx)).is_ok() {
+            let _ = done_rx.recv_timeout(timeout);
+        }
+    }
+}
+
+/// The filter for `level` (`info`, or full `tracing` directives such as
+/// `info,shardmesh_sidecar=debug`); access-log lines stay on at `info` unless disabled.
+pub fn filter(level: &str, access_log: bool) -> Result<EnvFilter, String> {
+    let access = if access_log { "info" } else { "off" };
+    EnvFilter::try_new(format!("{level},access_log={access}"))
+        .map_err(|e| format!("{level:?} is not a log level or filter: {e}; use e.g. \"info\", \"debug\" or \"info,shardmesh_sidecar=debug\""))
+}
+
+/// Installs the global JSON subscriber.
+pub fn init(level: &str, access_log: bool, metrics: Arc<Metrics>) -> Result<Logging, String> {
+    let (tx, rx) = mpsc::sync_channel(QUEUE_LINES);
+    std::thread::Builder::new()
+        .name("log-writer".into())
+        .spawn(move || writer_thread(rx))
+        .map_err(|e| format!("cannot start the log writer thread: {e}"))?;
+    let (filter_layer, handle) =
+        reload::Layer::<EnvFilter, Registry>::new(filter(level, access_log)?);
+    let fmt = tracing_subscriber::fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_span_list(false)
+        .with_writer(NonBlocking {
+            tx: tx.clone(),
+            metrics,
+        });
+    tracing_subscriber::registry()
+        .with(filter_layer)
+        .with(fmt)
+        .try_init()
+        .map_err(|e| format!("cannot install the log subscriber: {e}"))?;
+    let level: LevelControl = Arc::new(move |new: &str| {
+        let f = filter(new, access_log)?;
+        handle
+            .reload(f)
+            .map_err(|e| format!("cannot change the log level: {e}"))
+    });
+    Ok(Logging { tx, level })
+}

@@ -1,0 +1,243 @@
+//! The real binary: configuration errors (exit 2, message naming the flag), access-log lines,
+//! and the SIGTERM drain.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_shardmesh-sidecar");
+
+fn run_expect_config_error(args: &[&str], envs: &[(&str, &str)]) -> String {
+    let out = Command::new(BIN)
+        .args([
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--outbound-addr",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "args {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_flag() {
+    let e = run_expect_config_error(&["--drain-delay", "5parsecs"], &[]);
+    assert!(
+        e.contains("--drain-delay") && e.contains("is not a duration"),
+        "{e}"
+    );
+
+    let e = run_expect_config_error(&[], &[("SHARDMESH_GRACE_PERIOD", "soon")]);
+    assert!(e.contains("--grace-period"), "{e}");
+
+    let e = run_expect_config_error(&["--registry", "/nonexistent/registry.yaml"], &[]);
+    assert!(
+        e.contains("--registry (SHARDMESH_REGISTRY)") && e.contains("cannot read"),
+        "{e}"
+    );
+
+    let bad_reg = temp_file("destinations: {a: {endpoints: [\"not-an-address\"]}}");
+    let e = run_expect_config_error(&["--registry", bad_reg.to_str().unwrap()], &[]);
+    assert!(e.contains("destinations[\"a\"].endpoints[0]"), "{e}");
+
+    let e = run_expect_config_error(&[], &[("SHARDMESH_POLICY", "retries: {maxAttempts: 0}")]);
+    assert!(
+        e.contains("SHARDMESH_POLICY") && e.contains("resilience.retries.maxAttempts"),
+        "{e}"
+    );
+
+    let e = run_expect_config_error(&["--policy", "/nonexistent/policy.yaml"], &[]);
+    assert!(e.contains("--policy") && e.contains("cannot read"), "{e}");
+
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap().to_string();
+    let out = Command::new(BIN)
+        .args(["--admin-addr", &busy_addr, "--outbound-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("--admin-addr") && e.contains("in use"), "{e}");
+}
+
+/// The spawned sidecar with its stdout lines on a channel.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<Value>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if tx.send(v).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        Proc { child, lines }
+    }
+
+    /// The next log line matching `pred`, waiting up to 30s.
+    fn line(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) if pred(&v) => return v,
+                Ok(_) => {}
+                Err(_) => panic!("no log line: {what}"),
+            }
+        }
+    }
+}
+
+fn addr(v: &Value, field: &str) -> std::net::SocketAddr {
+    v[field].as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_and_sigterm_drain() {
+    let app = Upstream::start(Fault::Hold).await;
+    let dest = Upstream::start(Fault::Ok).await;
+    dest.script([Fault::Status(503)]);
+    let reg = temp_file(&registry(&[dest.addr]));
+    let port = app.addr.port().to_string();
+    let p = Proc::spawn(&[
+        "--app-port",
+        &port,
+        "--inbound-addr",
+        "127.0.0.1:0",
+        "--outbound-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--registry",
+        reg.to_str().unwrap(),
+        "--passthrough",
+        "false",
+        "--drain-delay",
+        "1s",
+        "--grace-period",
+        "60s",
+        "--policy-inline",
+        FAST,
+    ]);
+    let started = p.line("startup", |v| v["message"] == "shardmesh-sidecar started");
+    let (inbound, outbound, admin) = (
+        addr(&started, "inbound"),
+        addr(&started, "outbound"),
+        addr(&started, "admin"),
+    );
+
+    // Outbound: one retry after a 503, logged on one line.
+    let r = get(outbound, "http://svc.test/orders/1").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(dest.hits(), 2);
+    let line = p.line("outbound access log", |v| {
+        v["target"] == "access_log" && v["direction"] == "outbound"
+    });
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["authority"], "svc.test");
+    assert_eq!(line["path"], "/orders/1");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["destination"], "svc.test:80");
+    assert_eq!(line["endpoint"], dest.addr.to_string());
+    assert_eq!(line["attempts"], 2);
+    assert_eq!(line["retry_reasons"], "503");
+    assert_eq!(line["breaker"], "closed");
+    assert_eq!(
+        line["response_bytes"],
+        format!("ok {}", dest.addr.port()).len()
+    );
+    assert!(line["duration_ms"].as_f64().is_some() && line["headers_ms"].as_f64().is_some());
+
+    // Inbound: a request held by the app is in flight when SIGTERM arrives.
+    let in_flight =
+        tokio::spawn(async move { send(inbound, "GET", "/slow", &[("host", "me")], "").await });
+    wait_until(
+        "the request to reach the app",
+        Duration::from_secs(30),
+        || app.hits() == 1,
+    )
+    .await;
+    let status = Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    // Readiness fails at once; after the drain delay new connections are refused.
+    let end = Instant::now() + Duration::from_secs(30);
+    while get(admin, &format!("http://{admin}/ready")).await.status != 503 {
+        assert!(Instant::now() < end, "readiness never failed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let end = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(inbound).await.is_ok() {
+        assert!(
+            Instant::now() < end,
+            "still accepting after the drain delay"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.hits(), 1);
+
+    // The in-flight request completes, then the process exits 0.
+    app.release();
+    let r = in_flight.await.unwrap();
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, format!("ok {port}").as_str())
+    );
+    let line = p.line("inbound access log", |v| {
+        v["target"] == "access_log" && v["direction"] == "inbound"
+    });
+    assert_eq!(
+        (line["path"].as_str(), line["status"].as_u64()),
+        (Some("/slow"), Some(200))
+    );
+    let mut p = p;
+    let end = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(
+            Instant::now() < end,
+            "the sidecar did not exit after draining"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code, Some(0));
+}
