@@ -109,17 +109,17 @@ pub fn shard_removal(current: i32, new: &ShardedServiceSpec) -> Option<FieldErro
     if new.shards >= current || new.rollout.allow_shard_removal {
         return None;
     }
-    let removed = if current - new.shards == 1 {
-        format!("shard {}", new.shards)
+    let (removed, its) = if current - new.shards == 1 {
+        (format!("shard {}", new.shards), "its")
     } else {
-        format!("shards {}-{}", new.shards, current - 1)
+        (format!("shards {}-{}", new.shards, current - 1), "their")
     };
     Some(FieldError {
         path: "spec.shards".into(),
         message: format!(
-            "lowered from {current} to {}: {removed} would be deleted and the data of their keys \
-             orphaned; restore spec.shards to {current}, or set spec.rollout.allowShardRemoval: \
-             true to delete them",
+            "lowered from {current} to {}: {removed} would be deleted, orphaning the data of \
+             {its} keys; restore spec.shards to {current}, or set \
+             spec.rollout.allowShardRemoval: true to delete {removed}",
             new.shards
         ),
     })

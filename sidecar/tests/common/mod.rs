@@ -305,15 +305,31 @@ pub async fn get(proxy: SocketAddr, uri: &str) -> Resp {
 
 static FILES: AtomicUsize = AtomicUsize::new(0);
 
-/// Writes a temporary file and returns its path.
-pub fn temp_file(contents: &str) -> std::path::PathBuf {
+/// A temporary file, removed when dropped so test runs leave nothing in /tmp.
+pub struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    /// The file's path as a string.
+    pub fn to_str(&self) -> Option<&str> {
+        self.0.to_str()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Writes a temporary file that lives as long as the returned guard.
+pub fn temp_file(contents: &str) -> TempFile {
     let n = FILES.fetch_add(1, Ordering::SeqCst);
     let path = std::env::temp_dir().join(format!(
         "shardmesh-sidecar-test-{}-{n}.yaml",
         std::process::id()
     ));
     std::fs::write(&path, contents).unwrap();
-    path
+    TempFile(path)
 }
 
 /// A registry with one destination `svc.test:80` served by `endpoints`.
@@ -327,8 +343,9 @@ pub fn registry(endpoints: &[SocketAddr]) -> String {
 
 /// Starts an in-process sidecar on ephemeral loopback ports.
 pub async fn sidecar(registry_yaml: &str, policy: &str, extra: &[&str]) -> Running {
-    let reg = temp_file(registry_yaml);
-    let reg = reg.to_str().unwrap().to_string();
+    // The registry is read while building the settings; the file may go right after.
+    let reg_file = temp_file(registry_yaml);
+    let reg = reg_file.to_str().unwrap().to_string();
     let mut argv = vec![
         "shardmesh-sidecar",
         "--outbound-addr",
