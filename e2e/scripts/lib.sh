@@ -33,11 +33,26 @@ ensure_deb_src() {
 install_build_deps() {
   ensure_deb_src
   apt_install "${APT_PACKAGES[@]}"
+  # kubectl: any recent one will do; Debian's kubernetes-client (1.20, the server's version) if none.
+  command -v kubectl >/dev/null || apt_install kubernetes-client
+  command -v python3 >/dev/null || apt_install python3
 }
 
 # --- cluster layout shared by cluster-up/down, build-images, test.sh and demo.sh ---
 E2E_DIR=${SHARDMESH_E2E_DIR:-/tmp/shardmesh-e2e}
+case $E2E_DIR in
+  /*/*) ;;
+  *) die "SHARDMESH_E2E_DIR=$E2E_DIR: give an absolute path at least two levels deep (e.g. /tmp/shardmesh-e2e)" ;;
+esac
+E2E_DIR=${E2E_DIR%/}
 E2E_NS=${SHARDMESH_E2E_NETNS:-shardmesh-e2e}
+[[ $E2E_NS =~ ^[a-z0-9][a-z0-9-]{0,30}$ ]] || die "SHARDMESH_E2E_NETNS=$E2E_NS: use lowercase letters, digits and '-' (max 31)"
+# Marker file: the state dir is ours to delete only if it holds this (or is empty).
+E2E_MARKER=.shardmesh-e2e-state
+# owns_state_dir: true if $E2E_DIR is absent, empty or marked as ours.
+owns_state_dir() {
+  [ ! -e "$E2E_DIR" ] || [ -f "$E2E_DIR/$E2E_MARKER" ] || [ -z "$(ls -A "$E2E_DIR" 2>/dev/null)" ]
+}
 NODE_IP=10.254.0.10           # on the netns's lo; kubelet refuses a loopback node IP
 NODE_NAME=shardmesh-e2e-node
 POD_CIDR=10.254.64.0/24       # CNI bridge (host-local IPAM)
@@ -107,6 +122,7 @@ wait_for() {
 # Usage (first line of a script): become_subreaper "$0" "$@"
 become_subreaper() {
   [ "${SHARDMESH_SUBREAPER:-}" = "$$" ] && return 0
+  command -v python3 >/dev/null || { log "python3 not found; orphaned daemons are left to PID 1"; return 0; }
   export SHARDMESH_SUBREAPER=$$
   exec python3 -c 'import ctypes, os, sys
 libc = ctypes.CDLL(None, use_errno=True)

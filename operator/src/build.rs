@@ -18,9 +18,9 @@ use k8s_openapi::{
     },
 };
 use kube::{Resource, ResourceExt};
-use shardmesh_api::{labels, ShardedService};
+use shardmesh_api::{labels, ports, ShardedService};
 
-use crate::{capabilities::Capabilities, Error, Result};
+use crate::{capabilities::Capabilities, webhook::annotations, Error, Result};
 
 /// Env vars the operator sets on every application container so the app knows its place.
 pub mod env {
@@ -36,6 +36,8 @@ pub mod env {
     pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
     /// Pod IP (downward API).
     pub const POD_IP: &str = "POD_IP";
+    /// Pod UID (downward API): owner of the sidecar's registry Lease.
+    pub const POD_UID: &str = "POD_UID";
 }
 
 /// Everything one ShardedService should own.
@@ -51,8 +53,27 @@ pub struct Desired {
     pub disruption_budgets: Vec<PodDisruptionBudget>,
 }
 
-/// Builds the desired objects. The spec must have passed validation.
+/// Operator settings that change the built objects (as opposed to what the server offers).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BuildOptions {
+    /// The sidecar is injected into every shard pod (the chart enables the webhook): Services
+    /// then target the sidecar's inbound port so traffic gets its bulkhead and access log. Off,
+    /// they target the application port directly, which also keeps clusters without the
+    /// webhook working.
+    pub sidecar_injection: bool,
+}
+
+/// Builds the desired objects with default options. The spec must have passed validation.
 pub fn build(svc: &ShardedService, caps: &Capabilities) -> Result<Desired> {
+    build_with(svc, caps, BuildOptions::default())
+}
+
+/// Builds the desired objects. The spec must have passed validation.
+pub fn build_with(
+    svc: &ShardedService,
+    caps: &Capabilities,
+    opts: BuildOptions,
+) -> Result<Desired> {
     let owner = svc
         .controller_owner_ref(&())
         .ok_or(Error::MissingField("metadata.uid"))?;
@@ -62,7 +83,7 @@ pub fn build(svc: &ShardedService, caps: &Capabilities) -> Result<Desired> {
     let name = svc.name_any();
     let shards = u32::try_from(svc.spec.shards).unwrap_or(0);
     let mut desired = Desired {
-        routing_service: routing_service(svc, &name, &ns, &owner),
+        routing_service: routing_service(svc, &name, &ns, &owner, opts),
         ..Desired::default()
     };
     for i in 0..shards {
@@ -71,7 +92,7 @@ pub fn build(svc: &ShardedService, caps: &Capabilities) -> Result<Desired> {
             .push(stateful_set(svc, &name, &ns, &owner, i));
         desired
             .shard_services
-            .push(shard_service(svc, &name, &ns, &owner, i));
+            .push(shard_service(svc, &name, &ns, &owner, i, opts));
         if caps.pdb_v1 {
             desired
                 .disruption_budgets
@@ -103,17 +124,28 @@ fn object_labels(selector: BTreeMap<String, String>, component: &str) -> BTreeMa
     l
 }
 
-fn http_port(svc: &ShardedService) -> ServicePort {
+fn http_port(svc: &ShardedService, opts: BuildOptions) -> ServicePort {
+    let target = if opts.sidecar_injection {
+        i32::from(ports::SIDECAR_INBOUND)
+    } else {
+        svc.spec.port
+    };
     ServicePort {
         name: Some("http".into()),
         port: svc.spec.port,
-        target_port: Some(IntOrString::Int(svc.spec.port)),
+        target_port: Some(IntOrString::Int(target)),
         protocol: Some("TCP".into()),
         ..ServicePort::default()
     }
 }
 
-fn routing_service(svc: &ShardedService, name: &str, ns: &str, owner: &OwnerReference) -> Service {
+fn routing_service(
+    svc: &ShardedService,
+    name: &str,
+    ns: &str,
+    owner: &OwnerReference,
+    opts: BuildOptions,
+) -> Service {
     Service {
         metadata: meta(
             name.to_string(),
@@ -123,7 +155,7 @@ fn routing_service(svc: &ShardedService, name: &str, ns: &str, owner: &OwnerRefe
         ),
         spec: Some(ServiceSpec {
             selector: Some(labels::service_selector(name)),
-            ports: Some(vec![http_port(svc)]),
+            ports: Some(vec![http_port(svc, opts)]),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -136,6 +168,7 @@ fn shard_service(
     ns: &str,
     owner: &OwnerReference,
     shard: u32,
+    opts: BuildOptions,
 ) -> Service {
     Service {
         metadata: meta(
@@ -147,7 +180,7 @@ fn shard_service(
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
             selector: Some(labels::shard_selector(name, shard)),
-            ports: Some(vec![http_port(svc)]),
+            ports: Some(vec![http_port(svc, opts)]),
             publish_not_ready_addresses: Some(false),
             ..ServiceSpec::default()
         }),
@@ -215,7 +248,9 @@ fn stateful_set(
     }
 }
 
-/// The user's template with our labels and the identity env vars added to every container.
+/// The user's template with our labels, the injector's annotations (app port and resilience
+/// policy, so the webhook needs no API call per pod) and the identity env vars added to every
+/// container.
 fn pod_template(
     svc: &ShardedService,
     name: &str,
@@ -227,6 +262,11 @@ fn pod_template(
     meta.labels
         .get_or_insert_with(BTreeMap::new)
         .extend(selector);
+    let notes = meta.annotations.get_or_insert_with(BTreeMap::new);
+    notes.insert(annotations::APP_PORT.into(), svc.spec.port.to_string());
+    // Serializing plain data structs cannot fail; an empty policy would mean the defaults.
+    let policy = serde_json::to_string(&svc.spec.resilience).unwrap_or_default();
+    notes.insert(annotations::RESILIENCE.into(), policy);
     let identity = [
         literal(env::SERVICE, name),
         literal(env::SHARD, &shard.to_string()),
@@ -234,8 +274,13 @@ fn pod_template(
         field(env::POD_NAME, "metadata.name"),
         field(env::POD_NAMESPACE, "metadata.namespace"),
         field(env::POD_IP, "status.podIP"),
+        field(env::POD_UID, "metadata.uid"),
     ];
     if let Some(spec) = tpl.spec.as_mut() {
+        // The member account may write exactly this service's Leases and read its shard map
+        // (see shardmap.rs); a template naming its own account keeps it (and must grant that).
+        spec.service_account_name
+            .get_or_insert_with(|| labels::member_account_name(name));
         for c in &mut spec.containers {
             let env = c.env.get_or_insert_with(Vec::new);
             for var in &identity {
@@ -390,6 +435,55 @@ mod tests {
             sts.spec.as_mut().expect("spec").replicas = Some(5);
         }
         assert_eq!(a2, b);
+    }
+
+    #[test]
+    fn services_target_the_sidecar_only_with_injection() {
+        let caps = Capabilities::latest();
+        let target = |d: &Desired| {
+            d.shard_services
+                .iter()
+                .chain([&d.routing_service])
+                .map(|s| {
+                    s.spec
+                        .as_ref()
+                        .and_then(|s| s.ports.clone())
+                        .expect("ports")[0]
+                        .clone()
+                })
+                .map(|p| (p.port, p.target_port))
+                .collect::<Vec<_>>()
+        };
+        let plain = build(&svc(2, 1), &caps).expect("builds");
+        assert!(target(&plain)
+            .iter()
+            .all(|t| *t == (8080, Some(IntOrString::Int(8080)))));
+        let opts = BuildOptions {
+            sidecar_injection: true,
+        };
+        let injected = build_with(&svc(2, 1), &caps, opts).expect("builds");
+        assert!(target(&injected)
+            .iter()
+            .all(|t| *t == (8080, Some(IntOrString::Int(4143)))));
+        // Only the Services differ: the pods are the same either way.
+        assert_eq!(plain.stateful_sets, injected.stateful_sets);
+    }
+
+    #[test]
+    fn template_tells_the_injector_port_and_policy() {
+        let mut s = svc(1, 1);
+        s.spec.resilience.retries.max_attempts = 5;
+        let d = build(&s, &Capabilities::latest()).expect("builds");
+        let notes = d.stateful_sets[0]
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.clone())
+            .expect("annotations");
+        assert_eq!(notes[annotations::APP_PORT], "8080");
+        let policy: shardmesh_api::v1alpha1::Resilience =
+            serde_json::from_str(&notes[annotations::RESILIENCE]).expect("policy JSON");
+        assert_eq!(policy, s.spec.resilience);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use shardmesh_api::{labels, validate, ShardedService, ShardedServiceStatus};
 use tracing::{info, instrument, warn};
 
 use crate::{
-    build::build,
+    build::{build_with, BuildOptions},
     capabilities::Capabilities,
     status::{self, InvalidReason, Observed},
     Error, Result,
@@ -55,6 +55,8 @@ pub struct Context {
     pub caps: Capabilities,
     /// Publishes Events on ShardedServices.
     pub recorder: Recorder,
+    /// Operator settings that shape the built objects.
+    pub options: BuildOptions,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<ShardedService>, u32>>,
 }
@@ -70,8 +72,15 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             caps,
+            options: BuildOptions::default(),
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same context building objects with `options`.
+    pub fn with_options(mut self, options: BuildOptions) -> Self {
+        self.options = options;
+        self
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<ShardedService>, u32>> {
@@ -88,7 +97,11 @@ pub fn backoff(n: u32) -> Duration {
 }
 
 /// Runs the controller until SIGTERM/SIGINT.
-pub async fn run(client: Client, instance: Option<String>) -> anyhow::Result<()> {
+pub async fn run(
+    client: Client,
+    instance: Option<String>,
+    options: BuildOptions,
+) -> anyhow::Result<()> {
     let caps = Capabilities::detect(&client).await?;
     let svcs: Api<ShardedService> = Api::all(client.clone());
     if let Err(e) = svcs.list(&ListParams::default().limit(1)).await {
@@ -117,8 +130,10 @@ pub async fn run(client: Client, instance: Option<String>) -> anyhow::Result<()>
     if caps.pdb_v1 {
         controller = controller.owns(Api::<PodDisruptionBudget>::all(client.clone()), managed);
     }
-    let ctx = Arc::new(Context::new(client, caps, instance));
+    let ctx = Arc::new(Context::new(client, caps, instance).with_options(options));
     info!("controller started");
+    // Beside it: membership Leases → one shard-map ConfigMap per service (shardmap.rs).
+    let shard_maps = tokio::spawn(crate::shardmap::run(ctx.client.clone()));
     controller
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
@@ -128,6 +143,11 @@ pub async fn run(client: Client, instance: Option<String>) -> anyhow::Result<()>
             }
         })
         .await;
+    match shard_maps.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "shard-map controller failed"),
+        Err(e) => warn!(error = %e, "shard-map controller task failed"),
+    }
     info!("controller stopped");
     Ok(())
 }
@@ -179,7 +199,7 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     }
 
     // 2. build (pure)
-    let desired = build(&svc, &ctx.caps)?;
+    let desired = build_with(&svc, &ctx.caps, ctx.options)?;
 
     // 3. apply: one field manager, forced, so the operator owns exactly the fields it sets.
     let mut observed = Observed::default();
@@ -297,7 +317,7 @@ async fn remove_shards(
             if i >= keep {
                 let name = o.name_any();
                 match api.delete(&name, &DeleteParams::background()).await {
-                    Ok(_) => gone.push(name),
+                    Ok(_) => gone.push(format!("{}/{name}", K::kind(&()))),
                     Err(kube::Error::Api(s)) if s.code == 404 => {}
                     Err(e) => return Err(e.into()),
                 }

@@ -17,6 +17,9 @@ pub enum Error {
     /// The object lacks a field the API server always sets (namespace, uid).
     #[error("object is missing {0}")]
     MissingField(&'static str),
+    /// A local cache the reconcile reads is gone (the controller is shutting down).
+    #[error("cache unavailable: {0}")]
+    CacheUnavailable(&'static str),
 }
 
 impl Error {
@@ -27,6 +30,7 @@ impl Error {
             Error::Kube(_) => "kube_client",
             Error::Serialize { .. } => "serialize",
             Error::MissingField(_) => "missing_field",
+            Error::CacheUnavailable(_) => "cache_unavailable",
         }
     }
 }

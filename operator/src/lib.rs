@@ -3,12 +3,15 @@
 //!
 //! Reconcile is a pipeline: `validate` (shardmesh-api) → [`build`] (pure: CR → desired objects)
 //! → apply (server-side apply, one field manager) → [`status`] (pure: observed → status).
+//! The [`webhook`] module serves sidecar injection and ShardedService validation at admission.
 
 pub mod build;
 pub mod capabilities;
 pub mod controller;
 pub mod crdgen;
 pub mod error;
+pub mod shardmap;
 pub mod status;
+pub mod webhook;
 
 pub use error::{Error, Result};

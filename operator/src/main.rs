@@ -1,6 +1,6 @@
 //! `shardmesh-operator`: one binary, subcommands per role.
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::{fmt, EnvFilter};
@@ -26,13 +26,107 @@ enum Command {
         /// Name reported on Events (defaults to the pod name).
         #[arg(long, env = "POD_NAME")]
         instance: Option<String>,
+        /// The webhook injects the sidecar into shard pods: Services target the sidecar's
+        /// inbound port (4143) instead of the application port. Set by the chart with the webhook.
+        #[arg(long, env = "SHARDMESH_SIDECAR_INJECTION")]
+        sidecar_injection: bool,
     },
+    /// Serve the sidecar-injection and ShardedService-validation admission webhooks over HTTPS,
+    /// with a self-managed CA and serving certificate.
+    Webhook(Box<WebhookArgs>),
     /// Print the ShardedService CRD (YAML), or write it to each --out file.
     Crdgen {
         /// Write to this file instead of stdout (repeatable).
         #[arg(long)]
         out: Vec<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct WebhookArgs {
+    /// Log format.
+    #[arg(long, env = "SHARDMESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+    /// Address the HTTPS server listens on.
+    #[arg(long, env = "SHARDMESH_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// Namespace of the webhook (its Secret lives here; never injected).
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: String,
+    /// Name of the webhook's Service (the certificate's DNS names).
+    #[arg(
+        long,
+        env = "SHARDMESH_WEBHOOK_SERVICE",
+        default_value = "shardmesh-webhook"
+    )]
+    service: String,
+    /// Secret holding the CA and the serving certificate, shared by all replicas.
+    #[arg(
+        long,
+        env = "SHARDMESH_WEBHOOK_SECRET",
+        default_value = "shardmesh-webhook-tls"
+    )]
+    secret: String,
+    /// MutatingWebhookConfiguration that gets the CA bundle (empty: none).
+    #[arg(
+        long,
+        env = "SHARDMESH_MUTATING_CONFIG",
+        default_value = "shardmesh-sidecar-injector"
+    )]
+    mutating_config: String,
+    /// ValidatingWebhookConfiguration that gets the CA bundle (empty: none).
+    #[arg(
+        long,
+        env = "SHARDMESH_VALIDATING_CONFIG",
+        default_value = "shardmesh-validator"
+    )]
+    validating_config: String,
+    /// Further namespaces never injected (the own namespace and kube-system always are).
+    #[arg(
+        long = "exclude-namespace",
+        env = "SHARDMESH_EXCLUDE_NAMESPACES",
+        value_delimiter = ','
+    )]
+    exclude_namespaces: Vec<String>,
+    /// Sidecar image.
+    #[arg(long, env = "SHARDMESH_SIDECAR_IMAGE")]
+    sidecar_image: String,
+    /// Sidecar imagePullPolicy.
+    #[arg(
+        long,
+        env = "SHARDMESH_SIDECAR_PULL_POLICY",
+        default_value = "IfNotPresent"
+    )]
+    sidecar_pull_policy: String,
+    /// Version recorded in the shardmesh.io/injected-version pod annotation.
+    #[arg(long, env = "SHARDMESH_SIDECAR_VERSION", default_value = env!("CARGO_PKG_VERSION"))]
+    sidecar_version: String,
+    /// Sidecar resources as JSON ResourceRequirements, e.g. {"requests":{"cpu":"10m"}}.
+    #[arg(long, env = "SHARDMESH_SIDECAR_RESOURCES", default_value = "{}")]
+    sidecar_resources: String,
+    /// Log level of the injected sidecars.
+    #[arg(long, env = "SHARDMESH_SIDECAR_LOG_LEVEL", default_value = "info")]
+    sidecar_log_level: String,
+    /// Whether the sidecar is injected into ShardedService pods (enables the ShardedService rules
+    /// that only matter then, e.g. no opt-out annotation on the template).
+    #[arg(long, env = "SHARDMESH_SIDECAR_INJECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    sidecar_injection: bool,
+    /// CA lifetime (rotated with a third left), e.g. 26280h (3 years).
+    #[arg(long, env = "SHARDMESH_CA_VALIDITY", default_value = "26280h", value_parser = duration)]
+    ca_validity: Duration,
+    /// Serving certificate lifetime (re-issued with a third left), e.g. 2160h (90 days).
+    #[arg(long, env = "SHARDMESH_CERT_VALIDITY", default_value = "2160h", value_parser = duration)]
+    cert_validity: Duration,
+    /// How often the Secret and the CA bundles are re-checked.
+    #[arg(long, env = "SHARDMESH_TLS_RESYNC", default_value = "10s", value_parser = duration)]
+    tls_resync: Duration,
+    /// After SIGTERM, keep serving this long (while endpoints drop the pod) before exiting.
+    #[arg(long, env = "SHARDMESH_WEBHOOK_DRAIN", default_value = "5s", value_parser = duration)]
+    drain: Duration,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    shardmesh_api::duration::parse_duration(s).map_err(|e| e.to_string())
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -73,12 +167,58 @@ async fn main() -> anyhow::Result<()> {
         Command::Controller {
             log_format,
             instance,
+            sidecar_injection,
         } => {
             init_logging(log_format);
             let client = kube::Client::try_default().await.map_err(|e| {
                 anyhow::anyhow!("no Kubernetes config (in-cluster or KUBECONFIG): {e}")
             })?;
-            shardmesh_operator::controller::run(client, instance).await
+            let options = shardmesh_operator::build::BuildOptions { sidecar_injection };
+            shardmesh_operator::controller::run(client, instance, options).await
+        }
+        Command::Webhook(args) => {
+            init_logging(args.log_format);
+            let opts = webhook_options(*args)?;
+            let client = kube::Client::try_default().await.map_err(|e| {
+                anyhow::anyhow!("no Kubernetes config (in-cluster or KUBECONFIG): {e}")
+            })?;
+            shardmesh_operator::webhook::run(client, opts).await
         }
     }
+}
+
+fn webhook_options(a: WebhookArgs) -> anyhow::Result<shardmesh_operator::webhook::WebhookOptions> {
+    use shardmesh_operator::webhook::{inject::InjectorConfig, tls::TlsTargets, WebhookOptions};
+    let resources = serde_json::from_str(&a.sidecar_resources).map_err(|e| {
+        anyhow::anyhow!(
+            "--sidecar-resources (SHARDMESH_SIDECAR_RESOURCES): not a ResourceRequirements JSON \
+             ({e}); use e.g. {{\"requests\":{{\"cpu\":\"10m\",\"memory\":\"32Mi\"}}}}"
+        )
+    })?;
+    let mut excluded = vec![a.namespace.clone(), "kube-system".to_string()];
+    excluded.extend(a.exclude_namespaces.into_iter().filter(|n| !n.is_empty()));
+    Ok(WebhookOptions {
+        listen: a.listen,
+        injector: InjectorConfig {
+            image: a.sidecar_image,
+            image_pull_policy: a.sidecar_pull_policy,
+            version: a.sidecar_version,
+            resources,
+            native_sidecars: false,
+            excluded_namespaces: excluded,
+            log_level: a.sidecar_log_level,
+        },
+        sidecar_injection: a.sidecar_injection,
+        targets: TlsTargets {
+            namespace: a.namespace,
+            secret: a.secret,
+            mutating: a.mutating_config,
+            validating: a.validating_config,
+        },
+        service: a.service,
+        ca_validity: a.ca_validity,
+        cert_validity: a.cert_validity,
+        resync: a.tls_resync,
+        drain: a.drain,
+    })
 }

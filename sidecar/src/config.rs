@@ -21,8 +21,10 @@ use crate::{
     access_log::AccessLogConfig,
     breaker::BreakerConfig,
     budget::{BudgetConfig, WINDOW},
-    discovery::StaticRegistry,
+    discovery::{Discover, StaticRegistry},
+    membership::{Identity, MembershipConfig},
     retry::RetryPolicy,
+    shardmap_watch::ShardMapSource,
 };
 
 /// A configuration problem: what (flag, env var or field) and why/how to fix it.
@@ -122,6 +124,49 @@ pub struct Args {
     /// logged.
     #[arg(long, env = "SHARDMESH_ACCESS_LOG_SAMPLE", default_value = "1.0", value_parser = fraction_arg)]
     pub access_log_sample: f64,
+
+    /// ShardedService this pod is a member of. Set (with the pod identity below): the sidecar
+    /// registers the pod with a Lease; unset: no membership (standalone or a pure client).
+    #[arg(long, env = "SHARDMESH_SERVICE")]
+    pub service: Option<String>,
+
+    /// Shard index of this pod (with --service).
+    #[arg(long, env = "SHARDMESH_SHARD")]
+    pub shard: Option<u32>,
+
+    /// Pod name: Lease name and holder (downward API metadata.name).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+
+    /// Pod namespace: where the Lease lives and the default namespace of --shardmap
+    /// (downward API metadata.namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+
+    /// Pod IP, advertised with the inbound port (downward API status.podIP).
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<std::net::IpAddr>,
+
+    /// Pod UID, for the Lease's owner reference (downward API metadata.uid).
+    #[arg(long, env = "POD_UID")]
+    pub pod_uid: Option<String>,
+
+    /// Register the pod when --service is set (false: route only, never appear in a shard map).
+    #[arg(long, env = "SHARDMESH_REGISTER", default_value_t = true, action = ArgAction::Set)]
+    pub register: bool,
+
+    /// How often the membership Lease is renewed.
+    #[arg(long, env = "SHARDMESH_LEASE_RENEW", default_value = "10s", value_parser = duration_arg)]
+    pub lease_renew: Duration,
+
+    /// How long a Lease stays live without renewal (whole seconds).
+    #[arg(long, env = "SHARDMESH_LEASE_DURATION", default_value = "30s", value_parser = duration_arg)]
+    pub lease_duration: Duration,
+
+    /// Sharded destination followed live from its shard-map ConfigMap:
+    /// `[namespace/]service=host[:port]` (repeatable; the env var takes a comma-separated list).
+    #[arg(long = "shardmap", env = "SHARDMESH_SHARDMAPS", value_delimiter = ',')]
+    pub shardmaps: Vec<String>,
 }
 
 /// The validated resilience policy in the sidecar's units.
@@ -268,6 +313,93 @@ pub struct Settings {
     pub registry: StaticRegistry,
     /// Access-log switches.
     pub access_log: AccessLogConfig,
+    /// Registry membership, when this pod is a member of a ShardedService.
+    pub membership: Option<MembershipConfig>,
+    /// Sharded destinations followed live from the API server.
+    pub shardmaps: Vec<ShardMapSource>,
+}
+
+const SERVICE_FLAG: &str = "--service (SHARDMESH_SERVICE)";
+
+/// Membership settings from the flags: `None` unless `--service` is set and `--register` is on;
+/// every missing piece of pod identity is an error naming its downward-API source.
+fn membership(args: &Args) -> Result<Option<MembershipConfig>, ConfigError> {
+    let Some(service) = args.service.clone().filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
+    if !args.register {
+        return Ok(None);
+    }
+    let need = |v: Option<String>, flag: &str, source: &str| {
+        v.filter(|s| !s.is_empty()).ok_or_else(|| {
+            ConfigError::new(
+                flag,
+                format!("not set, but registering the pod (--service is set) needs it; add the env var from the downward API fieldRef {source}, or set --register=false"),
+            )
+        })
+    };
+    let pod = need(
+        args.pod_name.clone(),
+        "--pod-name (POD_NAME)",
+        "metadata.name",
+    )?;
+    let namespace = need(
+        args.pod_namespace.clone(),
+        "--pod-namespace (POD_NAMESPACE)",
+        "metadata.namespace",
+    )?;
+    let uid = need(args.pod_uid.clone(), "--pod-uid (POD_UID)", "metadata.uid")?;
+    let ip = args.pod_ip.ok_or_else(|| {
+        ConfigError::new(
+            "--pod-ip (POD_IP)",
+            "not set, but registering the pod needs the address callers dial; add the env var from the downward API fieldRef status.podIP",
+        )
+    })?;
+    let shard = args.shard.ok_or_else(|| {
+        ConfigError::new(
+            "--shard (SHARDMESH_SHARD)",
+            "not set, but registering the pod needs its shard index (the operator sets it)",
+        )
+    })?;
+    if args.app_port.is_none() {
+        return Err(ConfigError::new(
+            SERVICE_FLAG,
+            "registering the pod needs the inbound proxy; set --app-port (SHARDMESH_APP_PORT) to the application's port, or --register=false",
+        ));
+    }
+    if args.lease_duration < Duration::from_secs(1) {
+        return Err(ConfigError::new(
+            "--lease-duration (SHARDMESH_LEASE_DURATION)",
+            "must be at least 1s (Leases count whole seconds)",
+        ));
+    }
+    if args.lease_renew.is_zero() || args.lease_renew * 2 > args.lease_duration {
+        return Err(ConfigError::new(
+            "--lease-renew (SHARDMESH_LEASE_RENEW)",
+            format!(
+                "{:?} must be positive and at most half of --lease-duration ({:?}), so one failed renewal does not expire the member",
+                args.lease_renew, args.lease_duration
+            ),
+        ));
+    }
+    let port = if args.inbound_addr.port() == 0 {
+        SIDECAR_INBOUND
+    } else {
+        args.inbound_addr.port()
+    };
+    Ok(Some(MembershipConfig {
+        identity: Identity {
+            pod,
+            namespace,
+            uid,
+            service,
+            shard,
+            address: SocketAddr::new(ip, port),
+        },
+        renew_interval: args.lease_renew,
+        lease_duration: args.lease_duration,
+        app: args.app_port.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+    }))
 }
 
 impl Settings {
@@ -326,11 +458,44 @@ impl Settings {
             enabled: args.access_log,
             sample: args.access_log_sample,
         };
+        let membership = membership(&args)?;
+        const SHARDMAP_FLAG: &str = "--shardmap (SHARDMESH_SHARDMAPS)";
+        let mut shardmaps: Vec<ShardMapSource> = Vec::new();
+        for raw in args.shardmaps.iter().filter(|r| !r.trim().is_empty()) {
+            let s = ShardMapSource::parse(raw).map_err(|e| ConfigError::new(SHARDMAP_FLAG, e))?;
+            if shardmaps.iter().any(|o| o.authority == s.authority) {
+                return Err(ConfigError::new(
+                    SHARDMAP_FLAG,
+                    format!(
+                        "{} is given twice; one shard map per destination",
+                        s.authority
+                    ),
+                ));
+            }
+            if registry.lookup(&s.authority).is_some() {
+                return Err(ConfigError::new(
+                    SHARDMAP_FLAG,
+                    format!(
+                        "{} is also in the --registry file; keep one source per destination",
+                        s.authority
+                    ),
+                ));
+            }
+            if s.namespace.is_none() && args.pod_namespace.is_none() {
+                return Err(ConfigError::new(
+                    SHARDMAP_FLAG,
+                    format!("{raw:?} has no namespace and POD_NAMESPACE is unset; write namespace/service=host:port"),
+                ));
+            }
+            shardmaps.push(s);
+        }
         Ok(Settings {
             args,
             policy,
             registry,
             access_log,
+            membership,
+            shardmaps,
         })
     }
 }
@@ -367,6 +532,101 @@ mod tests {
         assert!(e.message.contains("maxAttempts"), "{e}");
         let e = Policy::parse("[1, 2]", "x").unwrap_err();
         assert!(e.message.contains("must be a mapping"), "{e}");
+    }
+
+    fn args(extra: &[&str]) -> Args {
+        let mut v = vec![
+            "shardmesh-sidecar",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--outbound-addr",
+            "127.0.0.1:0",
+        ];
+        v.extend_from_slice(extra);
+        Args::try_parse_from(v).unwrap()
+    }
+
+    const MEMBER: &[&str] = &[
+        "--app-port",
+        "8080",
+        "--service",
+        "orders",
+        "--shard",
+        "2",
+        "--pod-name",
+        "orders-2-0",
+        "--pod-namespace",
+        "shop",
+        "--pod-ip",
+        "10.0.0.7",
+        "--pod-uid",
+        "u-7",
+    ];
+
+    #[test]
+    fn membership_from_pod_identity() {
+        let s = Settings::from_args(args(MEMBER)).unwrap();
+        let m = s.membership.expect("member");
+        assert_eq!(m.identity.pod, "orders-2-0");
+        assert_eq!(m.identity.shard, 2);
+        assert_eq!(m.identity.address, "10.0.0.7:4143".parse().unwrap());
+        assert_eq!(m.renew_interval, Duration::from_secs(10));
+        assert_eq!(m.lease_duration, Duration::from_secs(30));
+        assert_eq!(m.app, Some("127.0.0.1:8080".parse().unwrap()));
+        // Not a member without --service, or with --register=false.
+        assert!(Settings::from_args(args(&[])).unwrap().membership.is_none());
+        let mut off = MEMBER.to_vec();
+        off.extend(["--register", "false"]);
+        assert!(Settings::from_args(args(&off))
+            .unwrap()
+            .membership
+            .is_none());
+    }
+
+    #[test]
+    fn membership_errors_name_the_missing_identity() {
+        let without = |flag: &str| {
+            let i = MEMBER.iter().position(|a| *a == flag).unwrap();
+            let mut v = MEMBER.to_vec();
+            v.drain(i..i + 2);
+            Settings::from_args(args(&v)).unwrap_err()
+        };
+        let e = without("--pod-uid");
+        assert_eq!(e.what, "--pod-uid (POD_UID)");
+        assert!(e.message.contains("metadata.uid"), "{e}");
+        assert_eq!(without("--pod-ip").what, "--pod-ip (POD_IP)");
+        assert_eq!(without("--shard").what, "--shard (SHARDMESH_SHARD)");
+        assert!(without("--app-port").message.contains("--app-port"));
+        let mut v = MEMBER.to_vec();
+        v.extend(["--lease-renew", "20s"]);
+        let e = Settings::from_args(args(&v)).unwrap_err();
+        assert!(e.message.contains("at most half"), "{e}");
+    }
+
+    #[test]
+    fn shardmap_sources_are_validated() {
+        let s = Settings::from_args(args(&[
+            "--shardmap",
+            "shop/orders=orders.shop:8080,users=users:80",
+            "--pod-namespace",
+            "shop",
+        ]))
+        .unwrap();
+        assert_eq!(s.shardmaps.len(), 2);
+        let e = Settings::from_args(args(&[
+            "--shardmap",
+            "orders=o:1",
+            "--shardmap",
+            "users=o:1",
+            "--pod-namespace",
+            "x",
+        ]))
+        .unwrap_err();
+        assert!(e.message.contains("given twice"), "{e}");
+        let e = Settings::from_args(args(&["--shardmap", "orders=o:1"])).unwrap_err();
+        assert!(e.message.contains("POD_NAMESPACE"), "{e}");
+        let e = Settings::from_args(args(&["--shardmap", "nonsense"])).unwrap_err();
+        assert_eq!(e.what, "--shardmap (SHARDMESH_SHARDMAPS)");
     }
 
     #[test]

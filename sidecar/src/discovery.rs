@@ -93,6 +93,39 @@ fn parse_addr(path: &str, raw: &str) -> Result<SocketAddr, String> {
     })
 }
 
+/// A sharded destination from a shard map; `p` (the entry's path) prefixes every error.
+/// Shared by the static file and the Kubernetes shard-map watch so both accept exactly the same
+/// maps.
+pub fn sharded_kind(
+    p: &str,
+    shard_key: Option<&str>,
+    map: &ShardMap,
+) -> Result<DestinationKind, String> {
+    map.check().map_err(|e| format!("{p}.shardMap.{e}"))?;
+    let header_raw = shard_key.unwrap_or(DEFAULT_SHARD_HEADER);
+    let header = HeaderName::try_from(header_raw)
+        .map_err(|_| format!("{p}.shardKey: {header_raw:?} is not a valid header name"))?;
+    let shards = map
+        .shards
+        .iter()
+        .map(|s| {
+            s.members
+                .iter()
+                .map(|m| parse_addr(p, &m.address))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Arc::from)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(DestinationKind::Sharded {
+        header,
+        epoch: map.epoch,
+        shards,
+    })
+}
+
+/// Header carrying the shard key when none is configured (the CRD's default too).
+pub const DEFAULT_SHARD_HEADER: &str = "x-shard-key";
+
 impl StaticRegistry {
     /// No destinations.
     pub fn empty() -> Self {
@@ -130,29 +163,7 @@ impl StaticRegistry {
                         .collect::<Result<Vec<_>, _>>()?;
                     DestinationKind::Endpoints(addrs.into())
                 }
-                (None, Some(map)) => {
-                    map.check().map_err(|e| format!("{p}.shardMap.{e}"))?;
-                    let header_raw = d.shard_key.unwrap_or_else(|| "x-shard-key".into());
-                    let header = HeaderName::try_from(header_raw.as_str()).map_err(|_| {
-                        format!("{p}.shardKey: {header_raw:?} is not a valid header name")
-                    })?;
-                    let shards = map
-                        .shards
-                        .iter()
-                        .map(|s| {
-                            s.members
-                                .iter()
-                                .map(|m| parse_addr(&p, &m.address))
-                                .collect::<Result<Vec<_>, _>>()
-                                .map(Arc::from)
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
-                    DestinationKind::Sharded {
-                        header,
-                        epoch: map.epoch,
-                        shards,
-                    }
-                }
+                (None, Some(map)) => sharded_kind(&p, d.shard_key.as_deref(), &map)?,
                 (Some(_), Some(_)) => {
                     return Err(format!("{p}: has both endpoints and shardMap; keep one"))
                 }

@@ -8,6 +8,8 @@
 //! | [`inbound`] | forward to the app behind a shedding bulkhead |
 //! | [`outbound`] | explicit proxy, destination resolution, the outbound stack |
 //! | [`discovery`] | the `Discover` trait and the static registry file |
+//! | [`shardmap_watch`] | live shard maps from the operator's ConfigMaps |
+//! | [`membership`] | the pod's registry Lease: renew, pause, release |
 //! | [`timeout`] | overall deadline and per-try timeout |
 //! | [`retry`] | retry rules, replay buffer, backoff |
 //! | [`budget`] | sliding-window retry budget |
@@ -36,10 +38,12 @@ pub mod errors;
 pub mod headers;
 pub mod inbound;
 pub mod log;
+pub mod membership;
 pub mod metrics;
 pub mod outbound;
 pub mod retry;
 pub mod server;
+pub mod shardmap_watch;
 pub mod timeout;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -73,7 +77,12 @@ pub struct Running {
     admin_task: JoinHandle<()>,
     drain_delay: Duration,
     grace_period: Duration,
+    membership: Option<JoinHandle<()>>,
 }
+
+/// How long the exit waits for the Lease to be deleted after the listeners closed (it was
+/// started when the drain began, so this is only reached with a slow API server).
+const RELEASE_WAIT: Duration = Duration::from_secs(3);
 
 async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener, ConfigError> {
     TcpListener::bind(addr).await.map_err(|e| {
@@ -106,6 +115,8 @@ pub async fn start_with(
         policy,
         registry,
         access_log,
+        membership,
+        shardmaps,
     } = settings;
     let drain = Drain::new();
     let connections = Connections::new();
@@ -132,8 +143,49 @@ pub async fn start_with(
     };
     let app = args.app_port.map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
 
+    // The API client is only built when Kubernetes is used, so standalone runs need no cluster.
+    let kube_client = if membership.is_some() || !shardmaps.is_empty() {
+        let flag = if membership.is_some() {
+            "--service (SHARDMESH_SERVICE)"
+        } else {
+            "--shardmap (SHARDMESH_SHARDMAPS)"
+        };
+        Some(kube::Client::try_default().await.map_err(|e| {
+            ConfigError::new(
+                flag,
+                format!(
+                    "needs the Kubernetes API, but no in-cluster config or KUBECONFIG works: {e}"
+                ),
+            )
+        })?)
+    } else {
+        None
+    };
+    let discovery: Arc<dyn discovery::Discover> = match &kube_client {
+        Some(client) if !shardmaps.is_empty() => {
+            let live = Arc::new(shardmap_watch::LiveRegistry::new(registry));
+            let own_ns = args.pod_namespace.clone().unwrap_or_default();
+            for source in shardmaps {
+                tokio::spawn(shardmap_watch::watch(
+                    client.clone(),
+                    own_ns.clone(),
+                    source,
+                    live.clone(),
+                ));
+            }
+            live
+        }
+        _ => Arc::new(registry),
+    };
+    let membership = match (membership, kube_client) {
+        (Some(cfg), Some(client)) => {
+            Some(tokio::spawn(membership::run(client, cfg, drain.clone())))
+        }
+        _ => None,
+    };
+
     let outbound = outbound::Outbound {
-        discovery: Arc::new(registry),
+        discovery,
         passthrough: args.passthrough,
         endpoints: Arc::new(Endpoints::new(policy.breaker)),
         budget: Arc::new(RetryBudget::new(policy.budget)),
@@ -190,6 +242,7 @@ pub async fn start_with(
         admin_task,
         drain_delay: args.drain_delay,
         grace_period: args.grace_period,
+        membership,
     })
 }
 
@@ -213,6 +266,11 @@ impl Running {
             tracing::info!("all in-flight requests finished");
         } else {
             tracing::warn!("grace period over with requests still in flight; exiting anyway");
+        }
+        if let Some(m) = self.membership {
+            if tokio::time::timeout(RELEASE_WAIT, m).await.is_err() {
+                tracing::warn!("lease not released in time; it expires by itself");
+            }
         }
         self.admin_task.abort();
         clean

@@ -44,3 +44,30 @@ pub fn shard_selector(name: &str, index: u32) -> std::collections::BTreeMap<Stri
 pub fn service_selector_string(name: &str) -> String {
     format!("{SERVICE}={name}")
 }
+
+/// Lease annotation: `ip:port` of the member's sidecar inbound listener (what callers dial).
+pub const LEASE_ADDRESS: &str = "shardmesh.io/address";
+/// Lease annotation: the inbound port alone, for tools that only want the port.
+pub const LEASE_PORT: &str = "shardmesh.io/port";
+/// Data key of the shard-map ConfigMap holding the `ShardMap` JSON.
+pub const SHARDMAP_KEY: &str = "shardmap.json";
+/// Data key of the shard-map ConfigMap holding the shard-key header name, so a calling sidecar
+/// needs no read access to the ShardedService itself.
+pub const SHARDMAP_HEADER_KEY: &str = "shardKey";
+
+/// Name of the ConfigMap publishing the shard map of service `name`.
+pub fn shardmap_name(name: &str) -> String {
+    format!("{name}-shardmap")
+}
+
+/// Name of the ServiceAccount (and of its Role/RoleBinding) the pods of service `name` run as:
+/// it may write exactly their own Leases and read the shard map.
+pub fn member_account_name(name: &str) -> String {
+    format!("{name}-shardmesh-member")
+}
+
+/// Name of the Role granting read access to the shard map of service `name` only; bind it to
+/// the ServiceAccount of any client pod whose sidecar routes to the service.
+pub fn shardmap_reader_name(name: &str) -> String {
+    format!("{name}-shardmap-reader")
+}

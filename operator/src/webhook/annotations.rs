@@ -1,0 +1,34 @@
+//! Annotation keys of the injection contract between the operator (which writes some of them on
+//! shard pod templates), users (who write the others on their pods) and the injector.
+
+/// Pod annotation: the application's port on 127.0.0.1, where the sidecar's inbound proxy
+/// forwards. Written by the operator on shard pods; optional on opt-in pods (default: the first
+/// declared container port; none: the inbound proxy stays off).
+pub const APP_PORT: &str = "shardmesh.io/app-port";
+
+/// Pod annotation: the resilience policy (JSON, the shape of a ShardedService's
+/// `spec.resilience`), passed to the sidecar verbatim. Written by the operator on shard pods so
+/// the webhook needs no API call per pod.
+pub const RESILIENCE: &str = "shardmesh.io/resilience";
+
+/// Pod label or annotation `shardmesh.io/inject: disabled` opts a pod out of injection. The
+/// same key as the opt-in label, so one key says yes or no.
+pub const INJECT: &str = shardmesh_api::labels::INJECT;
+
+/// Value of [`INJECT`] that opts in.
+pub const INJECT_ENABLED: &str = "enabled";
+
+/// Value of [`INJECT`] that opts out.
+pub const INJECT_DISABLED: &str = "disabled";
+
+/// Pod annotation `shardmesh.io/outbound-proxy: "true"`: set `HTTP_PROXY`/`NO_PROXY` on the
+/// application containers so their HTTP clients go through the sidecar. Off by default: an
+/// explicit proxy changes how every client library in the app behaves.
+pub const OUTBOUND_PROXY: &str = "shardmesh.io/outbound-proxy";
+
+/// Pod annotation: sidecar resources overriding the configured ones (JSON
+/// `ResourceRequirements`, e.g. `{"limits":{"memory":"128Mi"}}`).
+pub const SIDECAR_RESOURCES: &str = "shardmesh.io/sidecar-resources";
+
+/// Pod annotation recording the injected sidecar version.
+pub const INJECTED_VERSION: &str = shardmesh_api::labels::INJECTED_VERSION;
