@@ -5,7 +5,10 @@
 
 use std::{fmt::Debug, future::Future, time::Duration};
 
-use k8s_openapi::{api::core::v1::Namespace, NamespaceResourceScope};
+use k8s_openapi::{
+    api::core::v1::{Namespace, ServiceAccount},
+    NamespaceResourceScope,
+};
 use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
     Api, Client, Resource, ResourceExt,
@@ -111,6 +114,20 @@ impl TestNamespace {
             .await
             .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
         eprintln!("[e2e] namespace {name}");
+        // Pods created before the namespace's default ServiceAccount has its token are refused
+        // (1.20's token controller fills it in asynchronously).
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+        wait_for(
+            &format!("ServiceAccount {name}/default with a token"),
+            WAIT,
+            || async {
+                let sa = sas.get_opt("default").await?;
+                Ok(sa
+                    .filter(|sa| sa.secrets.as_ref().is_some_and(|s| !s.is_empty()))
+                    .map(|_| ()))
+            },
+        )
+        .await;
         TestNamespace {
             name,
             client: client.clone(),
