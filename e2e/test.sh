@@ -147,7 +147,12 @@ in_ns "$HELM" --kubeconfig "$KUBECONFIG_FILE" install shardmesh "$REPO_ROOT/char
   -n shardmesh-system --create-namespace --wait --timeout 5m --set image.tag=dev
 
 phase e2e
+E2E_ENV=(env KUBECONFIG="$KUBECONFIG_FILE" SHARDMESH_E2E=1 SHARDMESH_E2E_LOGS="$E2E_DIR/logs" SHARDMESH_HELM="$HELM")
 # shellcheck disable=SC2086 # SHARDMESH_E2E_TEST_ARGS is a list of words
-in_ns env KUBECONFIG="$KUBECONFIG_FILE" SHARDMESH_E2E=1 SHARDMESH_E2E_LOGS="$E2E_DIR/logs" \
-  cargo test -p shardmesh-e2e --locked --offline --no-fail-fast -- --ignored --test-threads=2 ${SHARDMESH_E2E_TEST_ARGS:-}
+in_ns "${E2E_ENV[@]}" cargo test -p shardmesh-e2e --locked --offline --no-fail-fast -- --ignored \
+  --test-threads=2 --skip helm_lifecycle ${SHARDMESH_E2E_TEST_ARGS:-}
+
+# Last, alone: helm upgrade and uninstall of the release the scenarios above ran against.
+phase helm-lifecycle
+in_ns "${E2E_ENV[@]}" cargo test -p shardmesh-e2e --locked --offline --test helm_lifecycle -- --ignored
 phase_done

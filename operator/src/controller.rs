@@ -35,6 +35,7 @@ use tracing::{info, instrument, warn};
 use crate::{
     build::{build_with, BuildOptions},
     capabilities::Capabilities,
+    metrics::Metrics,
     status::{self, InvalidReason, Observed},
     Error, Result,
 };
@@ -57,6 +58,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Operator settings that shape the built objects.
     pub options: BuildOptions,
+    /// Reconcile counters and durations for `/metrics`.
+    pub metrics: Arc<Metrics>,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<ShardedService>, u32>>,
 }
@@ -73,8 +76,15 @@ impl Context {
             client,
             caps,
             options: BuildOptions::default(),
+            metrics: Arc::default(),
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same context recording into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The same context building objects with `options`.
@@ -101,6 +111,7 @@ pub async fn run(
     client: Client,
     instance: Option<String>,
     options: BuildOptions,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     let caps = Capabilities::detect(&client).await?;
     let svcs: Api<ShardedService> = Api::all(client.clone());
@@ -130,13 +141,27 @@ pub async fn run(
     if caps.pdb_v1 {
         controller = controller.owns(Api::<PodDisruptionBudget>::all(client.clone()), managed);
     }
-    let ctx = Arc::new(Context::new(client, caps, instance).with_options(options));
+    let ctx = Arc::new(
+        Context::new(client, caps, instance)
+            .with_options(options)
+            .with_metrics(metrics),
+    );
     info!("controller started");
     // Beside it: membership Leases → one shard-map ConfigMap per service (shardmap.rs).
     let shard_maps = tokio::spawn(crate::shardmap::run(ctx.client.clone()));
     controller
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(
+            |svc, ctx: Arc<Context>| async move {
+                let started = std::time::Instant::now();
+                let res = reconcile(svc, ctx.clone()).await;
+                let label = res.as_ref().err().map(Error::metric_label);
+                ctx.metrics.reconciled(started.elapsed(), label);
+                res
+            },
+            error_policy,
+            ctx,
+        )
         .for_each(|res| async move {
             if let Err(e) = res {
                 warn!(error = %e, "reconcile failed");

@@ -10,6 +10,8 @@ pub mod capabilities;
 pub mod controller;
 pub mod crdgen;
 pub mod error;
+pub mod leader;
+pub mod metrics;
 pub mod shardmap;
 pub mod status;
 pub mod webhook;

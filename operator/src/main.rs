@@ -30,6 +30,11 @@ enum Command {
         /// inbound port (4143) instead of the application port. Set by the chart with the webhook.
         #[arg(long, env = "SHARDMESH_SIDECAR_INJECTION")]
         sidecar_injection: bool,
+        /// Address of the `/metrics`, `/healthz` and `/readyz` HTTP endpoints.
+        #[arg(long, env = "SHARDMESH_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+        metrics_addr: SocketAddr,
+        #[command(flatten)]
+        leader: LeaderArgs,
     },
     /// Serve the sidecar-injection and ShardedService-validation admission webhooks over HTTPS,
     /// with a self-managed CA and serving certificate.
@@ -40,6 +45,110 @@ enum Command {
         #[arg(long)]
         out: Vec<PathBuf>,
     },
+}
+
+/// Leader election, so several controller replicas can run with one active.
+#[derive(clap::Args)]
+struct LeaderArgs {
+    /// Campaign for a Lease and reconcile only while holding it.
+    #[arg(long, env = "SHARDMESH_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the leader Lease (the operator's own; the downward API's metadata.namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    leader_lease_namespace: Option<String>,
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "SHARDMESH_LEADER_LEASE",
+        default_value = "shardmesh-operator-leader"
+    )]
+    leader_lease_name: String,
+    /// How long a dead leader blocks a standby (e.g. 15s).
+    #[arg(long, env = "SHARDMESH_LEADER_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    leader_lease_duration: std::time::Duration,
+    /// Renewal interval; must be under a third of the duration (e.g. 4s).
+    #[arg(long, env = "SHARDMESH_LEADER_RENEW", default_value = "4s", value_parser = parse_duration)]
+    leader_renew: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    shardmesh_api::duration::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Runs the controller, behind leader election when asked to.
+async fn controller(
+    client: kube::Client,
+    instance: Option<String>,
+    options: shardmesh_operator::build::BuildOptions,
+    metrics_addr: SocketAddr,
+    leader: LeaderArgs,
+) -> anyhow::Result<()> {
+    use shardmesh_operator::{leader, metrics};
+    let metrics = std::sync::Arc::new(metrics::Metrics::default());
+    let listener = tokio::net::TcpListener::bind(metrics_addr)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("--metrics-addr (SHARDMESH_METRICS_ADDR) {metrics_addr}: {e}")
+        })?;
+    tokio::spawn(metrics::serve(listener, metrics.clone()));
+    let run = shardmesh_operator::controller::run;
+    if !leader.leader_elect {
+        metrics.set_leader(true);
+        return run(client, instance, options, metrics).await;
+    }
+    let namespace = leader.leader_lease_namespace.ok_or_else(|| {
+        anyhow::anyhow!("--leader-elect needs the Lease namespace: set POD_NAMESPACE (downward API metadata.namespace) or --leader-lease-namespace")
+    })?;
+    let identity = instance.clone().ok_or_else(|| {
+        anyhow::anyhow!("--leader-elect needs this replica's identity: set POD_NAME (downward API metadata.name) or --instance")
+    })?;
+    if leader.leader_renew.saturating_mul(3) > leader.leader_lease_duration {
+        anyhow::bail!(
+            "--leader-renew {:?} must be at most a third of --leader-lease-duration {:?}",
+            leader.leader_renew,
+            leader.leader_lease_duration
+        );
+    }
+    let elector = leader::Elector::new(
+        client.clone(),
+        leader::LeaderConfig {
+            namespace,
+            name: leader.leader_lease_name,
+            identity,
+            duration: leader.leader_lease_duration,
+            renew: leader.leader_renew,
+        },
+    );
+    tokio::select! {
+        _ = elector.acquire() => {}
+        _ = shutdown_signal() => return Ok(()),
+    }
+    metrics.set_leader(true);
+    let result = tokio::select! {
+        r = run(client, instance, options, metrics.clone()) => r,
+        _ = elector.hold() => Err(anyhow::anyhow!(
+            "lost leadership; exiting so this replica restarts as a standby"
+        )),
+    };
+    metrics.set_leader(false);
+    elector.release().await;
+    result
 }
 
 #[derive(clap::Args)]
@@ -168,13 +277,15 @@ async fn main() -> anyhow::Result<()> {
             log_format,
             instance,
             sidecar_injection,
+            metrics_addr,
+            leader,
         } => {
             init_logging(log_format);
             let client = kube::Client::try_default().await.map_err(|e| {
                 anyhow::anyhow!("no Kubernetes config (in-cluster or KUBECONFIG): {e}")
             })?;
             let options = shardmesh_operator::build::BuildOptions { sidecar_injection };
-            shardmesh_operator::controller::run(client, instance, options).await
+            controller(client, instance, options, metrics_addr, leader).await
         }
         Command::Webhook(args) => {
             init_logging(args.log_format);
