@@ -277,3 +277,92 @@ async fn controller_leader_fails_over_to_the_standby() {
     .await;
     ns.delete().await;
 }
+
+/// Plain HTTP GET from inside the cluster's network namespace (where the tests run).
+async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+#[ignore = "e2e: needs the real cluster; run e2e/test.sh"]
+async fn operator_and_webhook_export_prometheus_metrics() {
+    let client = client().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let ip = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .unwrap_or_default()
+    };
+
+    // The leading controller counts its reconciles.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let lease = wait_obj(
+        &leases,
+        "shardmesh-operator-leader",
+        "a controller leads",
+        |l| !holder(l).is_empty(),
+        |l| format!("{:?}", l.spec),
+    )
+    .await;
+    let leader = pods.get(&holder(&lease)).await.expect("leader pod");
+    let text = wait_for("leader /metrics with reconciles", WAIT, || async {
+        let t = http_get(&format!("{}:8080", ip(&leader)), "/metrics").await?;
+        Ok((metric_value(&t, "shardmesh_operator_leader") == 1.0).then_some(t))
+    })
+    .await;
+    assert!(
+        text.contains("# TYPE shardmesh_operator_reconcile_duration_seconds histogram"),
+        "{text}"
+    );
+
+    // A dry-run apply is validated by the webhook: its admissions counter moves.
+    let ns = TestNamespace::create(&client, "metrics").await;
+    let svcs: Api<ShardedService> = ns.api();
+    let webhook_pods = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=webhook"))
+        .await
+        .expect("webhook pods")
+        .items;
+    let series = "shardmesh_webhook_admissions_total{webhook=\"validate\",outcome=\"answered\"}";
+    let total = || async {
+        let mut sum = 0.0;
+        for p in &webhook_pods {
+            sum += metric_value(
+                &http_get(&format!("{}:8081", ip(p)), "/metrics").await?,
+                series,
+            );
+        }
+        anyhow::Ok(sum)
+    };
+    let before = total().await.expect("webhook metrics");
+    svcs.patch(
+        "probe",
+        &kube::api::PatchParams::apply("e2e").dry_run(),
+        &kube::api::Patch::Apply(&demo_service("probe", 1, 1)),
+    )
+    .await
+    .expect("dry-run apply");
+    wait_for("the webhook counts the validation", WAIT, || async {
+        let now = total().await?;
+        if now > before {
+            Ok(Some(()))
+        } else {
+            Err(anyhow::anyhow!("{series} still {now}"))
+        }
+    })
+    .await;
+    ns.delete().await;
+}

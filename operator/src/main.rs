@@ -159,6 +159,9 @@ struct WebhookArgs {
     /// Address the HTTPS server listens on.
     #[arg(long, env = "SHARDMESH_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
     listen: SocketAddr,
+    /// Address of the plain-HTTP `/metrics`, `/healthz` and `/readyz` endpoints.
+    #[arg(long, env = "SHARDMESH_METRICS_ADDR", default_value = "0.0.0.0:8081")]
+    metrics_addr: SocketAddr,
     /// Namespace of the webhook (its Secret lives here; never injected).
     #[arg(long, env = "POD_NAMESPACE")]
     namespace: String,
@@ -310,6 +313,7 @@ fn webhook_options(a: WebhookArgs) -> anyhow::Result<shardmesh_operator::webhook
     excluded.extend(a.exclude_namespaces.into_iter().filter(|n| !n.is_empty()));
     Ok(WebhookOptions {
         listen: a.listen,
+        metrics_addr: a.metrics_addr,
         injector: InjectorConfig {
             image: a.sidecar_image,
             image_pull_policy: a.sidecar_pull_policy,

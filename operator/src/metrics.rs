@@ -20,17 +20,88 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 /// Upper bounds (seconds) of the reconcile-duration histogram buckets.
-const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+const RECONCILE_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+/// Upper bounds (seconds) of the admission-latency histogram buckets (the handler takes µs).
+const ADMISSION_BUCKETS: [f64; 10] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05, 0.25,
+];
 
-/// Controller metrics. Cheap to update from every reconcile.
-#[derive(Default)]
+/// A cumulative histogram with fixed buckets.
+struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        for (le, n) in self.bounds.iter().zip(&self.counts) {
+            if secs <= *le {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, s: &mut String, name: &str, help: &str) {
+        header(s, name, "histogram", help);
+        for (le, n) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(
+                s,
+                "{name}_bucket{{le=\"{le}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(s, "{name}_sum {sum}");
+        let _ = writeln!(s, "{name}_count {count}");
+    }
+}
+
+fn header(s: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(s, "# HELP {name} {help}");
+    let _ = writeln!(s, "# TYPE {name} {kind}");
+}
+
+/// Metrics of the operator binary: the controller records reconciles, the webhook admissions.
+/// Cheap to update from every reconcile and admission.
 pub struct Metrics {
     ok: AtomicU64,
     failed: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
-    buckets: [AtomicU64; BUCKETS.len()],
-    sum_micros: AtomicU64,
+    reconcile_duration: Histogram,
     leader: AtomicBool,
+    admissions: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    admission_duration: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            ok: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            errors: Mutex::default(),
+            reconcile_duration: Histogram::new(&RECONCILE_BUCKETS),
+            leader: AtomicBool::new(false),
+            admissions: Mutex::default(),
+            admission_duration: Histogram::new(&ADMISSION_BUCKETS),
+        }
+    }
 }
 
 impl Metrics {
@@ -44,14 +115,19 @@ impl Metrics {
                 self.failed.fetch_add(1, Ordering::Relaxed)
             }
         };
-        let secs = took.as_secs_f64();
-        for (i, le) in BUCKETS.iter().enumerate() {
-            if secs <= *le {
-                self.buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        self.reconcile_duration.observe(took);
+    }
+
+    /// Records one admission request: which webhook (`mutate`, `validate`, `other`), its
+    /// outcome (`answered`, `bad_request`, `not_found`) and how long the handler took.
+    pub fn admitted(&self, webhook: &'static str, outcome: &'static str, took: Duration) {
+        *self
+            .admissions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((webhook, outcome))
+            .or_default() += 1;
+        self.admission_duration.observe(took);
     }
 
     /// Whether this replica currently leads (and so reconciles).
@@ -61,72 +137,63 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let ok = self.ok.load(Ordering::Relaxed);
-        let failed = self.failed.load(Ordering::Relaxed);
         let mut s = String::new();
+        let name = "shardmesh_operator_reconciles_total";
+        header(&mut s, name, "counter", "Reconciles by result.");
         let _ = writeln!(
             s,
-            "# HELP shardmesh_operator_reconciles_total Reconciles by result."
-        );
-        let _ = writeln!(s, "# TYPE shardmesh_operator_reconciles_total counter");
-        let _ = writeln!(
-            s,
-            "shardmesh_operator_reconciles_total{{result=\"ok\"}} {ok}"
+            "{name}{{result=\"ok\"}} {}",
+            self.ok.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             s,
-            "shardmesh_operator_reconciles_total{{result=\"error\"}} {failed}"
+            "{name}{{result=\"error\"}} {}",
+            self.failed.load(Ordering::Relaxed)
         );
-        let _ = writeln!(
-            s,
-            "# HELP shardmesh_operator_reconcile_errors_total Failed reconciles by reason."
-        );
-        let _ = writeln!(
-            s,
-            "# TYPE shardmesh_operator_reconcile_errors_total counter"
-        );
+        let name = "shardmesh_operator_reconcile_errors_total";
+        header(&mut s, name, "counter", "Failed reconciles by reason.");
         for (reason, n) in self.errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(
-                s,
-                "shardmesh_operator_reconcile_errors_total{{reason=\"{reason}\"}} {n}"
-            );
+            let _ = writeln!(s, "{name}{{reason=\"{reason}\"}} {n}");
         }
-        let _ = writeln!(
-            s,
-            "# HELP shardmesh_operator_reconcile_duration_seconds Reconcile duration."
+        self.reconcile_duration.render(
+            &mut s,
+            "shardmesh_operator_reconcile_duration_seconds",
+            "Reconcile duration.",
+        );
+        let name = "shardmesh_operator_leader";
+        header(
+            &mut s,
+            name,
+            "gauge",
+            "1 when this replica leads and reconciles.",
         );
         let _ = writeln!(
             s,
-            "# TYPE shardmesh_operator_reconcile_duration_seconds histogram"
-        );
-        for (i, le) in BUCKETS.iter().enumerate() {
-            let n = self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(
-                s,
-                "shardmesh_operator_reconcile_duration_seconds_bucket{{le=\"{le}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            s,
-            "shardmesh_operator_reconcile_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-            ok + failed
-        );
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(s, "shardmesh_operator_reconcile_duration_seconds_sum {sum}");
-        let _ = writeln!(
-            s,
-            "shardmesh_operator_reconcile_duration_seconds_count {}",
-            ok + failed
-        );
-        let _ = writeln!(
-            s,
-            "# HELP shardmesh_operator_leader 1 when this replica leads and reconciles."
-        );
-        let _ = writeln!(s, "# TYPE shardmesh_operator_leader gauge");
-        let _ = writeln!(
-            s,
-            "shardmesh_operator_leader {}",
+            "{name} {}",
             u8::from(self.leader.load(Ordering::Relaxed))
+        );
+        let name = "shardmesh_webhook_admissions_total";
+        header(
+            &mut s,
+            name,
+            "counter",
+            "Admission requests by webhook and outcome.",
+        );
+        for ((webhook, outcome), n) in self
+            .admissions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                s,
+                "{name}{{webhook=\"{webhook}\",outcome=\"{outcome}\"}} {n}"
+            );
+        }
+        self.admission_duration.render(
+            &mut s,
+            "shardmesh_webhook_admission_duration_seconds",
+            "Time the admission handler took per request.",
         );
         s
     }
@@ -203,5 +270,12 @@ mod tests {
         assert!(t.contains("shardmesh_operator_reconcile_duration_seconds_bucket{le=\"0.5\"} 2"));
         assert!(t.contains("shardmesh_operator_reconcile_duration_seconds_count 2"));
         assert!(t.contains("shardmesh_operator_leader 1"));
+        m.admitted("mutate", "answered", Duration::from_micros(40));
+        let t = m.render();
+        let series =
+            "shardmesh_webhook_admissions_total{webhook=\"mutate\",outcome=\"answered\"} 1";
+        assert!(t.contains(series), "{t}");
+        assert!(t.contains("shardmesh_webhook_admission_duration_seconds_bucket{le=\"0.00005\"} 1"));
+        assert!(t.contains("shardmesh_webhook_admission_duration_seconds_count 1"));
     }
 }

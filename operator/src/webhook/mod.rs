@@ -163,6 +163,31 @@ impl Admission {
     }
 }
 
+/// [`Admission`] counting requests and timing the handler for `/metrics`.
+pub struct Measured {
+    inner: Admission,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl server::Handler for Measured {
+    fn handle(&self, path: &str, body: &[u8]) -> Result<Vec<u8>, HandleError> {
+        let started = std::time::Instant::now();
+        let res = self.inner.handle(path, body);
+        let webhook = match path {
+            MUTATE_PATH => "mutate",
+            VALIDATE_PATH => "validate",
+            _ => "other",
+        };
+        let outcome = match &res {
+            Ok(_) => "answered",
+            Err(HandleError::NotFound) => "not_found",
+            Err(HandleError::BadRequest(_)) => "bad_request",
+        };
+        self.metrics.admitted(webhook, outcome, started.elapsed());
+        res
+    }
+}
+
 /// Denies with HTTP-style code 422 (Invalid), which kubectl shows as the error message.
 fn deny(resp: AdmissionResponse, msg: String) -> AdmissionResponse {
     let mut r = resp.deny(&msg);
@@ -175,6 +200,8 @@ fn deny(resp: AdmissionResponse, msg: String) -> AdmissionResponse {
 pub struct WebhookOptions {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// Address of the plain-HTTP `/metrics`, `/healthz` and `/readyz` endpoints.
+    pub metrics_addr: SocketAddr,
     /// What to inject (its `native_sidecars` is set from the server version at start).
     pub injector: InjectorConfig,
     /// Whether injection-only ShardedService rules apply.
@@ -238,9 +265,17 @@ pub async fn run(client: Client, mut opts: WebhookOptions) -> anyhow::Result<()>
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.listen))?;
-    let admission = Arc::new(Admission {
-        injector: opts.injector,
-        sidecar_injection: opts.sidecar_injection,
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let metrics_listener = tokio::net::TcpListener::bind(opts.metrics_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.metrics_addr))?;
+    tokio::spawn(crate::metrics::serve(metrics_listener, metrics.clone()));
+    let admission = Arc::new(Measured {
+        inner: Admission {
+            injector: opts.injector,
+            sidecar_injection: opts.sidecar_injection,
+        },
+        metrics,
     });
     info!(listen = %opts.listen, "admission webhook serving");
     let drain = opts.drain;
