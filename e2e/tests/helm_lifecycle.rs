@@ -74,7 +74,7 @@ async fn helm_lifecycle_upgrade_rolls_the_operator_and_uninstall_keeps_crds_and_
         &chart,
         "-n",
         OPERATOR_NAMESPACE,
-        "--reuse-values",
+        "--reset-then-reuse-values",
         "--set",
         "operator.logLevel=debug",
         "--wait",

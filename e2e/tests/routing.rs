@@ -18,6 +18,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client as HttpClient, rt::TokioExecutor};
 use k8s_openapi::api::{
     admissionregistration::v1::MutatingWebhookConfiguration,
+    authorization::v1::SubjectAccessReview,
     coordination::v1::Lease,
     core::v1::{ConfigMap, Pod, ServiceAccount},
     rbac::v1::RoleBinding,
@@ -169,29 +170,33 @@ async fn keyed_requests_reach_their_shard_and_membership_follows_pods() {
     .await
     .expect("client rolebinding");
     let pods: Api<Pod> = ns.api();
-    pods.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({
-            "metadata": {"name": "client"},
-            "spec": {
-                "serviceAccountName": "client",
-                "containers": [{
-                    "name": "client",
-                    "image": SIDECAR_IMAGE,
-                    "imagePullPolicy": "IfNotPresent",
-                    "args": ["--outbound-addr", "0.0.0.0:4140", "--passthrough", "false",
-                             "--shardmap", format!("demo=demo.{}:8080", ns.name),
-                             "--access-log-sample", "0"],
-                    "env": [{"name": "POD_NAMESPACE",
-                             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
-                    "readinessProbe": {"httpGet": {"path": "/ready", "port": 4191}, "periodSeconds": 1},
-                }],
-            },
-        }))
-        .expect("client pod"),
-    )
-    .await
-    .expect("create client");
+    let client_pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "client"},
+        "spec": {
+            "serviceAccountName": "client",
+            "containers": [{
+                "name": "client",
+                "image": SIDECAR_IMAGE,
+                "imagePullPolicy": "IfNotPresent",
+                "args": ["--outbound-addr", "0.0.0.0:4140", "--passthrough", "false",
+                         "--shardmap", format!("demo=demo.{}:8080", ns.name),
+                         "--access-log-sample", "0"],
+                "env": [{"name": "POD_NAMESPACE",
+                         "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+                "readinessProbe": {"httpGet": {"path": "/ready", "port": 4191}, "periodSeconds": 1},
+            }],
+        },
+    }))
+    .expect("client pod");
+    // Refused until the token controller has issued the new account's token (1.20).
+    wait_for("client pod created", WAIT, || async {
+        Ok(pods
+            .create(&PostParams::default(), &client_pod)
+            .await
+            .map(|_| ())
+            .ok())
+    })
+    .await;
     let ip = wait_for("client pod ready", WAIT, || async {
         let p = pods.get("client").await?;
         let st = p.status.unwrap_or_default();
@@ -324,5 +329,130 @@ async fn keyed_requests_reach_their_shard_and_membership_follows_pods() {
         failed.is_empty(),
         "requests failed while a pod left and rejoined: {failed:?}"
     );
+    ns.delete().await;
+}
+
+/// Whether `user` may `verb` `resource`/`name` in `ns`, asked of the API server's authorizer.
+async fn allowed(
+    client: &kube::Client,
+    user: &str,
+    ns: &str,
+    (group, resource): (&str, &str),
+    verb: &str,
+    name: Option<&str>,
+) -> bool {
+    let api: Api<SubjectAccessReview> = Api::all(client.clone());
+    let review: SubjectAccessReview = serde_json::from_value(json!({
+        "spec": {
+            "user": user,
+            "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}")],
+            "resourceAttributes": {"namespace": ns, "group": group, "resource": resource,
+                                   "verb": verb, "name": name.unwrap_or_default()},
+        }
+    }))
+    .expect("review literal");
+    let answer = api
+        .create(&PostParams::default(), &review)
+        .await
+        .expect("SubjectAccessReview");
+    answer.status.is_some_and(|s| s.allowed)
+}
+
+#[tokio::test]
+#[ignore = "e2e: needs the real cluster; run e2e/test.sh"]
+async fn expired_leases_leave_the_map_and_members_get_exactly_their_rights() {
+    let client = client().await;
+    let ns = TestNamespace::create(&client, "expiry").await;
+    let svcs: Api<ShardedService> = ns.api();
+    apply_service(&svcs, &demo_service("solo", 2, 1))
+        .await
+        .expect("apply solo");
+    let cms: Api<ConfigMap> = ns.api();
+    let settled = wait_for("both pods registered", WAIT, || async {
+        let m = shard_map(&cms, "solo").await?;
+        Ok((members(&m).len() == 2).then_some(m))
+    })
+    .await;
+
+    // A member whose sidecar stops renewing (here: a Lease nobody renews) is dropped once
+    // renewTime + leaseDurationSeconds has passed, without any further event.
+    let leases: Api<Lease> = ns.api();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let ghost: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "ghost", "labels": {labels::SERVICE: "solo", labels::SHARD: "1"},
+                     "annotations": {labels::LEASE_ADDRESS: "10.255.255.1:4143"}},
+        "spec": {"holderIdentity": "ghost", "leaseDurationSeconds": 4, "renewTime": now.to_string()},
+    }))
+    .expect("ghost literal");
+    let t0 = Instant::now();
+    leases
+        .create(&PostParams::default(), &ghost)
+        .await
+        .expect("create ghost");
+    let with_ghost = wait_for("ghost joins the map", Duration::from_secs(20), || async {
+        let m = shard_map(&cms, "solo").await?;
+        Ok(members(&m).contains("ghost").then_some(m))
+    })
+    .await;
+    let joined = t0.elapsed();
+    let without = wait_for(
+        "ghost expires out of the map",
+        Duration::from_secs(20),
+        || async {
+            let m = shard_map(&cms, "solo").await?;
+            Ok((!members(&m).contains("ghost")).then_some(m))
+        },
+    )
+    .await;
+    let left = t0.elapsed();
+    eprintln!(
+        "[e2e] expiry: epoch {} -> {} (ghost joined after {:.1}s) -> {} (expired after {:.1}s, lease duration 4s)",
+        settled.epoch,
+        with_ghost.epoch,
+        joined.as_secs_f64(),
+        without.epoch,
+        left.as_secs_f64()
+    );
+    assert!(with_ghost.epoch > settled.epoch && without.epoch > with_ghost.epoch);
+    assert!(
+        left >= Duration::from_secs(3),
+        "expired too early: {left:?}"
+    );
+    assert!(
+        leases.get_opt("ghost").await.expect("get").is_some(),
+        "the operator never deletes Leases"
+    );
+
+    // The member account: its own Leases and the shard map, nothing else.
+    let user = format!(
+        "system:serviceaccount:{}:{}",
+        ns.name,
+        labels::member_account_name("solo")
+    );
+    let lease_res = ("coordination.k8s.io", "leases");
+    let cm_res = ("", "configmaps");
+    let map_name = labels::shardmap_name("solo");
+    let cases = [
+        (lease_res, "create", None, true),
+        (lease_res, "update", Some("solo-0-0"), true),
+        (lease_res, "delete", Some("solo-1-0"), true),
+        (lease_res, "get", Some("solo-1-0"), true),
+        (lease_res, "update", Some("ghost"), false),
+        (lease_res, "list", None, false),
+        (cm_res, "watch", Some(map_name.as_str()), true),
+        (cm_res, "list", Some(map_name.as_str()), true),
+        (cm_res, "get", Some("other"), false),
+        (cm_res, "list", None, false),
+        (("", "pods"), "get", Some("solo-0-0"), false),
+    ];
+    for (res, verb, name, want) in cases {
+        assert_eq!(
+            allowed(&client, &user, &ns.name, res, verb, name).await,
+            want,
+            "{verb} {}/{} as the member account",
+            res.1,
+            name.unwrap_or("*")
+        );
+    }
     ns.delete().await;
 }

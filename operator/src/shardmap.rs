@@ -263,7 +263,12 @@ pub struct Context {
     client: Client,
     leases: Store<Lease>,
     failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<ShardedService>, u32>>,
+    /// Per service: (uid, generation) whose access objects were applied, and when.
+    access_applied:
+        std::sync::Mutex<std::collections::HashMap<ObjectRef<ShardedService>, AccessStamp>>,
 }
+
+type AccessStamp = ((String, Option<i64>), std::time::Instant);
 
 async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K>
 where
@@ -298,13 +303,34 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     if svc.metadata.deletion_timestamp.is_some()
         || !shardmesh_api::validate::validate(&svc).is_empty()
     {
+        ctx.access_applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ObjectRef::from_obj(&*svc));
         return Ok(Action::await_change());
     }
-    let (sa, member, reader, binding) = access_objects(&svc)?;
-    apply(&ctx.client, &ns, &sa).await?;
-    apply(&ctx.client, &ns, &member).await?;
-    apply(&ctx.client, &ns, &reader).await?;
-    apply(&ctx.client, &ns, &binding).await?;
+    // Lease renewals wake this reconcile every few seconds; the access objects only change
+    // with the spec, so they are applied per generation (and re-asserted every RESYNC).
+    let key = ObjectRef::from_obj(&*svc);
+    let stamp = (svc.uid().unwrap_or_default(), svc.metadata.generation);
+    let fresh = ctx
+        .access_applied
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .is_some_and(|(s, at)| *s == stamp && at.elapsed() < RESYNC);
+    if !fresh {
+        let (sa, member, reader, binding) = access_objects(&svc)?;
+        apply(&ctx.client, &ns, &sa).await?;
+        apply(&ctx.client, &ns, &member).await?;
+        apply(&ctx.client, &ns, &reader).await?;
+        apply(&ctx.client, &ns, &binding).await?;
+        let mut applied = ctx.access_applied.lock().unwrap_or_else(|e| e.into_inner());
+        // Stale entries would be re-applied anyway; dropping them bounds the map to the
+        // services seen in the last RESYNC (deleted services are never reconciled again).
+        applied.retain(|_, (_, at)| at.elapsed() < RESYNC);
+        applied.insert(key, (stamp, std::time::Instant::now()));
+    }
 
     let leases: Vec<Lease> = ctx
         .leases
@@ -384,6 +410,7 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
         client,
         leases: lease_reader.clone(),
         failures: Default::default(),
+        access_applied: Default::default(),
     });
     // A map computed before the Lease cache is filled would drop live members (and bump the
     // epoch twice); the cache fills once the controller polls its streams, so each reconcile
