@@ -96,7 +96,20 @@ async fn lifecycle_scale_shards_and_garbage_collection() {
     let mut body = demo_service("orders", 3, 2);
 
     apply_service(&svcs, &body).await.expect("apply 3x2");
-    let s = wait_ready(&svcs, "orders", "3x2 orders Ready").await;
+    wait_ready(&svcs, "orders", "3x2 orders Ready").await;
+    // Members come from the registry (each pod's sidecar Lease): they follow readiness closely.
+    let s = wait_obj(
+        &svcs,
+        "orders",
+        "status lists 2 members per shard",
+        |s| {
+            s.status.as_ref().is_some_and(|st| {
+                st.shards.len() == 3 && st.shards.iter().all(|sh| sh.members.len() == 2)
+            })
+        },
+        show,
+    )
+    .await;
     let st = s.status.expect("status");
     assert_eq!(st.shards.len(), 3);
     for (i, sh) in st.shards.iter().enumerate() {
@@ -302,7 +315,7 @@ async fn pod_loss_is_degraded_then_healed() {
     )
     .await;
 
-    let healed = wait_obj(
+    wait_obj(
         &svcs,
         "carts",
         "carts Ready again with a new carts-1-0",
@@ -311,11 +324,18 @@ async fn pod_loss_is_degraded_then_healed() {
     )
     .await;
     assert_ne!(pods.get("carts-1-0").await.expect("pod").uid(), old_uid);
-    assert!(
-        healed.status.as_ref().map_or(0, |s| s.epoch) >= epoch0 + 2,
-        "epoch bumps on leave and rejoin: {}",
-        show(&healed)
-    );
+    wait_obj(
+        &svcs,
+        "carts",
+        "the epoch bumped on leave and on rejoin",
+        |s| {
+            s.status.as_ref().is_some_and(|st| {
+                st.epoch >= epoch0 + 2 && st.shards.iter().all(|sh| sh.members.len() == 2)
+            })
+        },
+        show,
+    )
+    .await;
 
     // Drift: a deleted owned Service is recreated by the operator.
     services

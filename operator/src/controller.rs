@@ -12,7 +12,7 @@ use futures::StreamExt;
 use k8s_openapi::{
     api::{
         apps::v1::StatefulSet,
-        core::v1::{Pod, Service},
+        core::v1::{ConfigMap, Pod, Service},
         policy::v1::PodDisruptionBudget,
     },
     jiff::Timestamp,
@@ -29,7 +29,7 @@ use kube::{
     Api, Client, Resource, ResourceExt,
 };
 use serde::{de::DeserializeOwned, Serialize};
-use shardmesh_api::{labels, validate, ShardedService, ShardedServiceStatus};
+use shardmesh_api::{labels, shardmap::ShardMap, validate, ShardedService, ShardedServiceStatus};
 use tracing::{info, instrument, warn};
 
 use crate::{
@@ -137,7 +137,9 @@ pub async fn run(
         .any_semantic();
     let mut controller = Controller::for_stream(trigger, reader)
         .owns(Api::<StatefulSet>::all(client.clone()), managed.clone())
-        .owns(Api::<Service>::all(client.clone()), managed.clone());
+        .owns(Api::<Service>::all(client.clone()), managed.clone())
+        // The published shard map: its epoch and members are mirrored into the status.
+        .owns(Api::<ConfigMap>::all(client.clone()), managed.clone());
     if caps.pdb_v1 {
         controller = controller.owns(Api::<PodDisruptionBudget>::all(client.clone()), managed);
     }
@@ -253,6 +255,7 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         .list(&ListParams::default().labels(&selector))
         .await?
         .items;
+    observed.map = published_map(client, &ns, &name).await?;
     let st = status::applied(&svc, &observed, notes, Timestamp::now());
     let ready = st
         .conditions
@@ -265,6 +268,20 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     } else {
         RESYNC_NOT_READY
     }))
+}
+
+/// The shard map the shard-map controller published for service `name`, if any. A map that
+/// does not parse is treated as absent (the shard-map controller rewrites it).
+async fn published_map(client: &Client, ns: &str, name: &str) -> Result<Option<ShardMap>> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let Some(cm) = api.get_opt(&labels::shardmap_name(name)).await? else {
+        return Ok(None);
+    };
+    Ok(cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(labels::SHARDMAP_KEY))
+        .and_then(|json| serde_json::from_str(json).ok()))
 }
 
 /// Server-side applies `obj` and returns the server's view of it.

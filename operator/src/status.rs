@@ -10,6 +10,7 @@ use k8s_openapi::{
 };
 use shardmesh_api::{
     labels,
+    shardmap::ShardMap,
     v1alpha1::{condition, ShardStatus},
     validate::FieldError,
     ShardedService, ShardedServiceStatus,
@@ -25,6 +26,9 @@ pub struct Observed {
     pub stateful_sets: BTreeMap<u32, StatefulSet>,
     /// Pods labelled with the service.
     pub pods: Vec<Pod>,
+    /// The published shard map (live registry members), when the shard-map controller has
+    /// written one: then it is the source of members and epoch, so status and sidecars agree.
+    pub map: Option<ShardMap>,
 }
 
 /// Why the spec was not applied.
@@ -69,7 +73,15 @@ pub fn applied(
     let name = svc.metadata.name.clone().unwrap_or_default();
 
     let mut members: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-    for pod in &observed.pods {
+    if let Some(map) = &observed.map {
+        for shard in &map.shards {
+            members.insert(
+                shard.index,
+                shard.members.iter().map(|m| m.pod.clone()).collect(),
+            );
+        }
+    }
+    for pod in observed.pods.iter().filter(|_| observed.map.is_none()) {
         if pod.metadata.deletion_timestamp.is_some() || !pod_ready(pod) {
             continue;
         }
@@ -124,10 +136,10 @@ pub fn applied(
             .iter()
             .zip(&shards)
             .any(|(a, b)| a.members != b.members);
-    let epoch = if membership_changed {
-        prev.epoch + 1
-    } else {
-        prev.epoch
+    let epoch = match &observed.map {
+        Some(map) => map.epoch,
+        None if membership_changed => prev.epoch + 1,
+        None => prev.epoch,
     };
     let total_ready: i32 = shards.iter().map(|s| s.ready_replicas).sum();
     let total_desired = desired * svc.spec.shards;
@@ -419,6 +431,7 @@ mod tests {
         Observed {
             stateful_sets: [(0, sts(ready[0], 2)), (1, sts(ready[1], 2))].into(),
             pods,
+            map: None,
         }
     }
 
@@ -469,6 +482,36 @@ mod tests {
         let s5 = applied(&svc(1, Some(s4.clone())), &observed([2, 2]), vec![], now);
         assert_eq!(s5.epoch, s4.epoch);
         assert_eq!(s5.conditions, s4.conditions);
+    }
+
+    #[test]
+    fn published_shard_map_is_the_source_of_members_and_epoch() {
+        use shardmesh_api::shardmap::{Member, Shard};
+        let now = Timestamp::UNIX_EPOCH;
+        let mut obs = observed([2, 2]);
+        let member = |pod: &str| Member {
+            pod: pod.into(),
+            address: "10.0.0.1:4143".into(),
+        };
+        obs.map = Some(ShardMap {
+            epoch: 7,
+            shards: vec![
+                Shard {
+                    index: 0,
+                    members: vec![member("orders-0-1")],
+                },
+                Shard {
+                    index: 1,
+                    members: vec![member("orders-1-0"), member("orders-1-1")],
+                },
+            ],
+        });
+        let s = applied(&svc(1, None), &obs, vec![], now);
+        assert_eq!(s.epoch, 7);
+        assert_eq!(s.shards[0].members, vec!["orders-0-1"]);
+        assert_eq!(s.shards[1].members.len(), 2);
+        // Readiness still comes from the workloads.
+        assert_eq!(s.shards[0].ready_replicas, 2);
     }
 
     #[test]
