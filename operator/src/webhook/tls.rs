@@ -576,48 +576,46 @@ impl TlsManager {
         Ok(all)
     }
 
+    /// Puts `bundle` into configuration `name`; `Ok(true)` when it was written.
+    async fn publish_to<K: WebhookConfiguration>(
+        &self,
+        name: &str,
+        bundle: &ByteString,
+        generation: u64,
+    ) -> anyhow::Result<bool> {
+        let api: Api<K> = Api::all(self.client.clone());
+        let Some(mut c) = api.get_opt(name).await? else {
+            warn!(%name, kind = %K::kind(&()), "webhook configuration not found; caBundle not published");
+            return Ok(false);
+        };
+        let (meta, bundles) = c.bundles();
+        if !update_bundle(meta, bundles.into_iter(), bundle, generation) {
+            return Ok(false);
+        }
+        replace_ok(api.replace(name, &PostParams::default(), &c).await)
+    }
+
     async fn publish_bundle(&self, state: &TlsState) -> anyhow::Result<Vec<String>> {
         let bundle = ByteString(state.bundle().into_bytes());
+        let (m, v, generation) = (
+            &self.targets.mutating,
+            &self.targets.validating,
+            state.generation,
+        );
         let mut patched = Vec::new();
-        if !self.targets.mutating.is_empty() {
-            let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
-            if let Some(mut c) = api.get_opt(&self.targets.mutating).await? {
-                let bundles = c
-                    .webhooks
-                    .iter_mut()
-                    .flatten()
-                    .map(|w| &mut w.client_config.ca_bundle);
-                if update_bundle(&mut c.metadata, bundles, &bundle, state.generation)
-                    && replace_ok(
-                        api.replace(&self.targets.mutating, &PostParams::default(), &c)
-                            .await,
-                    )?
-                {
-                    patched.push(self.targets.mutating.clone());
-                }
-            } else {
-                warn!(name = %self.targets.mutating, "MutatingWebhookConfiguration not found; caBundle not published");
-            }
+        if !m.is_empty()
+            && self
+                .publish_to::<MutatingWebhookConfiguration>(m, &bundle, generation)
+                .await?
+        {
+            patched.push(m.clone());
         }
-        if !self.targets.validating.is_empty() {
-            let api: Api<ValidatingWebhookConfiguration> = Api::all(self.client.clone());
-            if let Some(mut c) = api.get_opt(&self.targets.validating).await? {
-                let bundles = c
-                    .webhooks
-                    .iter_mut()
-                    .flatten()
-                    .map(|w| &mut w.client_config.ca_bundle);
-                if update_bundle(&mut c.metadata, bundles, &bundle, state.generation)
-                    && replace_ok(
-                        api.replace(&self.targets.validating, &PostParams::default(), &c)
-                            .await,
-                    )?
-                {
-                    patched.push(self.targets.validating.clone());
-                }
-            } else {
-                warn!(name = %self.targets.validating, "ValidatingWebhookConfiguration not found; caBundle not published");
-            }
+        if !v.is_empty()
+            && self
+                .publish_to::<ValidatingWebhookConfiguration>(v, &bundle, generation)
+                .await?
+        {
+            patched.push(v.clone());
         }
         if !patched.is_empty() {
             info!(generation = state.generation, configurations = ?patched, "published CA bundle");
@@ -628,6 +626,38 @@ impl TlsManager {
 
 /// A conflict means another replica updated the configuration concurrently: not an error, the
 /// next sync re-checks.
+/// A webhook configuration whose `caBundle`s the manager keeps current.
+trait WebhookConfiguration:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + serde::Serialize
+    + std::fmt::Debug
+{
+    /// Its metadata and every webhook's `clientConfig.caBundle` (disjoint borrows).
+    fn bundles(&mut self) -> (&mut ObjectMeta, Vec<&mut Option<ByteString>>);
+}
+
+impl WebhookConfiguration for MutatingWebhookConfiguration {
+    fn bundles(&mut self) -> (&mut ObjectMeta, Vec<&mut Option<ByteString>>) {
+        let hooks = self.webhooks.iter_mut().flatten();
+        (
+            &mut self.metadata,
+            hooks.map(|w| &mut w.client_config.ca_bundle).collect(),
+        )
+    }
+}
+
+impl WebhookConfiguration for ValidatingWebhookConfiguration {
+    fn bundles(&mut self) -> (&mut ObjectMeta, Vec<&mut Option<ByteString>>) {
+        let hooks = self.webhooks.iter_mut().flatten();
+        (
+            &mut self.metadata,
+            hooks.map(|w| &mut w.client_config.ca_bundle).collect(),
+        )
+    }
+}
+
 fn replace_ok<T>(r: kube::Result<T>) -> anyhow::Result<bool> {
     match r {
         Ok(_) => Ok(true),
