@@ -155,7 +155,10 @@ pin_project_lite::pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(p) = this.pending.take() {
-                (*p).finish(*this.bytes, false);
+                // Dropped unpolled at its end (hyper does not poll a body that says it has
+                // ended, e.g. an empty one): complete; otherwise the client went away.
+                let complete = this.inner.is_end_stream();
+                (*p).finish(*this.bytes, complete);
             }
         }
     }
@@ -169,12 +172,19 @@ impl Body for LoggedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let res = this.inner.poll_frame(cx);
+        let mut this = self.project();
+        let res = this.inner.as_mut().poll_frame(cx);
         match &res {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     *this.bytes += d.len() as u64;
+                }
+                // hyper stops polling once the body says it has ended, so the last frame is
+                // where a complete response is seen.
+                if this.inner.is_end_stream() {
+                    if let Some(p) = this.pending.take() {
+                        (*p).finish(*this.bytes, true);
+                    }
                 }
             }
             Poll::Ready(None) => {
