@@ -552,28 +552,29 @@ impl TlsManager {
     }
 
     async fn bundles_contain(&self, ca_pem: &str) -> anyhow::Result<bool> {
-        let mut all = true;
-        if !self.targets.mutating.is_empty() {
-            let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
-            if let Some(c) = api.get_opt(&self.targets.mutating).await? {
-                all &= c
-                    .webhooks
-                    .iter()
-                    .flatten()
-                    .all(|w| has(&w.client_config.ca_bundle, ca_pem));
-            }
-        }
-        if !self.targets.validating.is_empty() {
-            let api: Api<ValidatingWebhookConfiguration> = Api::all(self.client.clone());
-            if let Some(c) = api.get_opt(&self.targets.validating).await? {
-                all &= c
-                    .webhooks
-                    .iter()
-                    .flatten()
-                    .all(|w| has(&w.client_config.ca_bundle, ca_pem));
-            }
-        }
-        Ok(all)
+        let (m, v) = (&self.targets.mutating, &self.targets.validating);
+        Ok((m.is_empty()
+            || self
+                .contains_in::<MutatingWebhookConfiguration>(m, ca_pem)
+                .await?)
+            && (v.is_empty()
+                || self
+                    .contains_in::<ValidatingWebhookConfiguration>(v, ca_pem)
+                    .await?))
+    }
+
+    /// Whether every webhook of configuration `name` trusts `ca_pem` (an absent one is no
+    /// obstacle: there is nothing to wait for).
+    async fn contains_in<K: WebhookConfiguration>(
+        &self,
+        name: &str,
+        ca_pem: &str,
+    ) -> anyhow::Result<bool> {
+        let api: Api<K> = Api::all(self.client.clone());
+        Ok(match api.get_opt(name).await? {
+            Some(mut c) => c.bundles().1.into_iter().all(|b| has(b, ca_pem)),
+            None => true,
+        })
     }
 
     /// Puts `bundle` into configuration `name`; `Ok(true)` when it was written.
