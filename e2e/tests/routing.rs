@@ -3,116 +3,43 @@
 //! the owning shard (the demo app answers 421 to any key of another shard, so a routing mistake
 //! is visible), and a deleted pod leaves the map at once and rejoins when recreated.
 
+mod mesh;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
-    },
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::{client::legacy::Client as HttpClient, rt::TokioExecutor};
 use k8s_openapi::api::{
-    admissionregistration::v1::MutatingWebhookConfiguration,
     authorization::v1::SubjectAccessReview,
     coordination::v1::Lease,
-    core::v1::{ConfigMap, Pod, ServiceAccount},
-    rbac::v1::RoleBinding,
+    core::v1::{ConfigMap, Pod},
 };
 use kube::{
     api::{DeleteParams, ListParams, PostParams},
     Api, ResourceExt,
 };
+use mesh::{keyed, members, shard_map, Load};
 use serde_json::json;
-use shardmesh_api::{labels, shardmap::ShardMap, ShardedService};
+use shardmesh_api::{labels, ShardedService};
 use shardmesh_e2e::{apply_service, client, demo_service, wait_for, TestNamespace, WAIT};
 
-const SIDECAR_IMAGE: &str = "shardmesh.local/sidecar:dev";
 const SHARDS: usize = 4;
 const REPLICAS: usize = 2;
 const REQUESTS: usize = 2000;
-
-type Http = HttpClient<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
-
-/// Whether the chart's injector is installed (then it adds the sidecar to the demo pods; a
-/// container of our own would be a second sidecar on the same ports).
-async fn injection_installed(client: &kube::Client) -> bool {
-    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    api.list(&ListParams::default())
-        .await
-        .map(|l| {
-            l.items.iter().any(|c| {
-                c.webhooks
-                    .iter()
-                    .flatten()
-                    .any(|w| w.name.ends_with("inject.shardmesh.io"))
-            })
-        })
-        .unwrap_or(false)
-}
-
-async fn shard_map(api: &Api<ConfigMap>, name: &str) -> anyhow::Result<ShardMap> {
-    let cm = api.get(&labels::shardmap_name(name)).await?;
-    let json = cm
-        .data
-        .as_ref()
-        .and_then(|d| d.get(labels::SHARDMAP_KEY))
-        .ok_or_else(|| anyhow::anyhow!("no {} in the ConfigMap", labels::SHARDMAP_KEY))?;
-    Ok(serde_json::from_str(json)?)
-}
-
-fn members(m: &ShardMap) -> BTreeSet<String> {
-    m.shards
-        .iter()
-        .flat_map(|s| s.members.iter().map(|m| m.pod.clone()))
-        .collect()
-}
-
-/// One keyed PUT through the client sidecar: (status, shard header of the answering pod).
-async fn put(http: &Http, proxy: SocketAddr, ns: &str, key: &str) -> anyhow::Result<(u16, String)> {
-    let req = http::Request::put(format!("http://{proxy}/kv/{key}"))
-        .header(http::header::HOST, format!("demo.{ns}:8080"))
-        .header("x-shard-key", key)
-        .body(Full::new(Bytes::from_static(b"v")))?;
-    let resp = tokio::time::timeout(Duration::from_secs(15), http.request(req)).await??;
-    let status = resp.status().as_u16();
-    let shard = resp
-        .headers()
-        .get("x-demo-shard")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_string();
-    let _ = resp.into_body().collect().await?;
-    Ok((status, shard))
-}
 
 #[tokio::test]
 #[ignore = "e2e: needs the real cluster; run e2e/test.sh"]
 async fn keyed_requests_reach_their_shard_and_membership_follows_pods() {
     let client = client().await;
     let ns = TestNamespace::create(&client, "routing").await;
-    let injected = injection_installed(&client).await;
+    let injected = mesh::injection_installed(&client).await;
     eprintln!("[e2e] sidecar injection installed: {injected}");
 
     // 1. A 4x2 demo service whose pods run the sidecar.
     let mut body = demo_service("demo", SHARDS as i32, REPLICAS as i32);
     body["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = json!(20);
-    if !injected {
-        let containers = body["spec"]["template"]["spec"]["containers"]
-            .as_array_mut()
-            .expect("containers");
-        // The operator adds the pod identity (service, shard, POD_*) to every container.
-        containers.push(json!({
-            "name": "sidecar",
-            "image": SIDECAR_IMAGE,
-            "imagePullPolicy": "IfNotPresent",
-            "args": ["--app-port", "8080", "--drain-delay", "3s"],
-        }));
-    }
+    mesh::add_sidecar_if_not_injected(&mut body, injected, &[]);
     let svcs: Api<ShardedService> = ns.api();
     apply_service(&svcs, &body).await.expect("apply demo");
     let cms: Api<ConfigMap> = ns.api();
@@ -147,84 +74,19 @@ async fn keyed_requests_reach_their_shard_and_membership_follows_pods() {
         .collect();
     assert_eq!(lease_names, members(&map), "one Lease per member");
 
-    // 2. A client pod: only a sidecar following the shard map, its outbound port open to the
-    //    test (which runs in the cluster's network namespace).
-    let sas: Api<ServiceAccount> = ns.api();
-    sas.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": "client"}})).expect("sa"),
-    )
-    .await
-    .expect("client sa");
-    let rbs: Api<RoleBinding> = ns.api();
-    rbs.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({
-            "metadata": {"name": "client-reads-demo"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                        "name": labels::shardmap_reader_name("demo")},
-            "subjects": [{"kind": "ServiceAccount", "name": "client", "namespace": ns.name}],
-        }))
-        .expect("rb"),
-    )
-    .await
-    .expect("client rolebinding");
-    let pods: Api<Pod> = ns.api();
-    let client_pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "client"},
-        "spec": {
-            "serviceAccountName": "client",
-            "containers": [{
-                "name": "client",
-                "image": SIDECAR_IMAGE,
-                "imagePullPolicy": "IfNotPresent",
-                "args": ["--outbound-addr", "0.0.0.0:4140", "--passthrough", "false",
-                         "--shardmap", format!("demo=demo.{}:8080", ns.name),
-                         "--access-log-sample", "0"],
-                "env": [{"name": "POD_NAMESPACE",
-                         "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
-                "readinessProbe": {"httpGet": {"path": "/ready", "port": 4191}, "periodSeconds": 1},
-            }],
-        },
-    }))
-    .expect("client pod");
-    // Refused until the token controller has issued the new account's token (1.20).
-    wait_for("client pod created", WAIT, || async {
-        Ok(pods
-            .create(&PostParams::default(), &client_pod)
-            .await
-            .map(|_| ())
-            .ok())
-    })
-    .await;
-    let ip = wait_for("client pod ready", WAIT, || async {
-        let p = pods.get("client").await?;
-        let st = p.status.unwrap_or_default();
-        let ready = st
-            .conditions
-            .iter()
-            .flatten()
-            .any(|c| c.type_ == "Ready" && c.status == "True");
-        Ok(st.pod_ip.filter(|_| ready))
-    })
-    .await;
-    let proxy: SocketAddr = format!("{ip}:4140").parse().expect("client address");
-    let http: Http = HttpClient::builder(TokioExecutor::new()).build_http();
-    // The client may have started before it saw the map: wait for the first routed success.
-    wait_for("client sidecar routes a request", WAIT, || async {
-        let (status, _) = put(&http, proxy, &ns.name, "probe").await?;
-        Ok((status < 300).then_some(()))
-    })
-    .await;
+    // 2. A client pod: only a sidecar following the shard map.
+    let http = mesh::http();
+    let proxy = mesh::start_client(&ns, "demo", &http).await;
+    let host = format!("demo.{}:8080", ns.name);
 
     // 3. 2,000 keyed requests: no misrouted key, every shard served.
     let t1 = Instant::now();
     let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
     let mut per_shard: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..REQUESTS {
-        let (status, shard) = put(&http, proxy, &ns.name, &format!("key-{i}"))
+        let (status, shard) = keyed(&http, proxy, &host, "PUT", &format!("key-{i}"))
             .await
-            .unwrap_or((0, "-".into()));
+            .map_or((0, "-".into()), |r| (r.status, r.shard));
         *statuses.entry(status).or_default() += 1;
         *per_shard.entry(shard).or_default() += 1;
     }
@@ -245,36 +107,9 @@ async fn keyed_requests_reach_their_shard_and_membership_follows_pods() {
 
     // 4. Delete a pod under load: its Lease goes at once (graceful drain), the epoch
     //    increments, requests keep succeeding, the recreated pod rejoins.
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let failures = Arc::new(Mutex::new(BTreeMap::<u16, u64>::new()));
-    let load = {
-        let (stop, sent, failures, http, nsn) = (
-            stop.clone(),
-            sent.clone(),
-            failures.clone(),
-            http.clone(),
-            ns.name.clone(),
-        );
-        tokio::spawn(async move {
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let status = put(&http, proxy, &nsn, &format!("churn-{i}"))
-                    .await
-                    .map_or(0, |r| r.0);
-                sent.fetch_add(1, Ordering::Relaxed);
-                if !(200..300).contains(&status) {
-                    *failures
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .entry(status)
-                        .or_default() += 1;
-                }
-                i += 1;
-            }
-        })
-    };
+    let load = Load::start(&http, proxy, &host, "PUT", "churn");
     let victim = "demo-1-0";
+    let pods: Api<Pod> = ns.api();
     let old_uid = pods.get(victim).await.expect("victim").uid();
     let before = shard_map(&cms, "demo").await.expect("map").epoch;
     let t2 = Instant::now();
@@ -311,9 +146,7 @@ async fn keyed_requests_reach_their_shard_and_membership_follows_pods() {
     let rejoin = t2.elapsed();
     // Keep the load on a little after the rejoin: new members must be routable at once.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::Relaxed);
-    load.await.expect("load task");
-    let failed = failures.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let (sent, failed, last) = load.finish().await;
     eprintln!(
         "[e2e] pod deletion: lease gone after {:.1}s, map epoch {before} -> {} after {:.1}s, \
          rejoined at epoch {} after {:.1}s; {} requests during churn, failures {failed:?}",
@@ -322,12 +155,12 @@ async fn keyed_requests_reach_their_shard_and_membership_follows_pods() {
         map_dropped.as_secs_f64(),
         rejoined.epoch,
         rejoin.as_secs_f64(),
-        sent.load(Ordering::Relaxed),
+        sent,
     );
     assert!(rejoined.epoch > after.epoch);
     assert!(
         failed.is_empty(),
-        "requests failed while a pod left and rejoined: {failed:?}"
+        "requests failed while a pod left and rejoined: {failed:?}, last: {last:?}"
     );
     ns.delete().await;
 }
@@ -374,33 +207,77 @@ async fn expired_leases_leave_the_map_and_members_get_exactly_their_rights() {
     })
     .await;
 
-    // A member whose sidecar stops renewing (here: a Lease nobody renews) is dropped once
-    // renewTime + leaseDurationSeconds has passed, without any further event.
+    // A Lease claiming membership without a pod of the service behind it (any pod allowed to
+    // create Leases in the namespace could write one) is never published.
     let leases: Api<Lease> = ns.api();
-    let now = k8s_openapi::jiff::Timestamp::now();
-    let ghost: Lease = serde_json::from_value(json!({
-        "metadata": {"name": "ghost", "labels": {labels::SERVICE: "solo", labels::SHARD: "1"},
-                     "annotations": {labels::LEASE_ADDRESS: "10.255.255.1:4143"}},
-        "spec": {"holderIdentity": "ghost", "leaseDurationSeconds": 4, "renewTime": now.to_string()},
-    }))
-    .expect("ghost literal");
-    let t0 = Instant::now();
+    let lease_literal = |name: &str, address: &str, uid: Option<&str>| -> Lease {
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let owners = uid.map_or_else(Vec::new, |uid| {
+            vec![json!({"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid})]
+        });
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {labels::SERVICE: "solo", labels::SHARD: "1"},
+                         "annotations": {labels::LEASE_ADDRESS: address},
+                         "ownerReferences": owners},
+            "spec": {"holderIdentity": name, "leaseDurationSeconds": 4, "renewTime": now.to_string()},
+        }))
+        .expect("lease literal")
+    };
     leases
-        .create(&PostParams::default(), &ghost)
+        .create(
+            &PostParams::default(),
+            &lease_literal("forged", "10.255.255.1:4143", None),
+        )
         .await
-        .expect("create ghost");
-    let with_ghost = wait_for("ghost joins the map", Duration::from_secs(20), || async {
-        let m = shard_map(&cms, "solo").await?;
-        Ok(members(&m).contains("ghost").then_some(m))
+        .expect("create forged lease");
+
+    // A member whose sidecar stops renewing is dropped once renewTime + leaseDurationSeconds has
+    // passed, without any further event. Here: a real pod of the service (no sidecar) and a
+    // Lease for it that nobody renews.
+    let pods: Api<Pod> = ns.api();
+    let ghost_pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "solo-ghost",
+                     "labels": {labels::SERVICE: "solo", labels::SHARD: "1"},
+                     "annotations": {labels::INJECT: "disabled"}},
+        "spec": {"terminationGracePeriodSeconds": 0,
+                 "containers": [{"name": "sleep", "image": "shardmesh.local/busybox:1",
+                                 "imagePullPolicy": "IfNotPresent", "command": ["sleep", "3600"]}]},
+    }))
+    .expect("ghost pod literal");
+    pods.create(&PostParams::default(), &ghost_pod)
+        .await
+        .expect("create ghost pod");
+    let (ghost_uid, ghost_ip) = wait_for("ghost pod has an IP", WAIT, || async {
+        let p = pods.get("solo-ghost").await?;
+        let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
+        Ok(ip.map(|ip| (p.uid().unwrap_or_default(), ip)))
     })
     .await;
+    let t0 = Instant::now();
+    leases
+        .create(
+            &PostParams::default(),
+            &lease_literal("solo-ghost", &format!("{ghost_ip}:4143"), Some(&ghost_uid)),
+        )
+        .await
+        .expect("create ghost lease");
+    let with_ghost = wait_for("ghost joins the map", Duration::from_secs(20), || async {
+        let m = shard_map(&cms, "solo").await?;
+        Ok(members(&m).contains("solo-ghost").then_some(m))
+    })
+    .await;
+    assert!(
+        !members(&with_ghost).contains("forged"),
+        "a Lease without its pod was published: {:?}",
+        members(&with_ghost)
+    );
     let joined = t0.elapsed();
     let without = wait_for(
         "ghost expires out of the map",
         Duration::from_secs(20),
         || async {
             let m = shard_map(&cms, "solo").await?;
-            Ok((!members(&m).contains("ghost")).then_some(m))
+            Ok((!members(&m).contains("solo-ghost")).then_some(m))
         },
     )
     .await;
@@ -419,7 +296,7 @@ async fn expired_leases_leave_the_map_and_members_get_exactly_their_rights() {
         "expired too early: {left:?}"
     );
     assert!(
-        leases.get_opt("ghost").await.expect("get").is_some(),
+        leases.get_opt("solo-ghost").await.expect("get").is_some(),
         "the operator never deletes Leases"
     );
 
@@ -437,7 +314,7 @@ async fn expired_leases_leave_the_map_and_members_get_exactly_their_rights() {
         (lease_res, "update", Some("solo-0-0"), true),
         (lease_res, "delete", Some("solo-1-0"), true),
         (lease_res, "get", Some("solo-1-0"), true),
-        (lease_res, "update", Some("ghost"), false),
+        (lease_res, "update", Some("forged"), false),
         (lease_res, "list", None, false),
         (cm_res, "watch", Some(map_name.as_str()), true),
         (cm_res, "list", Some(map_name.as_str()), true),

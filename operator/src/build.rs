@@ -267,6 +267,12 @@ fn pod_template(
     // Serializing plain data structs cannot fail; an empty policy would mean the defaults.
     let policy = serde_json::to_string(&svc.spec.resilience).unwrap_or_default();
     notes.insert(annotations::RESILIENCE.into(), policy);
+    if svc.spec.leader_election.enabled {
+        notes.insert(
+            annotations::LEADER_LEASE.into(),
+            svc.spec.leader_election.lease_duration.to_string(),
+        );
+    }
     let identity = [
         literal(env::SERVICE, name),
         literal(env::SHARD, &shard.to_string()),
@@ -484,6 +490,17 @@ mod tests {
         let policy: shardmesh_api::v1alpha1::Resilience =
             serde_json::from_str(&notes[annotations::RESILIENCE]).expect("policy JSON");
         assert_eq!(policy, s.spec.resilience);
+        assert!(!notes.contains_key(annotations::LEADER_LEASE));
+        s.spec.leader_election.enabled = true;
+        s.spec.leader_election.lease_duration = "20s".into();
+        let d = build(&s, &Capabilities::latest()).expect("builds");
+        let notes = d.stateful_sets[0]
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.clone())
+            .expect("annotations");
+        assert_eq!(notes[annotations::LEADER_LEASE], "20s");
     }
 
     #[test]

@@ -42,6 +42,8 @@ use crate::{
 
 /// Requeue interval once everything is ready: a safety net, changes arrive through watches.
 const RESYNC: Duration = Duration::from_secs(300);
+/// Reconciles in flight at once, per controller.
+pub const RECONCILE_CONCURRENCY: u16 = 16;
 /// Requeue interval while shards are not ready.
 const RESYNC_NOT_READY: Duration = Duration::from_secs(30);
 /// First and largest delay of the per-object error backoff.
@@ -143,6 +145,14 @@ pub async fn run(
     if caps.pdb_v1 {
         controller = controller.owns(Api::<PodDisruptionBudget>::all(client.clone()), managed);
     }
+    // Bounded work in flight (memory and API-server load stay flat however many services
+    // change at once), and bursts of child-object events (a StatefulSet's status moving
+    // through a rollout) merged into one reconcile.
+    let controller = controller.with_config(
+        kube::runtime::controller::Config::default()
+            .concurrency(RECONCILE_CONCURRENCY)
+            .debounce(Duration::from_millis(200)),
+    );
     let ctx = Arc::new(
         Context::new(client, caps, instance)
             .with_options(options)
@@ -252,7 +262,7 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     // 4. status
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     observed.pods = pods
-        .list(&ListParams::default().labels(&selector))
+        .list(&ListParams::default().labels(&selector).match_any())
         .await?
         .items;
     observed.map = published_map(client, &ns, &name).await?;
@@ -318,8 +328,16 @@ where
         + std::fmt::Debug,
 {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
+    // From the API server's watch cache (resourceVersion=0): a quorum list reads every object
+    // of the kind in the namespace from etcd before filtering by label, which made reconciles
+    // quadratic in the services per namespace. A list a moment stale is fine here: the next
+    // event reconciles again.
     let list = api
-        .list(&ListParams::default().labels(&format!("{selector},{}", labels::SHARD)))
+        .list(
+            &ListParams::default()
+                .labels(&format!("{selector},{}", labels::SHARD))
+                .match_any(),
+        )
         .await?;
     Ok(list
         .items

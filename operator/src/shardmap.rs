@@ -20,7 +20,7 @@ use futures::StreamExt;
 use k8s_openapi::{
     api::{
         coordination::v1::Lease,
-        core::v1::{ConfigMap, ServiceAccount},
+        core::v1::{ConfigMap, Pod, ServiceAccount},
         rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
@@ -38,7 +38,7 @@ use kube::{
 use serde::{de::DeserializeOwned, Serialize};
 use shardmesh_api::{
     labels,
-    shardmap::{Member, Shard, ShardMap},
+    shardmap::{Leader, Member, Shard, ShardMap},
     ShardedService,
 };
 use tracing::{info, warn};
@@ -64,30 +64,97 @@ pub struct Computed {
     pub next_expiry: Option<Timestamp>,
 }
 
-/// When a Lease stops being live (`renewTime + leaseDurationSeconds`), if it names a holder.
-pub fn lease_expiry(lease: &Lease) -> Option<Timestamp> {
+/// When a Lease stops being live, if it names a holder: `leaseDurationSeconds` after its
+/// `renewTime`, or after `grace_from` when that is later. `grace_from` is when this operator
+/// last (re)gained a complete view of the Leases (start, or the end of an API outage): holders
+/// could not renew while nobody could reach the API server, so each gets a full lease duration
+/// from then before counting as dead, and an outage longer than a lease never empties the map.
+pub fn lease_expiry(lease: &Lease, grace_from: Option<Timestamp>) -> Option<Timestamp> {
     let spec = lease.spec.as_ref()?;
     spec.holder_identity.as_deref().filter(|h| !h.is_empty())?;
     let renew = spec.renew_time.as_ref()?.0;
+    let from = grace_from.map_or(renew, |g| g.max(renew));
     let secs = spec.lease_duration_seconds?;
-    renew
-        .checked_add(SignedDuration::from_secs(i64::from(secs.max(0))))
+    from.checked_add(SignedDuration::from_secs(i64::from(secs.max(0))))
         .ok()
 }
 
-/// The member a live Lease of a service with `shards` shards stands for, with its shard and
-/// expiry; `None` for Leases that are expired, being deleted, out of range or malformed.
-fn live_member(lease: &Lease, shards: u32, now: Timestamp) -> Option<(u32, Member, Timestamp)> {
-    if lease.metadata.deletion_timestamp.is_some() {
-        return None;
-    }
-    let expiry = lease_expiry(lease).filter(|e| *e > now)?;
+/// Whether a Lease is a per-shard leader Lease (not a member).
+fn is_leader_lease(lease: &Lease) -> bool {
+    lease.labels().get(labels::LEASE_ROLE).map(String::as_str) == Some(labels::LEASE_ROLE_LEADER)
+}
+
+/// The shard a Lease is labelled with, if in range.
+fn lease_shard(lease: &Lease, shards: u32) -> Option<u32> {
     let shard: u32 = lease.labels().get(labels::SHARD)?.parse().ok()?;
-    if shard >= shards {
+    (shard < shards).then_some(shard)
+}
+
+/// What the shard map needs to know of a pod of the service to trust a Lease naming it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodFacts {
+    /// Pod UID: the Lease's owner reference must name it.
+    pub uid: String,
+    /// Pod IP: the Lease's address must be on it.
+    pub ip: Option<std::net::IpAddr>,
+    /// The pod's `shardmesh.io/shard` label: the Lease's shard must match.
+    pub shard: Option<u32>,
+}
+
+impl PodFacts {
+    /// The facts of a pod object.
+    pub fn of(pod: &Pod) -> Option<(String, PodFacts)> {
+        let facts = PodFacts {
+            uid: pod.metadata.uid.clone()?,
+            ip: pod
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse().ok()),
+            shard: pod.labels().get(labels::SHARD).and_then(|s| s.parse().ok()),
+        };
+        Some((pod.name_any(), facts))
+    }
+}
+
+/// Whether a member Lease is vouched for by a real pod of the service: named after it, owned by
+/// it (same UID, so not a previous pod of that name), of the same shard, advertising the pod's
+/// own IP. Any pod allowed to create Leases in the namespace could otherwise forge a member and
+/// draw a shard's traffic (Kubernetes cannot restrict Lease creation by name).
+fn vouched(
+    lease: &Lease,
+    shard: u32,
+    address: SocketAddr,
+    pods: &BTreeMap<String, PodFacts>,
+) -> bool {
+    let Some(pod) = pods.get(&lease.name_any()) else {
+        return false;
+    };
+    let owned = lease
+        .owner_references()
+        .iter()
+        .any(|o| o.kind == "Pod" && o.uid == pod.uid);
+    owned && pod.shard == Some(shard) && pod.ip == Some(address.ip())
+}
+
+/// The member a live Lease of a service with `shards` shards stands for, with its shard and
+/// expiry; `None` for Leases that are expired, being deleted, out of range, malformed or not
+/// vouched for by a pod of the service.
+fn live_member(
+    lease: &Lease,
+    input: &Inputs<'_>,
+    now: Timestamp,
+) -> Option<(u32, Member, Timestamp)> {
+    if lease.metadata.deletion_timestamp.is_some() || is_leader_lease(lease) {
         return None;
     }
+    let expiry = lease_expiry(lease, input.grace_from).filter(|e| *e > now)?;
+    let shard = lease_shard(lease, input.shards)?;
     let address = lease.annotations().get(labels::LEASE_ADDRESS)?;
-    address.parse::<SocketAddr>().ok()?;
+    let addr = address.parse::<SocketAddr>().ok()?;
+    if !vouched(lease, shard, addr, input.pods) {
+        return None;
+    }
     Some((
         shard,
         Member {
@@ -98,28 +165,94 @@ fn live_member(lease: &Lease, shards: u32, now: Timestamp) -> Option<(u32, Membe
     ))
 }
 
-/// The shard map of a service with `shards` shards from its Leases at `now`. The epoch is the
-/// previous one when the membership is unchanged, one more when it changed (or the shard
-/// count did), and 1 for the first map.
-pub fn compute(shards: u32, leases: &[Lease], now: Timestamp, prev: Option<&ShardMap>) -> Computed {
+/// The live leader of a shard from its leader Lease: the holder's pod must be a live member of
+/// that shard (a leader nobody can route to is no leader). Returns the leader and the Lease's
+/// expiry.
+fn live_leader(
+    lease: &Lease,
+    members: &[Member],
+    now: Timestamp,
+    grace_from: Option<Timestamp>,
+) -> Option<(Leader, Timestamp)> {
+    if lease.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let expiry = lease_expiry(lease, grace_from).filter(|e| *e > now)?;
+    let spec = lease.spec.as_ref()?;
+    let pod = labels::leader_holder_pod(spec.holder_identity.as_deref()?);
+    let member = members.iter().find(|m| m.pod == pod)?;
+    Some((
+        Leader {
+            pod: member.pod.clone(),
+            address: member.address.clone(),
+            epoch: i64::from(spec.lease_transitions.unwrap_or(0)),
+        },
+        expiry,
+    ))
+}
+
+/// What [`compute`] needs besides the Leases.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Inputs<'a> {
+    /// Shard count.
+    pub shards: u32,
+    /// The service's pods by name (see [`PodFacts`]).
+    pub pods: &'a BTreeMap<String, PodFacts>,
+    /// The service elects per-shard leaders.
+    pub leaders: bool,
+    /// Start of the grace period (see [`lease_expiry`]).
+    pub grace_from: Option<Timestamp>,
+    /// The published map, for the epoch.
+    pub prev: Option<&'a ShardMap>,
+}
+
+/// The shard map of a service from its Leases at `now`. The epoch is the previous one when the
+/// map is unchanged, one more when it changed (members, leaders or the shard count), and 1 for
+/// the first map.
+pub fn compute(input: Inputs<'_>, leases: &[Lease], now: Timestamp) -> Computed {
+    let Inputs {
+        shards,
+        leaders,
+        grace_from,
+        prev,
+        ..
+    } = input;
     let mut members: Vec<Vec<Member>> = vec![Vec::new(); shards as usize];
     let mut next_expiry: Option<Timestamp> = None;
+    let mut note = |expiry: Timestamp| {
+        next_expiry = Some(next_expiry.map_or(expiry, |e: Timestamp| e.min(expiry)));
+    };
     for lease in leases {
-        if let Some((shard, member, expiry)) = live_member(lease, shards, now) {
+        if let Some((shard, member, expiry)) = live_member(lease, &input, now) {
             members[shard as usize].push(member);
-            next_expiry = Some(next_expiry.map_or(expiry, |e| e.min(expiry)));
+            note(expiry);
+        }
+    }
+    for m in &mut members {
+        m.sort();
+        m.dedup_by(|a, b| a.pod == b.pod);
+    }
+    let mut elected: Vec<Option<Leader>> = vec![None; shards as usize];
+    if leaders {
+        for lease in leases.iter().filter(|l| is_leader_lease(l)) {
+            let Some(shard) = lease_shard(lease, shards) else {
+                continue;
+            };
+            let found = live_leader(lease, &members[shard as usize], now, grace_from);
+            if let Some((leader, expiry)) = found {
+                elected[shard as usize] = Some(leader);
+                note(expiry);
+            }
         }
     }
     let shards: Vec<Shard> = members
         .into_iter()
+        .zip(elected)
         .enumerate()
-        .map(|(i, mut m)| {
-            m.sort();
-            m.dedup_by(|a, b| a.pod == b.pod);
-            Shard {
-                index: i as u32,
-                members: m,
-            }
+        .map(|(i, (members, leader))| Shard {
+            index: i as u32,
+            members,
+            leader,
         })
         .collect();
     let epoch = match prev {
@@ -175,15 +308,57 @@ pub fn configmap(svc: &ShardedService, map: &ShardMap) -> Result<ConfigMap> {
     })?;
     Ok(ConfigMap {
         metadata: meta(labels::shardmap_name(&name), &ns, &name, &owner),
-        data: Some(BTreeMap::from([
-            (labels::SHARDMAP_KEY.to_string(), json),
-            (
-                labels::SHARDMAP_HEADER_KEY.to_string(),
-                svc.spec.shard_key.header.to_ascii_lowercase(),
-            ),
-        ])),
+        data: Some(configmap_data(svc, json)),
         ..ConfigMap::default()
     })
+}
+
+/// The ConfigMap's data: the map, the shard-key header, and how writes are recognised when the
+/// service elects leaders.
+fn configmap_data(svc: &ShardedService, json: String) -> BTreeMap<String, String> {
+    let mut data = BTreeMap::from([
+        (labels::SHARDMAP_KEY.to_string(), json),
+        (
+            labels::SHARDMAP_HEADER_KEY.to_string(),
+            svc.spec.shard_key.header.to_ascii_lowercase(),
+        ),
+    ]);
+    let le = &svc.spec.leader_election;
+    if le.enabled {
+        let writes = match &le.write_header {
+            Some(h) => format!("header:{}", h.to_ascii_lowercase()),
+            None => "methods".to_string(),
+        };
+        data.insert(labels::SHARDMAP_WRITES_KEY.to_string(), writes);
+    }
+    data
+}
+
+/// The per-shard leader Leases of a service that elects leaders (none otherwise). The operator
+/// creates them, owned by the ShardedService, so they outlive every pod: their transition count
+/// is the fencing epoch and must never restart. Only metadata is applied; the sidecars write
+/// the spec.
+pub fn leader_leases(svc: &ShardedService) -> Result<Vec<Lease>> {
+    if !svc.spec.leader_election.enabled {
+        return Ok(Vec::new());
+    }
+    let (name, ns, owner) = identity(svc)?;
+    let shards = u32::try_from(svc.spec.shards).unwrap_or(0);
+    Ok((0..shards)
+        .map(|i| {
+            let mut m = meta(labels::leader_lease_name(&name, i), &ns, &name, &owner);
+            let l = m.labels.get_or_insert_with(BTreeMap::new);
+            l.insert(labels::SHARD.to_string(), i.to_string());
+            l.insert(
+                labels::LEASE_ROLE.to_string(),
+                labels::LEASE_ROLE_LEADER.to_string(),
+            );
+            Lease {
+                metadata: m,
+                spec: None,
+            }
+        })
+        .collect())
 }
 
 fn identity(svc: &ShardedService) -> Result<(String, String, OwnerReference)> {
@@ -220,18 +395,33 @@ pub fn access_objects(svc: &ShardedService) -> Result<(ServiceAccount, Role, Rol
     let replicas = u32::try_from(svc.spec.replicas_per_shard).unwrap_or(0);
     let map_name = vec![labels::shardmap_name(&name)];
     let read_map = rule("", "configmaps", &["get", "list", "watch"], Some(map_name));
+    let mut rules = vec![
+        rule("coordination.k8s.io", "leases", &["create"], None),
+        rule(
+            "coordination.k8s.io",
+            "leases",
+            &["get", "update", "delete"],
+            Some(pod_names(&name, shards, replicas)),
+        ),
+        read_map.clone(),
+    ];
+    if svc.spec.leader_election.enabled {
+        // Contend for and renew the shard leader Leases; never delete them (the transition
+        // count is the fencing epoch).
+        rules.push(rule(
+            "coordination.k8s.io",
+            "leases",
+            &["get", "update"],
+            Some(
+                (0..shards)
+                    .map(|i| labels::leader_lease_name(&name, i))
+                    .collect(),
+            ),
+        ));
+    }
     let member_role = Role {
         metadata: meta(account.clone(), &ns, &name, &owner),
-        rules: Some(vec![
-            rule("coordination.k8s.io", "leases", &["create"], None),
-            rule(
-                "coordination.k8s.io",
-                "leases",
-                &["get", "update", "delete"],
-                Some(pod_names(&name, shards, replicas)),
-            ),
-            read_map.clone(),
-        ]),
+        rules: Some(rules),
     };
     let reader_role = Role {
         metadata: meta(labels::shardmap_reader_name(&name), &ns, &name, &owner),
@@ -258,10 +448,53 @@ pub fn access_objects(svc: &ShardedService) -> Result<(ServiceAccount, Role, Rol
     Ok((sa, member_role, reader_role, binding))
 }
 
+/// How complete the operator's view of the Leases is: while the Lease watch fails, nothing is
+/// published (a stale cache would expire live members); after it recovers, every holder gets a
+/// full lease duration to renew (see [`lease_expiry`]).
+#[derive(Debug, Default)]
+pub struct LeaseView {
+    state: std::sync::Mutex<ViewState>,
+}
+
+#[derive(Debug, Default)]
+struct ViewState {
+    /// The watch has failed and not delivered anything since.
+    disrupted: bool,
+    /// When the view last became complete (start or recovery).
+    grace_from: Option<Timestamp>,
+}
+
+impl LeaseView {
+    /// Records one item of the Lease watch.
+    pub fn observe(&self, ok: bool, now: Timestamp) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !ok {
+            if !s.disrupted {
+                warn!("lease watch failed: shard maps stay as published until it recovers");
+            }
+            s.disrupted = true;
+        } else if s.disrupted || s.grace_from.is_none() {
+            if s.disrupted {
+                info!("lease watch recovered: members get a full lease duration to renew");
+            }
+            s.disrupted = false;
+            s.grace_from = Some(now);
+        }
+    }
+
+    /// `None` while disrupted, else the grace start.
+    pub fn grace_from(&self) -> Option<Option<Timestamp>> {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (!s.disrupted).then_some(s.grace_from)
+    }
+}
+
 /// State shared by the reconciles.
 pub struct Context {
     client: Client,
     leases: Store<Lease>,
+    pods: Store<Pod>,
+    view: Arc<LeaseView>,
     failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<ShardedService>, u32>>,
     /// Per service: (uid, generation) whose access objects were applied, and when.
     access_applied:
@@ -325,6 +558,9 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         apply(&ctx.client, &ns, &member).await?;
         apply(&ctx.client, &ns, &reader).await?;
         apply(&ctx.client, &ns, &binding).await?;
+        for lease in leader_leases(&svc)? {
+            apply(&ctx.client, &ns, &lease).await?;
+        }
         let mut applied = ctx.access_applied.lock().unwrap_or_else(|e| e.into_inner());
         // Stale entries would be re-applied anyway; dropping them bounds the map to the
         // services seen in the last RESYNC (deleted services are never reconciled again).
@@ -332,6 +568,10 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         applied.insert(key, (stamp, std::time::Instant::now()));
     }
 
+    let Some(grace_from) = ctx.view.grace_from() else {
+        tracing::debug!(namespace = %ns, name = %name, "lease watch disrupted; not publishing");
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    };
     let leases: Vec<Lease> = ctx
         .leases
         .state()
@@ -347,13 +587,36 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     let prev = existing.as_ref().and_then(published);
     let now = Timestamp::now();
     let shards = u32::try_from(svc.spec.shards).unwrap_or(0).max(1);
-    let computed = compute(shards, &leases, now, prev.as_ref());
-    let header = svc.spec.shard_key.header.to_ascii_lowercase();
-    let header_same = existing
+    let pods: BTreeMap<String, PodFacts> = ctx
+        .pods
+        .state()
+        .iter()
+        .filter(|p| {
+            p.namespace().as_deref() == Some(ns.as_str())
+                && p.labels().get(labels::SERVICE) == Some(&name)
+        })
+        .filter_map(|p| PodFacts::of(p))
+        .collect();
+    let input = Inputs {
+        shards,
+        pods: &pods,
+        leaders: svc.spec.leader_election.enabled,
+        grace_from,
+        prev: prev.as_ref(),
+    };
+    let computed = compute(input, &leases, now);
+    // The non-map keys (shard-key header, writes) changed with the spec?
+    let settings_same = existing
         .as_ref()
-        .and_then(|c| c.data.as_ref()?.get(labels::SHARDMAP_HEADER_KEY).cloned())
-        == Some(header);
-    if prev.as_ref() != Some(&computed.map) || !header_same {
+        .and_then(|c| c.data.as_ref())
+        .is_some_and(|d| {
+            let mut want = configmap_data(&svc, String::new());
+            want.remove(labels::SHARDMAP_KEY);
+            let mut have = d.clone();
+            have.remove(labels::SHARDMAP_KEY);
+            want == have
+        });
+    if prev.as_ref() != Some(&computed.map) || !settings_same {
         apply(&ctx.client, &ns, &configmap(&svc, &computed.map)?).await?;
         let live: usize = computed.map.shards.iter().map(|s| s.members.len()).sum();
         info!(namespace = %ns, name = %name, epoch = computed.map.epoch, live_members = live,
@@ -385,6 +648,8 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
     let leases: Api<Lease> = Api::all(client.clone());
     let cms: Api<ConfigMap> = Api::all(client.clone());
     let (lease_reader, lease_writer) = reflector::store();
+    let view = Arc::new(LeaseView::default());
+    let seen = view.clone();
     let lease_events = watcher(
         leases,
         watcher::Config::default()
@@ -392,7 +657,30 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
             .any_semantic(),
     )
     .default_backoff()
+    .inspect(move |item| seen.observe(item.is_ok(), Timestamp::now()))
     .reflect(lease_writer)
+    .touched_objects();
+    // Pods of every ShardedService, reduced to what vouching for a Lease needs (bounded memory).
+    let (pod_reader, pod_writer) = reflector::store();
+    let pod_events = watcher(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default()
+            .labels(labels::SERVICE)
+            .any_semantic(),
+    )
+    .default_backoff()
+    .modify(|p: &mut Pod| {
+        p.spec = None;
+        p.metadata.managed_fields = None;
+        p.metadata.annotations = None;
+        if let Some(st) = p.status.as_mut() {
+            *st = k8s_openapi::api::core::v1::PodStatus {
+                pod_ip: st.pod_ip.take(),
+                ..Default::default()
+            };
+        }
+    })
+    .reflect(pod_writer)
     .touched_objects();
     let owned = watcher::Config::default()
         .labels(&format!("{}={COMPONENT}", labels::COMPONENT))
@@ -403,12 +691,20 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
             let svc = lease.labels().get(labels::SERVICE)?.clone();
             Some(ObjectRef::<ShardedService>::new(&svc).within(&lease.namespace()?))
         })
+        .watches_stream(pod_events, |pod: Pod| {
+            let svc = pod.labels().get(labels::SERVICE)?.clone();
+            Some(ObjectRef::<ShardedService>::new(&svc).within(&pod.namespace()?))
+        })
         .with_config(
-            kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)),
+            kube::runtime::controller::Config::default()
+                .concurrency(crate::controller::RECONCILE_CONCURRENCY)
+                .debounce(Duration::from_millis(500)),
         );
     let ctx = Arc::new(Context {
         client,
         leases: lease_reader.clone(),
+        pods: pod_reader.clone(),
+        view,
         failures: Default::default(),
         access_applied: Default::default(),
     });
@@ -421,11 +717,16 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
         .run(
             move |svc, ctx: Arc<Context>| {
                 let ready = lease_reader.clone();
+                let pods_ready = pod_reader.clone();
                 async move {
                     ready
                         .wait_until_ready()
                         .await
                         .map_err(|_| Error::CacheUnavailable("leases"))?;
+                    pods_ready
+                        .wait_until_ready()
+                        .await
+                        .map_err(|_| Error::CacheUnavailable("pods"))?;
                     reconcile(svc, ctx).await
                 }
             },
@@ -466,6 +767,13 @@ mod tests {
                     labels::LEASE_ADDRESS.into(),
                     format!("{ip}:4143"),
                 )])),
+                owner_references: Some(vec![OwnerReference {
+                    api_version: "v1".into(),
+                    kind: "Pod".into(),
+                    name: pod.into(),
+                    uid: format!("uid-{pod}"),
+                    ..OwnerReference::default()
+                }]),
                 ..ObjectMeta::default()
             },
             spec: Some(LeaseSpec {
@@ -475,6 +783,259 @@ mod tests {
                 ..LeaseSpec::default()
             }),
         }
+    }
+
+    /// The pods the member Leases claim to be (as if every one were genuine).
+    fn pods_of(leases: &[Lease]) -> BTreeMap<String, PodFacts> {
+        leases
+            .iter()
+            .filter(|l| !is_leader_lease(l))
+            .filter_map(|l| {
+                let addr: SocketAddr = l.annotations().get(labels::LEASE_ADDRESS)?.parse().ok()?;
+                Some((
+                    l.name_any(),
+                    PodFacts {
+                        uid: format!("uid-{}", l.name_any()),
+                        ip: Some(addr.ip()),
+                        shard: l.labels().get(labels::SHARD).and_then(|s| s.parse().ok()),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    fn inputs<'a>(shards: u32, pods: &'a BTreeMap<String, PodFacts>) -> Inputs<'a> {
+        Inputs {
+            shards,
+            pods,
+            leaders: false,
+            grace_from: None,
+            prev: None,
+        }
+    }
+
+    fn comp(shards: u32, leases: &[Lease], now: Timestamp, prev: Option<&ShardMap>) -> Computed {
+        let pods = pods_of(leases);
+        let input = Inputs {
+            prev,
+            ..inputs(shards, &pods)
+        };
+        compute(input, leases, now)
+    }
+
+    #[test]
+    fn only_leases_vouched_for_by_their_pod_are_members() {
+        let genuine = lease("o-0-0", "0", "10.0.0.1", 0, 30);
+        let pods = pods_of(std::slice::from_ref(&genuine));
+        // A Lease naming no pod of the service (forged by another pod of the namespace).
+        let forged = lease("evil", "0", "10.0.0.66", 0, 30);
+        // A real pod's name with another address, another shard, or another owner.
+        let mut wrong_ip = lease("o-0-0", "0", "10.0.0.66", 0, 30);
+        wrong_ip.metadata.name = Some("o-0-0".into());
+        let wrong_shard = lease("o-0-0", "1", "10.0.0.1", 0, 30);
+        let mut stale_owner = genuine.clone();
+        stale_owner.metadata.owner_references.as_mut().unwrap()[0].uid = "uid-before".into();
+        let input = inputs(2, &pods);
+        for (what, l) in [
+            ("forged", &forged),
+            ("wrong ip", &wrong_ip),
+            ("wrong shard", &wrong_shard),
+            ("previous pod of the name", &stale_owner),
+        ] {
+            let m = compute(input, std::slice::from_ref(l), t(1)).map;
+            assert!(members_of(&m).is_empty(), "{what}: {:?}", members_of(&m));
+        }
+        let m = compute(input, &[genuine, forged], t(1)).map;
+        assert_eq!(members_of(&m), vec!["o-0-0"]);
+    }
+
+    fn members_of(m: &ShardMap) -> Vec<&str> {
+        m.shards
+            .iter()
+            .flat_map(|s| s.members.iter().map(|m| m.pod.as_str()))
+            .collect()
+    }
+
+    fn leader_lease(shard: &str, holder: Option<&str>, renewed: i64, transitions: i32) -> Lease {
+        let mut l = lease(
+            &format!("orders-{shard}-leader"),
+            shard,
+            "0.0.0.0",
+            renewed,
+            15,
+        );
+        l.metadata.annotations = None;
+        l.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(labels::LEASE_ROLE.into(), labels::LEASE_ROLE_LEADER.into());
+        let spec = l.spec.as_mut().unwrap();
+        spec.holder_identity = holder.map(str::to_string);
+        spec.lease_transitions = Some(transitions);
+        l
+    }
+
+    fn leaders(m: &ShardMap) -> Vec<Option<(&str, i64)>> {
+        m.shards
+            .iter()
+            .map(|s| s.leader.as_ref().map(|l| (l.pod.as_str(), l.epoch)))
+            .collect()
+    }
+
+    #[test]
+    fn leaders_are_live_members_with_their_epoch() {
+        let members = [
+            lease("o-0-0", "0", "10.0.0.1", 0, 30),
+            lease("o-0-1", "0", "10.0.0.2", 0, 30),
+            lease("o-1-0", "1", "10.0.0.3", 0, 30),
+        ];
+        let mut all = members.to_vec();
+        all.push(leader_lease("0", Some("o-0-1_a1b2"), 0, 3));
+        // Shard 1's leader is not a live member: no leader published.
+        all.push(leader_lease("1", Some("o-1-7_ffff"), 0, 1));
+        let facts = pods_of(&all);
+        let input = Inputs {
+            leaders: true,
+            ..inputs(2, &facts)
+        };
+        let c = compute(input, &all, t(5));
+        assert_eq!(leaders(&c.map), vec![Some(("o-0-1", 3)), None]);
+        assert_eq!(
+            c.map.shards[0].leader.as_ref().unwrap().address,
+            "10.0.0.2:4143"
+        );
+        // Leader Leases are never members.
+        assert_eq!(pods(&c.map), vec![vec!["o-0-0", "o-0-1"], vec!["o-1-0"]]);
+        // The leader Lease expires first (15 s) and drives the requeue.
+        assert_eq!(c.next_expiry, Some(t(15)));
+        // Expired or released: no leader, and that is a map change (epoch + 1).
+        let later = compute(
+            Inputs {
+                prev: Some(&c.map),
+                ..input
+            },
+            &all,
+            t(16),
+        );
+        assert_eq!(leaders(&later.map), vec![None, None]);
+        assert_eq!(later.map.epoch, c.map.epoch + 1);
+        let mut released = all.clone();
+        released[3] = leader_lease("0", None, 0, 3);
+        assert_eq!(
+            leaders(&compute(input, &released, t(5)).map),
+            vec![None, None]
+        );
+        // A new leader (higher epoch) is another change.
+        let mut next = all.clone();
+        next[3] = leader_lease("0", Some("o-0-0_c3d4"), 4, 4);
+        let m = compute(
+            Inputs {
+                prev: Some(&c.map),
+                ..input
+            },
+            &next,
+            t(5),
+        )
+        .map;
+        assert_eq!(leaders(&m), vec![Some(("o-0-0", 4)), None]);
+        assert_eq!(m.epoch, c.map.epoch + 1);
+        // Services without leader election ignore leader Leases entirely.
+        let off = compute(
+            Inputs {
+                leaders: false,
+                ..input
+            },
+            &all,
+            t(5),
+        );
+        assert_eq!(leaders(&off.map), vec![None, None]);
+    }
+
+    #[test]
+    fn after_an_outage_members_get_a_full_lease_from_the_recovery() {
+        // Renewed at 0 with 30 s leases; the view recovered at 40 (an API outage, or an
+        // operator start): live until 70, not dead since 30.
+        let leases = [lease("o-0-0", "0", "10.0.0.1", 0, 30)];
+        let facts = pods_of(&leases);
+        let input = Inputs {
+            grace_from: Some(t(40)),
+            ..inputs(1, &facts)
+        };
+        let c = compute(input, &leases, t(41));
+        assert_eq!(pods(&c.map), vec![vec!["o-0-0"]]);
+        assert_eq!(c.next_expiry, Some(t(70)));
+        assert_eq!(
+            pods(&compute(input, &leases, t(70)).map),
+            vec![Vec::<&str>::new()]
+        );
+        // A grace start before the renewal changes nothing.
+        let early = Inputs {
+            grace_from: Some(t(-100)),
+            ..input
+        };
+        assert_eq!(compute(early, &leases, t(1)).next_expiry, Some(t(30)));
+    }
+
+    #[test]
+    fn lease_view_holds_publication_while_the_watch_fails() {
+        let v = LeaseView::default();
+        v.observe(true, t(1));
+        assert_eq!(v.grace_from(), Some(Some(t(1))));
+        v.observe(true, t(5));
+        assert_eq!(
+            v.grace_from(),
+            Some(Some(t(1))),
+            "steady watch: grace unchanged"
+        );
+        v.observe(false, t(10));
+        v.observe(false, t(12));
+        assert_eq!(v.grace_from(), None, "disrupted: do not publish");
+        v.observe(true, t(20));
+        assert_eq!(
+            v.grace_from(),
+            Some(Some(t(20))),
+            "recovered: new grace start"
+        );
+    }
+
+    #[test]
+    fn leader_leases_and_rights_only_when_enabled() {
+        assert!(leader_leases(&svc()).unwrap().is_empty());
+        let (_, member, _, _) = access_objects(&svc()).unwrap();
+        assert_eq!(member.rules.unwrap().len(), 3);
+        let mut s = svc();
+        s.spec.leader_election.enabled = true;
+        let leases = leader_leases(&s).unwrap();
+        let names: Vec<_> = leases.iter().map(|l| l.name_any()).collect();
+        assert_eq!(names, ["orders-0-leader", "orders-1-leader"]);
+        assert_eq!(leases[1].labels()[labels::SHARD], "1");
+        assert_eq!(leases[1].labels()[labels::LEASE_ROLE], "leader");
+        assert_eq!(
+            leases[1].metadata.owner_references.as_ref().unwrap()[0].uid,
+            "u-1"
+        );
+        assert!(leases[1].spec.is_none(), "the sidecars own the spec");
+        let (_, member, _, _) = access_objects(&s).unwrap();
+        let rules = member.rules.unwrap();
+        assert_eq!(rules[3].verbs, vec!["get", "update"]);
+        assert_eq!(
+            rules[3].resource_names.as_deref().unwrap(),
+            ["orders-0-leader", "orders-1-leader"]
+        );
+        let cm = configmap(&s, &comp(2, &[], t(0), None).map).unwrap();
+        assert_eq!(
+            cm.data.as_ref().unwrap()[labels::SHARDMAP_WRITES_KEY],
+            "methods"
+        );
+        s.spec.leader_election.write_header = Some("X-Write".into());
+        let cm = configmap(&s, &comp(2, &[], t(0), None).map).unwrap();
+        assert_eq!(
+            cm.data.as_ref().unwrap()[labels::SHARDMAP_WRITES_KEY],
+            "header:x-write"
+        );
+        let cm = configmap(&svc(), &comp(2, &[], t(0), None).map).unwrap();
+        assert!(!cm.data.unwrap().contains_key(labels::SHARDMAP_WRITES_KEY));
     }
 
     fn pods(m: &ShardMap) -> Vec<Vec<&str>> {
@@ -491,7 +1052,7 @@ mod tests {
             lease("o-0-0", "0", "10.0.0.1", 0, 30),
             lease("o-1-0", "1", "10.0.0.3", 5, 30),
         ];
-        let c = compute(3, &leases, t(10), None);
+        let c = comp(3, &leases, t(10), None);
         assert_eq!(c.map.epoch, 1);
         assert_eq!(
             pods(&c.map),
@@ -523,12 +1084,12 @@ mod tests {
             lease("o-1-0", "x", "10.0.0.9", 0, 30), // shard not a number
         ];
         assert_eq!(
-            pods(&compute(2, &leases, t(29), None).map),
+            pods(&comp(2, &leases, t(29), None).map),
             vec![vec!["o-0-0"], vec![]]
         );
         // Exactly at renewTime + duration the member is dead.
         assert_eq!(
-            pods(&compute(2, &leases, t(30), None).map),
+            pods(&comp(2, &leases, t(30), None).map),
             vec![Vec::<&str>::new(), vec![]]
         );
     }
@@ -537,29 +1098,27 @@ mod tests {
     fn epoch_increases_exactly_on_membership_changes() {
         let a = lease("o-0-0", "0", "10.0.0.1", 0, 30);
         let b = lease("o-0-1", "0", "10.0.0.2", 0, 30);
-        let m1 = compute(1, &[a.clone(), b.clone()], t(1), None).map;
+        let m1 = comp(1, &[a.clone(), b.clone()], t(1), None).map;
         assert_eq!(m1.epoch, 1);
         // Renewals alone change nothing.
         let renewed = lease("o-0-0", "0", "10.0.0.1", 20, 30);
-        let m2 = compute(1, &[renewed.clone(), b.clone()], t(25), Some(&m1)).map;
+        let m2 = comp(1, &[renewed.clone(), b.clone()], t(25), Some(&m1)).map;
         assert_eq!(m2, m1);
         // b expires at 30: one change.
-        let m3 = compute(1, &[renewed.clone(), b.clone()], t(31), Some(&m2)).map;
+        let m3 = comp(1, &[renewed.clone(), b.clone()], t(31), Some(&m2)).map;
         assert_eq!((m3.epoch, pods(&m3)), (2, vec![vec!["o-0-0"]]));
         // b comes back (new IP after a restart): another change.
         let b2 = lease("o-0-1", "0", "10.0.0.7", 32, 30);
-        let m4 = compute(1, &[renewed.clone(), b2.clone()], t(33), Some(&m3)).map;
+        let m4 = comp(1, &[renewed.clone(), b2.clone()], t(33), Some(&m3)).map;
         assert_eq!((m4.epoch, pods(&m4)), (3, vec![vec!["o-0-0", "o-0-1"]]));
         // Same members, new address: a change too (callers must dial the new one).
         let b3 = lease("o-0-1", "0", "10.0.0.8", 34, 30);
         assert_eq!(
-            compute(1, &[renewed.clone(), b3], t(35), Some(&m4))
-                .map
-                .epoch,
+            comp(1, &[renewed.clone(), b3], t(35), Some(&m4)).map.epoch,
             4
         );
         // A shard-count change is a change even with no members.
-        assert_eq!(compute(2, &[renewed, b2], t(35), Some(&m4)).map.epoch, 4);
+        assert_eq!(comp(2, &[renewed, b2], t(35), Some(&m4)).map.epoch, 4);
     }
 
     #[test]
@@ -587,7 +1146,7 @@ mod tests {
 
     #[test]
     fn configmap_is_owned_and_holds_map_and_header() {
-        let map = compute(2, &[], t(0), None).map;
+        let map = comp(2, &[], t(0), None).map;
         let cm = configmap(&svc(), &map).unwrap();
         assert_eq!(cm.metadata.name.as_deref(), Some("orders-shardmap"));
         assert_eq!(cm.metadata.owner_references.as_ref().unwrap()[0].uid, "u-1");

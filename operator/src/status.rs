@@ -122,11 +122,18 @@ pub fn applied(
         }
         let mut m = members.remove(&i).unwrap_or_default();
         m.sort();
+        let published = observed
+            .map
+            .as_ref()
+            .and_then(|map| map.shards.get(i as usize));
+        let leader = published.and_then(|s| s.leader.as_ref());
         shards.push(ShardStatus {
             index: i as i32,
             replicas: desired,
             ready_replicas: ready,
             members: m,
+            leader: leader.map(|l| l.pod.clone()),
+            leader_epoch: leader.map(|l| l.epoch),
         });
     }
 
@@ -499,15 +506,29 @@ mod tests {
                 Shard {
                     index: 0,
                     members: vec![member("orders-0-1")],
+                    leader: Some(shardmesh_api::shardmap::Leader {
+                        pod: "orders-0-1".into(),
+                        address: "10.0.0.1:4143".into(),
+                        epoch: 4,
+                    }),
                 },
                 Shard {
                     index: 1,
                     members: vec![member("orders-1-0"), member("orders-1-1")],
+                    leader: None,
                 },
             ],
         });
         let s = applied(&svc(1, None), &obs, vec![], now);
         assert_eq!(s.epoch, 7);
+        assert_eq!(
+            (s.shards[0].leader.as_deref(), s.shards[0].leader_epoch),
+            (Some("orders-0-1"), Some(4))
+        );
+        assert_eq!(
+            (s.shards[1].leader.as_deref(), s.shards[1].leader_epoch),
+            (None, None)
+        );
         assert_eq!(s.shards[0].members, vec!["orders-0-1"]);
         assert_eq!(s.shards[1].members.len(), 2);
         // Readiness still comes from the workloads.

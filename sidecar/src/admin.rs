@@ -22,6 +22,52 @@ pub const APP_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Largest `/log-level` body read.
 const MAX_LEVEL_BODY: usize = 1024;
 
+/// Start-up steps `/ready` waits for besides the application: the first registration of the
+/// pod's Lease and the first sync of each followed shard map. Once done they stay done: a later
+/// API-server outage must not take every pod out of its Services (the sidecar keeps serving on
+/// what it knows).
+#[derive(Clone, Debug, Default)]
+pub struct StartupGates(Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>);
+
+/// One pending start-up step; `open` it when done (dropping it unopened keeps it pending).
+#[derive(Debug)]
+pub struct Gate {
+    gates: StartupGates,
+    what: String,
+}
+
+impl StartupGates {
+    /// Registers a step `/ready` waits for, described for the `/ready` body.
+    pub fn add(&self, what: impl Into<String>) -> Gate {
+        let what = what.into();
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(what.clone());
+        Gate {
+            gates: self.clone(),
+            what,
+        }
+    }
+
+    /// The steps still pending, sorted.
+    pub fn pending(&self) -> Vec<String> {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.iter().cloned().collect()
+    }
+}
+
+impl Gate {
+    /// Marks the step done (idempotent).
+    pub fn open(&self) {
+        self.gates
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.what);
+    }
+}
+
 /// What the admin endpoints read.
 #[derive(Clone)]
 pub struct Admin {
@@ -33,6 +79,8 @@ pub struct Admin {
     pub app: Option<SocketAddr>,
     /// Log-level control; `None` when the process does not own the global subscriber.
     pub level: Option<LevelControl>,
+    /// Registry start-up steps still pending.
+    pub gates: StartupGates,
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -128,6 +176,13 @@ impl Admin {
                 }
             }
         }
+        let pending = self.gates.pending();
+        if !pending.is_empty() {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: waiting for {}\n", pending.join("; ")),
+            );
+        }
         text(StatusCode::OK, "ready\n")
     }
 }
@@ -154,5 +209,52 @@ pub async fn serve(listener: TcpListener, admin: Admin) {
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn ready_text(admin: &Admin) -> (StatusCode, String) {
+        let r = admin.ready().await;
+        let status = r.status();
+        let body = r
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn ready_waits_for_the_registry_to_start_then_stays_ready() {
+        let admin = Admin {
+            drain: Drain::new(),
+            metrics: Arc::new(Metrics::default()),
+            app: None,
+            level: None,
+            gates: StartupGates::default(),
+        };
+        assert_eq!(ready_text(&admin).await.0, StatusCode::OK);
+        let lease = admin.gates.add("the registration of this pod's Lease");
+        let map = admin.gates.add("the first sync of the shard map of orders");
+        let (status, body) = ready_text(&admin).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("Lease") && body.contains("orders"), "{body}");
+        lease.open();
+        let (_, body) = ready_text(&admin).await;
+        assert!(!body.contains("Lease") && body.contains("orders"), "{body}");
+        map.open();
+        map.open();
+        assert_eq!(ready_text(&admin).await.0, StatusCode::OK);
+        // Draining still wins.
+        admin.drain.begin(false);
+        let (status, body) = ready_text(&admin).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+        );
     }
 }

@@ -22,6 +22,7 @@ use crate::{
     breaker::BreakerConfig,
     budget::{BudgetConfig, WINDOW},
     discovery::{Discover, StaticRegistry},
+    leader::LeaderConfig,
     membership::{Identity, MembershipConfig},
     retry::RetryPolicy,
     shardmap_watch::ShardMapSource,
@@ -162,6 +163,12 @@ pub struct Args {
     /// How long a Lease stays live without renewal (whole seconds).
     #[arg(long, env = "SHARDMESH_LEASE_DURATION", default_value = "30s", value_parser = duration_arg)]
     pub lease_duration: Duration,
+
+    /// Contend for this shard's leader Lease (`<service>-<shard>-leader`), which stays held
+    /// this long without renewal (3s-5m; needs --service). The injector sets it when the
+    /// ShardedService has `leaderElection.enabled`.
+    #[arg(long, env = "SHARDMESH_LEADER_LEASE", value_parser = duration_arg)]
+    pub leader_lease: Option<Duration>,
 
     /// Sharded destination followed live from its shard-map ConfigMap:
     /// `[namespace/]service=host[:port]` (repeatable; the env var takes a comma-separated list).
@@ -317,6 +324,42 @@ pub struct Settings {
     pub membership: Option<MembershipConfig>,
     /// Sharded destinations followed live from the API server.
     pub shardmaps: Vec<ShardMapSource>,
+    /// Per-shard leader election, when this pod's service elects leaders.
+    pub leader: Option<LeaderConfig>,
+}
+
+const LEADER_FLAG: &str = "--leader-lease (SHARDMESH_LEADER_LEASE)";
+
+/// Leader-election settings: `None` unless `--leader-lease` is set, which needs membership.
+fn leader(
+    args: &Args,
+    membership: Option<&MembershipConfig>,
+) -> Result<Option<LeaderConfig>, ConfigError> {
+    let Some(duration) = args.leader_lease else {
+        return Ok(None);
+    };
+    let Some(m) = membership else {
+        return Err(ConfigError::new(
+            LEADER_FLAG,
+            "needs registry membership (--service, --shard and the pod identity, with --register=true); unset it for a pod that is not a member",
+        ));
+    };
+    if !(Duration::from_secs(3)..=Duration::from_secs(300)).contains(&duration) {
+        return Err(ConfigError::new(
+            LEADER_FLAG,
+            format!("{duration:?} is out of range; use 3s to 5m"),
+        ));
+    }
+    let id = &m.identity;
+    // The holder suffix makes each process a distinct candidate (see leader.rs).
+    let suffix = format!("{:08x}", rand::random::<u32>());
+    Ok(Some(LeaderConfig {
+        lease: shardmesh_api::labels::leader_lease_name(&id.service, id.shard),
+        namespace: id.namespace.clone(),
+        holder: shardmesh_api::labels::leader_holder(&id.pod, &suffix),
+        duration,
+        app: m.app,
+    }))
 }
 
 const SERVICE_FLAG: &str = "--service (SHARDMESH_SERVICE)";
@@ -459,6 +502,7 @@ impl Settings {
             sample: args.access_log_sample,
         };
         let membership = membership(&args)?;
+        let leader = leader(&args, membership.as_ref())?;
         const SHARDMAP_FLAG: &str = "--shardmap (SHARDMESH_SHARDMAPS)";
         let mut shardmaps: Vec<ShardMapSource> = Vec::new();
         for raw in args.shardmaps.iter().filter(|r| !r.trim().is_empty()) {
@@ -496,6 +540,7 @@ impl Settings {
             access_log,
             membership,
             shardmaps,
+            leader,
         })
     }
 }
@@ -601,6 +646,33 @@ mod tests {
         v.extend(["--lease-renew", "20s"]);
         let e = Settings::from_args(args(&v)).unwrap_err();
         assert!(e.message.contains("at most half"), "{e}");
+    }
+
+    #[test]
+    fn leader_election_needs_membership_and_a_sane_duration() {
+        let mut v = MEMBER.to_vec();
+        v.extend(["--leader-lease", "15s"]);
+        let l = Settings::from_args(args(&v))
+            .unwrap()
+            .leader
+            .expect("leader");
+        assert_eq!(l.lease, "orders-2-leader");
+        assert_eq!(l.namespace, "shop");
+        assert!(l.holder.starts_with("orders-2-0_"), "{}", l.holder);
+        assert_eq!(l.duration, Duration::from_secs(15));
+        let other = Settings::from_args(args(&v)).unwrap().leader.unwrap();
+        assert_ne!(l.holder, other.holder, "each process is its own candidate");
+        assert!(Settings::from_args(args(MEMBER)).unwrap().leader.is_none());
+        let e = Settings::from_args(args(&["--leader-lease", "15s"])).unwrap_err();
+        assert_eq!(e.what, LEADER_FLAG);
+        assert!(e.message.contains("--service"), "{e}");
+        let mut short = MEMBER.to_vec();
+        short.extend(["--leader-lease", "1s"]);
+        let e = Settings::from_args(args(&short)).unwrap_err();
+        assert!(
+            e.what == LEADER_FLAG && e.message.contains("3s to 5m"),
+            "{e}"
+        );
     }
 
     #[test]

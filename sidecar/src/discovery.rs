@@ -35,7 +35,52 @@ pub enum DestinationKind {
         epoch: i64,
         /// Members per shard, by shard index.
         shards: Vec<Arc<[SocketAddr]>>,
+        /// When the destination elects shard leaders: which requests are writes, and each
+        /// shard's leader.
+        leaders: Option<Arc<LeaderRouting>>,
     },
+}
+
+/// Routing of writes to shard leaders.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeaderRouting {
+    /// Which requests are writes.
+    pub writes: Writes,
+    /// Per shard index: the leader (as a one-endpoint list, ready for the balancer) and its
+    /// epoch, sent as the fencing epoch; `None` while the shard has no live leader.
+    pub leaders: Vec<Option<(Arc<[SocketAddr]>, i64)>>,
+}
+
+/// Which requests are writes (routed to the shard leader).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Writes {
+    /// Every request whose method is not safe (anything but GET, HEAD, OPTIONS, TRACE).
+    Methods,
+    /// Requests carrying this header.
+    Header(HeaderName),
+}
+
+impl Writes {
+    /// Parses `methods` or `header:<name>`; `p` names the field in errors.
+    pub fn parse(p: &str, raw: &str) -> Result<Writes, String> {
+        match raw.split_once(':') {
+            None if raw == "methods" => Ok(Writes::Methods),
+            Some(("header", h)) => HeaderName::try_from(h).map(Writes::Header).map_err(|_| {
+                format!("{p}: {h:?} is not a valid header name; write e.g. header:x-write")
+            }),
+            _ => Err(format!(
+                "{p}: {raw:?} is neither `methods` nor `header:<name>`"
+            )),
+        }
+    }
+
+    /// Whether a request with this method and headers is a write.
+    pub fn is_write(&self, method: &http::Method, headers: &http::HeaderMap) -> bool {
+        match self {
+            Writes::Methods => !method.is_safe(),
+            Writes::Header(h) => headers.contains_key(h),
+        }
+    }
 }
 
 /// A destination known to discovery.
@@ -85,6 +130,8 @@ struct DestinationFile {
     shard_map: Option<ShardMap>,
     #[serde(default)]
     shard_key: Option<String>,
+    #[serde(default)]
+    writes: Option<String>,
 }
 
 fn parse_addr(path: &str, raw: &str) -> Result<SocketAddr, String> {
@@ -99,6 +146,7 @@ fn parse_addr(path: &str, raw: &str) -> Result<SocketAddr, String> {
 pub fn sharded_kind(
     p: &str,
     shard_key: Option<&str>,
+    writes: Option<&str>,
     map: &ShardMap,
 ) -> Result<DestinationKind, String> {
     map.check().map_err(|e| format!("{p}.shardMap.{e}"))?;
@@ -116,10 +164,32 @@ pub fn sharded_kind(
                 .map(Arc::from)
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let leaders = match writes {
+        None => None,
+        Some(raw) => {
+            let writes = Writes::parse(&format!("{p}.writes"), raw)?;
+            let leaders = map
+                .shards
+                .iter()
+                .map(|s| {
+                    s.leader
+                        .as_ref()
+                        .map(|l| {
+                            let addr =
+                                parse_addr(&format!("{p}.shards[{}].leader", s.index), &l.address)?;
+                            Ok((Arc::from([addr]), l.epoch))
+                        })
+                        .transpose()
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            Some(Arc::new(LeaderRouting { writes, leaders }))
+        }
+    };
     Ok(DestinationKind::Sharded {
         header,
         epoch: map.epoch,
         shards,
+        leaders,
     })
 }
 
@@ -151,10 +221,15 @@ impl StaticRegistry {
                 .ok_or_else(|| format!("{p}: {key:?} is not host or host:port"))?;
             let kind = match (d.endpoints, d.shard_map) {
                 (Some(eps), None) => {
-                    if d.shard_key.is_some() {
-                        return Err(format!(
-                            "{p}.shardKey: only valid with shardMap; remove it or add a shardMap"
-                        ));
+                    for (set, field) in [
+                        (d.shard_key.is_some(), "shardKey"),
+                        (d.writes.is_some(), "writes"),
+                    ] {
+                        if set {
+                            return Err(format!(
+                                "{p}.{field}: only valid with shardMap; remove it or add a shardMap"
+                            ));
+                        }
                     }
                     let addrs = eps
                         .iter()
@@ -163,7 +238,9 @@ impl StaticRegistry {
                         .collect::<Result<Vec<_>, _>>()?;
                     DestinationKind::Endpoints(addrs.into())
                 }
-                (None, Some(map)) => sharded_kind(&p, d.shard_key.as_deref(), &map)?,
+                (None, Some(map)) => {
+                    sharded_kind(&p, d.shard_key.as_deref(), d.writes.as_deref(), &map)?
+                }
                 (Some(_), Some(_)) => {
                     return Err(format!("{p}: has both endpoints and shardMap; keep one"))
                 }
@@ -247,12 +324,68 @@ destinations:
             header,
             epoch,
             shards,
+            leaders,
         } = &u.kind
         else {
             panic!("users must be sharded")
         };
         assert_eq!((header.as_str(), *epoch, shards.len()), ("x-user", 2, 2));
         assert!(shards[1].is_empty());
+        assert!(leaders.is_none());
+    }
+
+    #[test]
+    fn leader_routing_from_the_map() {
+        let r = StaticRegistry::parse(
+            r#"
+destinations:
+  users:
+    writes: "header:x-write"
+    shardMap:
+      epoch: 2
+      shards:
+        - {index: 0, members: [{pod: u-0-0, address: "127.0.0.1:3"}], leader: {pod: u-0-0, address: "127.0.0.1:3", epoch: 5}}
+        - {index: 1}
+"#,
+        )
+        .unwrap();
+        let u = r.lookup("users:80").unwrap();
+        let DestinationKind::Sharded {
+            leaders: Some(l), ..
+        } = &u.kind
+        else {
+            panic!("users must elect leaders")
+        };
+        assert_eq!(l.writes, Writes::Header(HeaderName::from_static("x-write")));
+        let (addrs, epoch) = l.leaders[0].clone().expect("shard 0 has a leader");
+        assert_eq!(
+            (&addrs[..], epoch),
+            (&["127.0.0.1:3".parse().unwrap()][..], 5)
+        );
+        assert!(l.leaders[1].is_none());
+        let e = StaticRegistry::parse(
+            "destinations: {u: {writes: sometimes, shardMap: {epoch: 1, shards: [{index: 0}]}}}",
+        )
+        .unwrap_err();
+        assert!(e.starts_with("destinations[\"u\"].writes"), "{e}");
+        let e = StaticRegistry::parse("destinations: {u: {writes: methods, endpoints: []}}")
+            .unwrap_err();
+        assert!(e.contains(".writes: only valid with shardMap"), "{e}");
+    }
+
+    #[test]
+    fn writes_are_unsafe_methods_or_a_header() {
+        use http::{HeaderMap, Method};
+        let m = Writes::parse("w", "methods").unwrap();
+        let mut h = HeaderMap::new();
+        assert!(m.is_write(&Method::POST, &h) && m.is_write(&Method::DELETE, &h));
+        assert!(!m.is_write(&Method::GET, &h) && !m.is_write(&Method::HEAD, &h));
+        let by_header = Writes::parse("w", "header:x-write").unwrap();
+        assert!(!by_header.is_write(&Method::POST, &h));
+        h.insert("x-write", http::HeaderValue::from_static("1"));
+        assert!(by_header.is_write(&Method::GET, &h));
+        assert!(Writes::parse("w", "header:bad header").is_err());
+        assert!(Writes::parse("w", "always").is_err());
     }
 
     #[test]

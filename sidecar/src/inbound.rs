@@ -25,6 +25,7 @@ use crate::{
     ctx::RequestCtx,
     errors::{BoxFuture, ErrorResponseLayer, ProxyError},
     headers::strip_hop_by_hop,
+    leader::RoleState,
     metrics::{Direction, Metrics},
 };
 
@@ -43,6 +44,9 @@ pub struct Inbound {
     pub metrics: Arc<Metrics>,
     /// Access-log switches.
     pub access_log: AccessLogConfig,
+    /// This pod's leader role, told to the application on every request when the service
+    /// elects leaders.
+    pub role: Option<RoleState>,
 }
 
 /// The inbound request path, top to bottom.
@@ -75,6 +79,7 @@ pub fn stack(
         .service(ToApp {
             app: i.app,
             client: Upstream::new(i.connect_timeout),
+            role: i.role.clone(),
         })
 }
 
@@ -151,11 +156,12 @@ where
     }
 }
 
-/// Sends the request to the application.
+/// Sends the request to the application, with this pod's role headers when it has a role.
 #[derive(Clone, Debug)]
 pub struct ToApp {
     app: SocketAddr,
     client: Upstream,
+    role: Option<RoleState>,
 }
 
 impl Service<Request<ProxyBody>> for ToApp {
@@ -185,10 +191,14 @@ impl Service<Request<ProxyBody>> for ToApp {
             .path_and_query(pq)
             .build();
         let mut client = self.client.clone();
+        let role = self.role.clone();
         Box::pin(async move {
             *req.uri_mut() =
                 uri.map_err(|e| ProxyError::BadRequest(format!("cannot build the app URI: {e}")))?;
             strip_hop_by_hop(req.headers_mut());
+            if let Some(role) = &role {
+                role.annotate(req.headers_mut());
+            }
             let mut resp = client.call(req).await?;
             strip_hop_by_hop(resp.headers_mut());
             Ok(resp)

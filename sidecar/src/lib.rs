@@ -10,6 +10,7 @@
 //! | [`discovery`] | the `Discover` trait and the static registry file |
 //! | [`shardmap_watch`] | live shard maps from the operator's ConfigMaps |
 //! | [`membership`] | the pod's registry Lease: renew, pause, release |
+//! | [`leader`] | per-shard leader election, the role told to the app |
 //! | [`timeout`] | overall deadline and per-try timeout |
 //! | [`retry`] | retry rules, replay buffer, backoff |
 //! | [`budget`] | sliding-window retry budget |
@@ -37,6 +38,7 @@ pub mod drain;
 pub mod errors;
 pub mod headers;
 pub mod inbound;
+pub mod leader;
 pub mod log;
 pub mod membership;
 pub mod metrics;
@@ -77,10 +79,11 @@ pub struct Running {
     admin_task: JoinHandle<()>,
     drain_delay: Duration,
     grace_period: Duration,
-    membership: Option<JoinHandle<()>>,
+    /// Membership and leader election: they release their Leases when the drain begins.
+    registry_tasks: Vec<JoinHandle<()>>,
 }
 
-/// How long the exit waits for the Lease to be deleted after the listeners closed (it was
+/// How long the exit waits for the Leases to be released after the listeners closed (it was
 /// started when the drain began, so this is only reached with a slow API server).
 const RELEASE_WAIT: Duration = Duration::from_secs(3);
 
@@ -117,8 +120,10 @@ pub async fn start_with(
         access_log,
         membership,
         shardmaps,
+        leader,
     } = settings;
     let drain = Drain::new();
+    let gates = admin::StartupGates::default();
     let connections = Connections::new();
 
     let admin_l = bind(args.admin_addr, "--admin-addr (SHARDMESH_ADMIN_ADDR)").await?;
@@ -166,23 +171,42 @@ pub async fn start_with(
             let live = Arc::new(shardmap_watch::LiveRegistry::new(registry));
             let own_ns = args.pod_namespace.clone().unwrap_or_default();
             for source in shardmaps {
+                let synced = gates.add(format!(
+                    "the first sync of the shard map of {}",
+                    source.service
+                ));
                 tokio::spawn(shardmap_watch::watch(
                     client.clone(),
                     own_ns.clone(),
                     source,
                     live.clone(),
+                    synced,
                 ));
             }
             live
         }
         _ => Arc::new(registry),
     };
-    let membership = match (membership, kube_client) {
-        (Some(cfg), Some(client)) => {
-            Some(tokio::spawn(membership::run(client, cfg, drain.clone())))
-        }
-        _ => None,
-    };
+    let role = leader.as_ref().map(|_| leader::RoleState::default());
+    let mut registry_tasks = Vec::new();
+    if let (Some(cfg), Some(client)) = (leader, &kube_client) {
+        let role = role.clone().unwrap_or_default();
+        registry_tasks.push(tokio::spawn(leader::run(
+            client.clone(),
+            cfg,
+            role,
+            drain.clone(),
+        )));
+    }
+    if let (Some(cfg), Some(client)) = (membership, kube_client) {
+        let registered = gates.add("the registration of this pod's Lease");
+        registry_tasks.push(tokio::spawn(membership::run(
+            client,
+            cfg,
+            drain.clone(),
+            registered,
+        )));
+    }
 
     let outbound = outbound::Outbound {
         discovery,
@@ -207,6 +231,7 @@ pub async fn start_with(
             connect_timeout: policy.connect,
             metrics: metrics.clone(),
             access_log,
+            role,
         };
         servers.push(tokio::spawn(server::serve(
             l,
@@ -222,6 +247,7 @@ pub async fn start_with(
             metrics: metrics.clone(),
             app,
             level,
+            gates,
         },
     ));
     tracing::info!(
@@ -242,7 +268,7 @@ pub async fn start_with(
         admin_task,
         drain_delay: args.drain_delay,
         grace_period: args.grace_period,
-        membership,
+        registry_tasks,
     })
 }
 
@@ -267,10 +293,9 @@ impl Running {
         } else {
             tracing::warn!("grace period over with requests still in flight; exiting anyway");
         }
-        if let Some(m) = self.membership {
-            if tokio::time::timeout(RELEASE_WAIT, m).await.is_err() {
-                tracing::warn!("lease not released in time; it expires by itself");
-            }
+        let release = futures::future::join_all(self.registry_tasks);
+        if tokio::time::timeout(RELEASE_WAIT, release).await.is_err() {
+            tracing::warn!("leases not released in time; they expire by themselves");
         }
         self.admin_task.abort();
         clean

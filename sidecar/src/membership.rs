@@ -30,7 +30,10 @@ use kube::{
 };
 use shardmesh_api::labels;
 
-use crate::drain::{Drain, Phase};
+use crate::{
+    admin::Gate,
+    drain::{Drain, Phase},
+};
 
 /// Who this pod is: the downward-API environment the operator and the injector set.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -154,7 +157,7 @@ pub fn lease_object(cfg: &MembershipConfig, now: Timestamp, previous: Option<&Le
 }
 
 /// Whether the application accepts a TCP connection (the same check as `/ready`).
-async fn app_ready(app: Option<SocketAddr>) -> bool {
+pub(crate) async fn app_ready(app: Option<SocketAddr>) -> bool {
     let Some(app) = app else { return true };
     matches!(
         tokio::time::timeout(
@@ -237,8 +240,9 @@ async fn release(api: &Api<Lease>, pod: &str) {
     );
 }
 
-/// Keeps the Lease renewed until the sidecar drains, then deletes it and returns.
-pub async fn run(client: Client, cfg: MembershipConfig, drain: Drain) {
+/// Keeps the Lease renewed until the sidecar drains, then deletes it and returns. `registered`
+/// opens at the first successful renewal (`/ready` waits for it).
+pub async fn run(client: Client, cfg: MembershipConfig, drain: Drain, registered: Gate) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.identity.namespace);
     let mut current = None;
     let mut failures = 0u32;
@@ -266,6 +270,7 @@ pub async fn run(client: Client, cfg: MembershipConfig, drain: Drain) {
             Step::Pause => {}
             Step::Renew => match renew(&api, &cfg, &mut current).await {
                 Ok(()) => {
+                    registered.open();
                     if failures > 0 {
                         tracing::info!(failures, "lease renewed again after API errors");
                     }

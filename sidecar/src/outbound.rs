@@ -31,10 +31,8 @@ use crate::{
     timeout::{DeadlineLayer, PerTryTimeoutLayer},
 };
 
-/// Header carrying the shard a request was routed to.
-pub const SHARD_HEADER: &str = "x-shardmesh-shard";
-/// Header carrying the shard-map epoch used for routing.
-pub const EPOCH_HEADER: &str = "x-shardmesh-epoch";
+use shardmesh_api::headers::FENCING_EPOCH;
+pub use shardmesh_api::headers::{EPOCH as EPOCH_HEADER, SHARD as SHARD_HEADER};
 
 /// Shared state of the outbound side.
 #[derive(Clone)]
@@ -177,6 +175,7 @@ fn targets_of(
             header,
             epoch,
             shards,
+            leaders,
         } => {
             let key = req.headers().get(header).ok_or_else(|| {
                 ProxyError::BadRequest(format!(
@@ -186,7 +185,6 @@ fn targets_of(
             })?;
             let n = u32::try_from(shards.len()).unwrap_or(u32::MAX);
             let shard = shardmesh_api::routing::shard_for_key(key.as_bytes(), n);
-            let members = shards.get(shard as usize).cloned().unwrap_or_default();
             {
                 let mut r = ctx.lock();
                 r.shard = Some(shard);
@@ -196,6 +194,25 @@ fn targets_of(
                 .insert(SHARD_HEADER, HeaderValue::from(shard));
             req.headers_mut()
                 .insert(EPOCH_HEADER, HeaderValue::from(*epoch));
+            // Writes to a service that elects leaders go to the shard's leader only, fenced
+            // with its epoch; the leader's application compares it with its own.
+            if let Some(l) = leaders.as_deref() {
+                if l.writes.is_write(req.method(), req.headers()) {
+                    return match l.leaders.get(shard as usize).cloned().flatten() {
+                        Some((leader, leader_epoch)) => {
+                            req.headers_mut()
+                                .insert(FENCING_EPOCH, HeaderValue::from(leader_epoch));
+                            Ok(leader)
+                        }
+                        None => Err(ProxyError::NoEndpoints(format!(
+                            "shard {shard} of {} has no leader for this write (an election is \
+                             in progress or no member is ready); retry shortly",
+                            dest.name
+                        ))),
+                    };
+                }
+            }
+            let members = shards.get(shard as usize).cloned().unwrap_or_default();
             if members.is_empty() {
                 return Err(ProxyError::NoEndpoints(format!(
                     "shard {shard} of {} has no live members",

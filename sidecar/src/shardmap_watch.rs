@@ -20,7 +20,10 @@ use kube::{
 };
 use shardmesh_api::{labels, shardmap::ShardMap};
 
-use crate::discovery::{normalize_authority, sharded_kind, Destination, Discover, StaticRegistry};
+use crate::{
+    admin::Gate,
+    discovery::{normalize_authority, sharded_kind, Destination, Discover, StaticRegistry},
+};
 
 /// One `--shardmap` entry: follow service `service` in `namespace` for requests to `authority`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,7 +85,13 @@ pub fn destination_from_configmap(authority: &str, cm: &ConfigMap) -> Result<Des
     let map: ShardMap = serde_json::from_str(json)
         .map_err(|e| format!("{what}: {} is not a shard map: {e}", labels::SHARDMAP_KEY))?;
     let header = data.and_then(|d| d.get(labels::SHARDMAP_HEADER_KEY));
-    let kind = sharded_kind(&what, header.map(String::as_str), &map)?;
+    let writes = data.and_then(|d| d.get(labels::SHARDMAP_WRITES_KEY));
+    let kind = sharded_kind(
+        &what,
+        header.map(String::as_str),
+        writes.map(String::as_str),
+        &map,
+    )?;
     Ok(Destination {
         name: authority.into(),
         kind,
@@ -128,12 +137,15 @@ impl Discover for LiveRegistry {
     }
 }
 
-/// Follows one shard-map ConfigMap forever, feeding `registry`.
+/// Follows one shard-map ConfigMap forever, feeding `registry`. `synced` opens once the first
+/// listing completed (whether or not the map exists yet), so `/ready` knows the registry's
+/// state.
 pub async fn watch(
     client: Client,
     default_namespace: String,
     source: ShardMapSource,
     registry: Arc<LiveRegistry>,
+    synced: Gate,
 ) {
     let ns = source.namespace.clone().unwrap_or(default_namespace);
     let name = labels::shardmap_name(&source.service);
@@ -172,6 +184,7 @@ pub async fn watch(
             }
             Ok(watcher::Event::Init) => seen_in_init = false,
             Ok(watcher::Event::InitDone) => {
+                synced.open();
                 if !seen_in_init {
                     tracing::warn!(configmap = %format!("{ns}/{name}"),
                                    "no shard map published yet; waiting for the operator");
@@ -232,6 +245,7 @@ mod tests {
             header,
             epoch,
             shards,
+            ..
         } = &d.kind
         else {
             panic!("must be sharded")

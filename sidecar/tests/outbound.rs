@@ -407,3 +407,94 @@ async fn sharded_destination_routes_by_key() {
     assert!(r.body.contains("set the x-shard-key header"), "{}", r.body);
     assert_eq!(s0.hits() + s1.hits(), 2);
 }
+
+#[tokio::test]
+async fn writes_go_to_the_shard_leader_with_its_fencing_epoch() {
+    // Shard 0: followers f and leader l; shard 1: a member but no leader (election under way).
+    let f = Upstream::start(Fault::Ok).await;
+    let l = Upstream::start(Fault::Ok).await;
+    let s1 = Upstream::start(Fault::Ok).await;
+    let reg = format!(
+        "destinations:\n  users.test:\n    writes: methods\n    shardMap:\n      epoch: 3\n      shards:\n        - {{index: 0, members: [{{pod: u-0-0, address: \"{f}\"}}, {{pod: u-0-1, address: \"{l}\"}}], leader: {{pod: u-0-1, address: \"{l}\", epoch: 9}}}}\n        - {{index: 1, members: [{{pod: u-1-0, address: \"{s1}\"}}]}}\n",
+        f = f.addr,
+        l = l.addr,
+        s1 = s1.addr
+    );
+    let sc = sidecar(&reg, FAST, &[]).await;
+    let key_for = |shard: u32| {
+        (0..)
+            .map(|i| format!("key-{i}"))
+            .find(|k| shardmesh_api::routing::shard_for_key(k.as_bytes(), 2) == shard)
+            .unwrap()
+    };
+    let (k0, k1) = (key_for(0), key_for(1));
+    for method in ["POST", "PUT", "DELETE", "PATCH"] {
+        let r = send(
+            sc.outbound,
+            method,
+            "http://users.test/u",
+            &[("x-shard-key", &k0)],
+            "w",
+        )
+        .await;
+        assert_eq!(r.status, 200, "{method}");
+    }
+    assert_eq!(
+        (l.hits(), f.hits()),
+        (4, 0),
+        "every write lands on the leader"
+    );
+    for s in l.seen() {
+        assert_eq!(s.header("x-shardmesh-fencing-epoch"), Some("9"));
+        assert_eq!(s.header("x-shardmesh-epoch"), Some("3"));
+    }
+    // Reads may use any member and carry no fencing epoch: with the leader failing reads, the
+    // retry lands on the follower.
+    l.set_default(Fault::Status(503));
+    for _ in 0..10 {
+        let r = send(
+            sc.outbound,
+            "GET",
+            "http://users.test/u",
+            &[("x-shard-key", &k0)],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    assert!(
+        f.hits() > 0 && l.hits() > 4,
+        "reads use both replicas: f {} l {}",
+        f.hits(),
+        l.hits()
+    );
+    assert!(f
+        .seen()
+        .iter()
+        .all(|s| s.header("x-shardmesh-fencing-epoch").is_none()));
+    // A write to a shard without a leader fails fast, naming the shard; reads still work.
+    let r = send(
+        sc.outbound,
+        "POST",
+        "http://users.test/u",
+        &[("x-shard-key", &k1)],
+        "w",
+    )
+    .await;
+    assert_eq!(r.status, 503);
+    assert!(
+        r.body.contains("shard 1 of users.test:80 has no leader"),
+        "{}",
+        r.body
+    );
+    assert_eq!(s1.hits(), 0);
+    let r = send(
+        sc.outbound,
+        "GET",
+        "http://users.test/u",
+        &[("x-shard-key", &k1)],
+        "",
+    )
+    .await;
+    assert_eq!((r.status, s1.hits()), (200, 1));
+}

@@ -19,6 +19,43 @@ pub const MAX_KEY_BYTES: usize = 1024;
 
 pub const POD_HEADER: &str = "x-demo-pod";
 pub const SHARD_HEADER: &str = "x-demo-shard";
+/// Echo of the role the sidecar told this pod (when its service elects leaders).
+pub const ROLE_HEADER: &str = "x-demo-role";
+
+/// The fencing rule for writes when the sidecar reports a leader role: accept only on the
+/// leader, and only when the caller's fencing epoch is the epoch this pod leads in. `None`:
+/// accept.
+pub fn fence(headers: &hyper::HeaderMap) -> Option<(StatusCode, String)> {
+    use shardmesh_api::headers::{FENCING_EPOCH, LEADER_EPOCH, ROLE, ROLE_LEADER};
+    let role = headers.get(ROLE)?;
+    let num = |h: &str| {
+        headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i64>().ok())
+    };
+    let mine = num(LEADER_EPOCH);
+    let shown = mine.map_or_else(|| "unknown".to_string(), |e| e.to_string());
+    if role.as_bytes() != ROLE_LEADER.as_bytes() {
+        return Some((
+            StatusCode::CONFLICT,
+            format!(
+                "this pod is not the shard leader (leader epoch {shown}); writes go to the leader"
+            ),
+        ));
+    }
+    match num(FENCING_EPOCH) {
+        None => Some((
+            StatusCode::CONFLICT,
+            format!("a write needs the {FENCING_EPOCH} header (set by the calling sidecar); this leader holds epoch {shown}"),
+        )),
+        Some(f) if Some(f) != mine => Some((
+            StatusCode::CONFLICT,
+            format!("stale fencing epoch {f}: this leader holds epoch {shown}; refresh the shard map and retry"),
+        )),
+        Some(_) => None,
+    }
+}
 
 /// The server state shared by all connections.
 #[derive(Debug)]
@@ -142,8 +179,12 @@ impl App {
         B: Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let role = req.headers().get(shardmesh_api::headers::ROLE).cloned();
         let mut resp = self.route(req).await;
         let h = resp.headers_mut();
+        if let Some(role) = role {
+            h.insert(ROLE_HEADER, role);
+        }
         h.insert(POD_HEADER, self.pod_header.clone());
         h.insert(SHARD_HEADER, self.shard_header.clone());
         resp
@@ -227,6 +268,11 @@ impl App {
                     self.config.shard, self.config.pod
                 ),
             );
+        }
+        if matches!(*req.method(), Method::PUT | Method::DELETE) {
+            if let Some((status, why)) = fence(req.headers()) {
+                return text(status, why);
+            }
         }
         match *req.method() {
             Method::GET | Method::HEAD => {
@@ -363,6 +409,62 @@ mod tests {
             }
         }
         (owned.expect("owned key"), other.expect("foreign key"))
+    }
+
+    #[test]
+    fn writes_are_fenced_by_role_and_epoch() {
+        use shardmesh_api::headers::{FENCING_EPOCH, LEADER_EPOCH, ROLE};
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = hyper::HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, HeaderValue::from_static(v));
+            }
+            m
+        };
+        // No role header: the service does not elect leaders; accept.
+        assert_eq!(fence(&h(&[])), None);
+        let follower = fence(&h(&[
+            (ROLE, "follower"),
+            (LEADER_EPOCH, "4"),
+            (FENCING_EPOCH, "4"),
+        ]));
+        assert!(follower
+            .is_some_and(|(s, m)| s == StatusCode::CONFLICT && m.contains("not the shard leader")));
+        let stale = fence(&h(&[
+            (ROLE, "leader"),
+            (LEADER_EPOCH, "5"),
+            (FENCING_EPOCH, "4"),
+        ]));
+        assert!(stale.is_some_and(|(_, m)| m.contains("stale fencing epoch 4")));
+        let unfenced = fence(&h(&[(ROLE, "leader"), (LEADER_EPOCH, "5")]));
+        assert!(unfenced.is_some_and(|(_, m)| m.contains(FENCING_EPOCH)));
+        assert_eq!(
+            fence(&h(&[
+                (ROLE, "leader"),
+                (LEADER_EPOCH, "5"),
+                (FENCING_EPOCH, "5")
+            ])),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn a_follower_refuses_writes_but_serves_reads() {
+        use shardmesh_api::headers::{LEADER_EPOCH, ROLE};
+        let a = app(0, 1);
+        let mut put = req(Method::PUT, "/kv/k", b"v");
+        put.headers_mut()
+            .insert(ROLE, HeaderValue::from_static("follower"));
+        put.headers_mut()
+            .insert(LEADER_EPOCH, HeaderValue::from_static("2"));
+        let r = a.handle(put).await;
+        assert_eq!(r.status(), StatusCode::CONFLICT);
+        assert_eq!(r.headers()[ROLE_HEADER], "follower");
+        assert!(a.is_empty(), "nothing written");
+        let mut get = req(Method::GET, "/kv/k", b"");
+        get.headers_mut()
+            .insert(ROLE, HeaderValue::from_static("follower"));
+        assert_eq!(a.handle(get).await.status(), StatusCode::NOT_FOUND);
     }
 
     #[test]

@@ -71,3 +71,30 @@ pub fn member_account_name(name: &str) -> String {
 pub fn shardmap_reader_name(name: &str) -> String {
     format!("{name}-shardmap-reader")
 }
+
+/// Lease label telling the operator's membership view which Leases are not member Leases.
+pub const LEASE_ROLE: &str = "shardmesh.io/lease-role";
+/// Value of [`LEASE_ROLE`] on the per-shard leader Leases (member Leases carry no such label).
+pub const LEASE_ROLE_LEADER: &str = "leader";
+
+/// Name of the leader Lease of shard `index` of service `name`. Pod names of the shard are
+/// `<name>-<index>-<ordinal>` with a numeric ordinal, so this never names a member Lease.
+pub fn leader_lease_name(name: &str, index: u32) -> String {
+    format!("{name}-{index}-leader")
+}
+
+/// Leader-Lease holder identity: the pod name, `_`, and a per-process suffix, so a restarted
+/// sidecar is a new candidate rather than a continuation of the crashed leader. Pod names
+/// cannot contain `_`.
+pub fn leader_holder(pod: &str, incarnation: &str) -> String {
+    format!("{pod}_{incarnation}")
+}
+
+/// The pod of a leader-Lease holder identity.
+pub fn leader_holder_pod(holder: &str) -> &str {
+    holder.split_once('_').map_or(holder, |(pod, _)| pod)
+}
+
+/// Data key of the shard-map ConfigMap saying how writes are recognised when the service elects
+/// leaders: `methods` (every method that is not safe) or `header:<name>`; absent: no leaders.
+pub const SHARDMAP_WRITES_KEY: &str = "writes";

@@ -4,6 +4,7 @@
 //! This crate has no client and no runtime so the sidecar can depend on it cheaply.
 
 pub mod duration;
+pub mod headers;
 pub mod labels;
 pub mod ports;
 pub mod routing;

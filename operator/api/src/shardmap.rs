@@ -23,6 +23,21 @@ pub struct Shard {
     /// Ready members, sorted by pod name.
     #[serde(default)]
     pub members: Vec<Member>,
+    /// The live leader, when the service elects leaders and the holder is a live member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<Leader>,
+}
+
+/// The leader of one shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Leader {
+    /// Pod name (a member of the same shard).
+    pub pod: String,
+    /// `ip:port` of the leader's sidecar inbound listener.
+    pub address: String,
+    /// Leader epoch: transitions of the shard's leader Lease; sent as the fencing epoch.
+    pub epoch: i64,
 }
 
 /// One live replica.
@@ -56,6 +71,14 @@ impl ShardMap {
                     ));
                 }
             }
+            if let Some(l) = &s.leader {
+                if l.address.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(format!(
+                        "shards[{i}].leader.address: {:?} is not ip:port",
+                        l.address
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -75,9 +98,22 @@ mod tests {
                     pod: "a-0-0".into(),
                     address: "10.0.0.1:4143".into(),
                 }],
+                leader: None,
             }],
         };
         assert_eq!(m.check(), Ok(()));
+        m.shards[0].leader = Some(Leader {
+            pod: "a-0-0".into(),
+            address: "10.0.0.1:4143".into(),
+            epoch: 2,
+        });
+        assert_eq!(m.check(), Ok(()));
+        m.shards[0].leader.as_mut().unwrap().address = "x".into();
+        assert!(m
+            .check()
+            .unwrap_err()
+            .starts_with("shards[0].leader.address"));
+        m.shards[0].leader = None;
         m.shards[0].members[0].address = "nowhere".into();
         assert!(m
             .check()

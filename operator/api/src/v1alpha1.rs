@@ -95,6 +95,11 @@ pub struct ShardedServiceSpec {
     /// How changes are rolled out to the shards.
     #[serde(default)]
     pub rollout: Rollout,
+
+    /// Per-shard leader election (opt-in): one pod of each shard holds a leader Lease, writes go
+    /// to it with a fencing epoch, and every pod is told its role.
+    #[serde(default)]
+    pub leader_election: LeaderElection,
 }
 
 /// The pod template is kept opaque in the CRD schema (a full PodTemplateSpec schema is several
@@ -449,6 +454,47 @@ impl PodManagementPolicy {
     }
 }
 
+/// Per-shard leader election. The sidecars of a shard contend for the Lease
+/// `<name>-<shard>-leader`; its transition count is the shard's leader epoch, which increases
+/// with every new leader. Calling sidecars send requests classified as writes to the leader of
+/// the key's shard with `x-shardmesh-fencing-epoch`; the receiving sidecar tells the application
+/// its role and the epoch it knows (`x-shardmesh-role`, `x-shardmesh-leader-epoch`) so the
+/// application can refuse a write fenced with another epoch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaderElection {
+    /// Elect a leader per shard (default false).
+    #[serde(default)]
+    pub enabled: bool,
+    /// How long a leader stays leader without renewing (default 15s; 3s-5m). A crashed leader
+    /// is replaced after about this long; a leader that cannot renew for two thirds of it steps
+    /// down on its own first, so two pods never both claim the role.
+    #[serde(default = "d_leader_lease")]
+    pub lease_duration: DurationString,
+    /// Which requests are writes: without this, every request whose method is not safe (not
+    /// GET, HEAD, OPTIONS or TRACE); with it, exactly the requests carrying this header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+    )]
+    pub write_header: Option<String>,
+}
+
+fn d_leader_lease() -> DurationString {
+    "15s".into()
+}
+
+impl Default for LeaderElection {
+    fn default() -> Self {
+        LeaderElection {
+            enabled: false,
+            lease_duration: d_leader_lease(),
+            write_header: None,
+        }
+    }
+}
+
 /// Observed state, written only by the operator.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -492,6 +538,13 @@ pub struct ShardStatus {
     /// Names of the ready member pods, sorted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<String>,
+    /// The shard's leader pod, when leader election is enabled and a leader is live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// The shard's leader epoch (transitions of its leader Lease), when leader election is
+    /// enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_epoch: Option<i64>,
 }
 
 /// Condition types set on a ShardedService.

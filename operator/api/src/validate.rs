@@ -175,7 +175,24 @@ fn check_spec(c: &mut Check, spec: &ShardedServiceSpec) {
             );
         }
     }
-    let header = &spec.shard_key.header;
+    check_header(
+        c,
+        "spec.shardKey.header",
+        &spec.shard_key.header,
+        "x-shard-key",
+    );
+    check_template(c, spec);
+    check_resilience(c, spec);
+    check_leader_election(c, spec);
+    c.range(
+        "spec.rollout.maxUnavailable",
+        spec.rollout.max_unavailable.into(),
+        1,
+        100,
+    );
+}
+
+fn check_header(c: &mut Check, path: &str, header: &str, example: &str) {
     if header.is_empty()
         || header.len() > 128
         || !header
@@ -183,18 +200,24 @@ fn check_spec(c: &mut Check, spec: &ShardedServiceSpec) {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+.^_`|~-".contains(&b))
     {
         c.err(
-            "spec.shardKey.header",
-            format!("{header:?} is not a valid HTTP header name; use e.g. \"x-shard-key\""),
+            path,
+            format!("{header:?} is not a valid HTTP header name; use e.g. {example:?}"),
         );
     }
-    check_template(c, spec);
-    check_resilience(c, spec);
-    c.range(
-        "spec.rollout.maxUnavailable",
-        spec.rollout.max_unavailable.into(),
-        1,
-        100,
+}
+
+fn check_leader_election(c: &mut Check, spec: &ShardedServiceSpec) {
+    let le = &spec.leader_election;
+    let p = "spec.leaderElection";
+    c.duration(
+        &format!("{p}.leaseDuration"),
+        &le.lease_duration,
+        Duration::from_secs(3),
+        Duration::from_secs(300),
     );
+    if let Some(h) = &le.write_header {
+        check_header(c, &format!("{p}.writeHeader"), h, "x-write");
+    }
 }
 
 fn check_template(c: &mut Check, spec: &ShardedServiceSpec) {
@@ -437,6 +460,14 @@ mod tests {
             (
                 json!({"shardKey": {"header": "bad header"}}),
                 "spec.shardKey.header",
+            ),
+            (
+                json!({"leaderElection": {"enabled": true, "leaseDuration": "1s"}}),
+                "spec.leaderElection.leaseDuration",
+            ),
+            (
+                json!({"leaderElection": {"enabled": true, "writeHeader": "x:y"}}),
+                "spec.leaderElection.writeHeader",
             ),
             (json!({"template": {}}), "spec.template.spec"),
             (

@@ -11,6 +11,11 @@ pub const APP_PORT: &str = "shardmesh.io/app-port";
 /// the webhook needs no API call per pod.
 pub const RESILIENCE: &str = "shardmesh.io/resilience";
 
+/// Pod annotation: the shard leader Lease duration (e.g. `15s`) when the ShardedService elects
+/// leaders. Written by the operator on shard pods; the sidecar then contends for its shard's
+/// leader Lease.
+pub const LEADER_LEASE: &str = "shardmesh.io/leader-lease-duration";
+
 /// Pod label or annotation `shardmesh.io/inject: disabled` opts a pod out of injection. The
 /// same key as the opt-in label, so one key says yes or no.
 pub const INJECT: &str = shardmesh_api::labels::INJECT;

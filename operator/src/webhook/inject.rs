@@ -155,6 +155,9 @@ fn plan(pod: &Pod, spec: &PodSpec, cfg: &InjectorConfig) -> Result<Patch, String
     let policy = note(annotations::RESILIENCE)
         .map(check_policy)
         .transpose()?;
+    let leader_lease = note(annotations::LEADER_LEASE)
+        .map(check_leader_lease)
+        .transpose()?;
     let resources = match note(annotations::SIDECAR_RESOURCES) {
         None => cfg.resources.clone(),
         Some(text) => serde_json::from_str(text).map_err(|e| {
@@ -177,6 +180,7 @@ fn plan(pod: &Pod, spec: &PodSpec, cfg: &InjectorConfig) -> Result<Patch, String
         cfg,
         app_port,
         policy,
+        leader_lease,
         resources,
         used_port_names: &used_names,
         has_service_label: pod_labels.is_some_and(|l| l.contains_key(labels::SERVICE)),
@@ -270,6 +274,7 @@ fn check_policy(text: &str) -> Result<String, String> {
             template: Default::default(),
             resilience,
             rollout: Default::default(),
+            leader_election: Default::default(),
         },
     );
     let problems: Vec<String> = validate(&probe)
@@ -285,6 +290,18 @@ fn check_policy(text: &str) -> Result<String, String> {
     } else {
         Err(problems.join("; "))
     }
+}
+
+/// Checks the leader Lease duration annotation with the CRD's own rule
+/// (`spec.leaderElection.leaseDuration`).
+fn check_leader_lease(text: &str) -> Result<String, String> {
+    let field = format!("metadata.annotations[{}]", annotations::LEADER_LEASE);
+    let d = shardmesh_api::duration::parse_duration(text)
+        .map_err(|e| format!("{field}: {e}; use e.g. 15s"))?;
+    if !(std::time::Duration::from_secs(3)..=std::time::Duration::from_secs(300)).contains(&d) {
+        return Err(format!("{field}: {text} is out of range; use 3s to 5m"));
+    }
+    Ok(text.to_string())
 }
 
 /// Adds `HTTP_PROXY`/`NO_PROXY` (both spellings: clients disagree on the case) to every app
@@ -320,6 +337,7 @@ struct SidecarInput<'a> {
     cfg: &'a InjectorConfig,
     app_port: Option<u16>,
     policy: Option<String>,
+    leader_lease: Option<String>,
     resources: ResourceRequirements,
     used_port_names: &'a [&'a str],
     has_service_label: bool,
@@ -342,6 +360,9 @@ fn sidecar_container(input: &SidecarInput<'_>) -> Container {
     if let Some(policy) = &input.policy {
         literal("SHARDMESH_POLICY", policy.clone());
     }
+    if let Some(lease) = &input.leader_lease {
+        literal("SHARDMESH_LEADER_LEASE", lease.clone());
+    }
     literal("SHARDMESH_LOG_LEVEL", cfg.log_level.clone());
     let mut field = |name: &str, path: String| {
         env.push(EnvVar {
@@ -359,8 +380,6 @@ fn sidecar_container(input: &SidecarInput<'_>) -> Container {
     field("POD_NAME", "metadata.name".into());
     field("POD_NAMESPACE", "metadata.namespace".into());
     field("POD_IP", "status.podIP".into());
-    // The sidecar's membership Lease is owned by the pod (garbage-collected with it).
-    field("POD_UID", "metadata.uid".into());
     // The sidecar's registry Lease is owned by the pod (garbage-collected with it).
     field("POD_UID", "metadata.uid".into());
     if input.has_service_label {
@@ -666,10 +685,22 @@ mod tests {
         v["metadata"]["annotations"] = json!({
             "shardmesh.io/app-port": "9090",
             "shardmesh.io/resilience": "{\"retries\":{\"maxAttempts\":4}}",
+            "shardmesh.io/leader-lease-duration": "20s",
             "other": "kept"
         });
         let (doc, _) = apply(&v, &InjectorConfig::example());
         let s = sidecar(&doc, "containers");
+        assert_eq!(
+            env(s, "SHARDMESH_LEADER_LEASE").expect("leader")["value"],
+            "20s"
+        );
+        let uids = s["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .filter(|e| e["name"] == "POD_UID")
+            .count();
+        assert_eq!(uids, 1, "each variable once");
         assert_eq!(env(s, "SHARDMESH_APP_PORT").expect("port")["value"], "9090");
         assert_eq!(
             env(s, "SHARDMESH_POLICY").expect("policy")["value"],
@@ -707,6 +738,14 @@ mod tests {
             (
                 json!({"metadata": {"annotations": {"shardmesh.io/sidecar-resources": "[]"}}}),
                 "metadata.annotations[shardmesh.io/sidecar-resources]",
+            ),
+            (
+                json!({"metadata": {"annotations": {"shardmesh.io/leader-lease-duration": "1s"}}}),
+                "metadata.annotations[shardmesh.io/leader-lease-duration]",
+            ),
+            (
+                json!({"metadata": {"annotations": {"shardmesh.io/leader-lease-duration": "soon"}}}),
+                "metadata.annotations[shardmesh.io/leader-lease-duration]",
             ),
             (json!({"spec": {"hostNetwork": true}}), "spec.hostNetwork"),
             (

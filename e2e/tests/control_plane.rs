@@ -1,0 +1,190 @@
+//! Membership and routing across control-plane restarts, on the real cluster. Runs alone (its
+//! own phase of e2e/test.sh): it stops the API server and the operator.
+//!
+//! - The API server is down for 20 s while a client keeps sending keyed requests: none fails
+//!   (sidecars route on the last known map); afterwards every member renews its Lease again
+//!   (the sidecars retried with backoff) and no member was dropped from the map — the operator
+//!   gives every member a full lease duration after it regains its view, instead of expiring
+//!   Leases nobody could renew.
+//! - Both operator replicas are deleted: the map is left as it is, and the new operator
+//!   publishes the next membership change (which the client, whose watch survived the API
+//!   outage, follows).
+
+mod mesh;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    coordination::v1::Lease,
+    core::v1::{ConfigMap, Pod},
+};
+use kube::{
+    api::{DeleteParams, ListParams},
+    Api, ResourceExt,
+};
+use mesh::{members, shard_map, Load};
+use serde_json::json;
+use shardmesh_api::{labels, ShardedService};
+use shardmesh_e2e::{
+    apply_service, client, demo_service, wait_for, TestNamespace, OPERATOR_NAMESPACE, WAIT,
+};
+
+const SHARDS: usize = 2;
+const REPLICAS: usize = 2;
+const OUTAGE: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "e2e: needs the real cluster; run e2e/test.sh"]
+async fn control_plane_restarts_keep_membership_and_routing() {
+    let client = client().await;
+    let ns = TestNamespace::create(&client, "ctlplane").await;
+    let injected = mesh::injection_installed(&client).await;
+    let mut body = demo_service("steady", SHARDS as i32, REPLICAS as i32);
+    body["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = json!(20);
+    mesh::add_sidecar_if_not_injected(&mut body, injected, &[]);
+    let svcs: Api<ShardedService> = ns.api();
+    apply_service(&svcs, &body).await.expect("apply steady");
+    let cms: Api<ConfigMap> = ns.api();
+    let leases: Api<Lease> = ns.api();
+    wait_for("all members in the map", WAIT, || async {
+        let m = shard_map(&cms, "steady").await?;
+        Ok((members(&m).len() == SHARDS * REPLICAS).then_some(()))
+    })
+    .await;
+    let http = mesh::http();
+    let proxy = mesh::start_client(&ns, "steady", &http).await;
+    let host = format!("steady.{}:8080", ns.name);
+    let settled = shard_map(&cms, "steady").await.expect("map");
+
+    // 1. API server down for OUTAGE under load.
+    let load = Load::start(&http, proxy, &host, "GET", "outage");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (stopped, ready) = tokio::task::spawn_blocking(|| mesh::restart_apiserver(OUTAGE))
+        .await
+        .expect("restart task");
+    let during = load.sent();
+    eprintln!(
+        "[e2e] API server unavailable for {:.1}s; {during} requests sent so far",
+        ready - stopped
+    );
+    // Every member renews after the restart (the sidecars retried with backoff).
+    let renewed = wait_for(
+        "every member Lease renewed after the restart",
+        Duration::from_secs(60),
+        || async {
+            let list = leases
+                .list(&ListParams::default().labels(&labels::service_selector_string("steady")))
+                .await?;
+            let renewed_after = |l: &Lease| {
+                l.spec
+                    .as_ref()
+                    .and_then(|s| s.renew_time.as_ref())
+                    .is_some_and(|t| t.0.as_millisecond() as f64 / 1000.0 > ready)
+            };
+            let n = list.items.iter().filter(|l| renewed_after(l)).count();
+            Ok((n == SHARDS * REPLICAS).then_some(Instant::now()))
+        },
+    )
+    .await;
+    let _ = renewed;
+    eprintln!(
+        "[e2e] all {} member Leases renewed {:.1}s after the API server was ready",
+        SHARDS * REPLICAS,
+        mesh::wall() - ready
+    );
+    // Give the operator time to act on its view (it requeues at the next expiry).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = shard_map(&cms, "steady").await.expect("map");
+    assert_eq!(
+        (after.epoch, members(&after)),
+        (settled.epoch, members(&settled)),
+        "the outage must not change the membership"
+    );
+    let (sent, failed, last) = load.finish().await;
+    eprintln!("[e2e] API server outage: {sent} requests, failures {failed:?}");
+    assert!(
+        failed.is_empty(),
+        "requests failed during the API server outage: {failed:?}, last: {last:?}"
+    );
+
+    // 2. Both operator replicas deleted: the map stays, the new operator publishes changes.
+    let load = Load::start(&http, proxy, &host, "GET", "operator");
+    let ops: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let old: Vec<String> = ops
+        .list(&ListParams::default().labels("app.kubernetes.io/component=controller"))
+        .await
+        .expect("operator pods")
+        .items
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    assert!(!old.is_empty(), "no operator pods found");
+    for p in &old {
+        ops.delete(p, &DeleteParams::default())
+            .await
+            .expect("delete operator pod");
+    }
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let t = Instant::now();
+    wait_for("replacement operator pods available", WAIT, || async {
+        let pods = ops
+            .list(&ListParams::default().labels("app.kubernetes.io/component=controller"))
+            .await?;
+        let fresh = pods
+            .items
+            .iter()
+            .filter(|p| !old.contains(&p.name_any()) && p.metadata.deletion_timestamp.is_none())
+            .count();
+        let d = deploys.get("shardmesh-operator").await?;
+        let available = d.status.and_then(|s| s.available_replicas).unwrap_or(0);
+        Ok((fresh >= 1 && available >= 1).then_some(()))
+    })
+    .await;
+    eprintln!(
+        "[e2e] operator replaced after {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let kept = shard_map(&cms, "steady").await.expect("map");
+    assert_eq!(
+        kept.epoch, settled.epoch,
+        "an operator restart must not change the map"
+    );
+
+    let pods: Api<Pod> = ns.api();
+    let victim = "steady-1-1";
+    let old_uid = pods.get(victim).await.expect("victim").uid();
+    pods.delete(victim, &DeleteParams::default())
+        .await
+        .expect("delete member");
+    let dropped = wait_for(
+        "the new operator drops the deleted member",
+        WAIT,
+        || async {
+            let m = shard_map(&cms, "steady").await?;
+            Ok((!members(&m).contains(victim)).then_some(m))
+        },
+    )
+    .await;
+    let back = wait_for("the recreated member rejoins", WAIT, || async {
+        let p = pods.get(victim).await?;
+        if p.uid() == old_uid {
+            return Ok(None);
+        }
+        let m = shard_map(&cms, "steady").await?;
+        Ok((members(&m).len() == SHARDS * REPLICAS).then_some(m))
+    })
+    .await;
+    let (sent, failed, last) = load.finish().await;
+    eprintln!(
+        "[e2e] operator restart: map epoch {} kept; member change published as epochs {} and {}; \
+         {sent} requests, failures {failed:?}",
+        kept.epoch, dropped.epoch, back.epoch
+    );
+    assert!(dropped.epoch > kept.epoch && back.epoch > dropped.epoch);
+    assert!(
+        failed.is_empty(),
+        "requests failed across the operator restart: {failed:?}, last: {last:?}"
+    );
+    ns.delete().await;
+}
