@@ -150,7 +150,16 @@ phase e2e
 E2E_ENV=(env KUBECONFIG="$KUBECONFIG_FILE" SHARDMESH_E2E=1 SHARDMESH_E2E_LOGS="$E2E_DIR/logs" SHARDMESH_HELM="$HELM")
 # shellcheck disable=SC2086 # SHARDMESH_E2E_TEST_ARGS is a list of words
 in_ns "${E2E_ENV[@]}" cargo test -p shardmesh-e2e --locked --offline --no-fail-fast -- --ignored \
-  --test-threads=2 --skip helm_lifecycle ${SHARDMESH_E2E_TEST_ARGS:-}
+  --test-threads=2 --skip helm_lifecycle --skip control_plane ${SHARDMESH_E2E_TEST_ARGS:-}
+
+# Alone: restarts the API server and the operator, which would disturb concurrent scenarios.
+phase control-plane
+in_ns "${E2E_ENV[@]}" cargo test -p shardmesh-e2e --locked --offline --test control_plane -- --ignored
+
+# The operator and webhook benchmarks in smoke mode (proves the harness runs; never judges
+# timing): BENCHMARKS.md, e2e/bench/run.sh.
+phase bench-smoke
+"$HERE/bench/run.sh" --smoke --out "$E2E_DIR/logs/bench-smoke"
 
 # Last, alone: helm upgrade and uninstall of the release the scenarios above ran against.
 phase helm-lifecycle

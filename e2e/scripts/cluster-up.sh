@@ -6,6 +6,8 @@
 # Env:   SHARDMESH_E2E_DIR   state dir (default /tmp/shardmesh-e2e)
 #        SHARDMESH_E2E_NETNS network namespace (default shardmesh-e2e)
 #        SHARDMESH_WAIT      seconds to wait for each component (default 120)
+#        SHARDMESH_E2E_SERVICE_CIDR  ClusterIP range (default 10.254.128.0/20: room for the
+#                            operator benchmark's 1,000 routing Services, e2e/bench/run.sh)
 #
 # All daemons are children of a supervisor (e2e/scripts/supervisor.py, a child subreaper) that
 # runs inside the namespace, so they are reaped even where PID 1 does not reap. PIDs are in
@@ -17,6 +19,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 source "$HERE/lib.sh"
 
 WAIT=${SHARDMESH_WAIT:-120}
+SERVICE_CIDR=${SHARDMESH_E2E_SERVICE_CIDR:-$SERVICE_CIDR}
 DIR=$E2E_DIR
 P=$DIR/pki
 LOGS=$DIR/logs

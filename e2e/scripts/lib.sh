@@ -56,7 +56,7 @@ owns_state_dir() {
 NODE_IP=10.254.0.10           # on the netns's lo; kubelet refuses a loopback node IP
 NODE_NAME=shardmesh-e2e-node
 POD_CIDR=10.254.64.0/24       # CNI bridge (host-local IPAM)
-SERVICE_CIDR=10.254.128.0/24  # ClusterIPs; routed to lo inside the netns so kube-proxy DNATs them
+SERVICE_CIDR=10.254.128.0/20  # ClusterIPs (4,096: the operator benchmark makes 1,000 Services); routed to lo inside the netns so kube-proxy DNATs them
 API_PORT=6443
 ETCD_PORT=2379
 BRIDGE=shardmesh-br0

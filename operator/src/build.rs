@@ -181,7 +181,9 @@ fn shard_service(
             cluster_ip: Some("None".into()),
             selector: Some(labels::shard_selector(name, shard)),
             ports: Some(vec![http_port(svc, opts)]),
-            publish_not_ready_addresses: Some(false),
+            // Fields left at their API default stay unset: the server stores `false` as absent,
+            // so applying it would make every apply a change (a new managedFields time, a
+            // watch event, another reconcile: a loop).
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -387,6 +389,10 @@ mod tests {
         for (i, s) in d.shard_services.iter().enumerate() {
             let spec = s.spec.as_ref().expect("spec");
             assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+            assert_eq!(
+                spec.publish_not_ready_addresses, None,
+                "API default: leave unset"
+            );
             assert_eq!(
                 spec.selector.as_ref().expect("sel")["shardmesh.io/shard"],
                 i.to_string()

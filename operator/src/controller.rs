@@ -42,8 +42,6 @@ use crate::{
 
 /// Requeue interval once everything is ready: a safety net, changes arrive through watches.
 const RESYNC: Duration = Duration::from_secs(300);
-/// Reconciles in flight at once, per controller.
-pub const RECONCILE_CONCURRENCY: u16 = 16;
 /// Requeue interval while shards are not ready.
 const RESYNC_NOT_READY: Duration = Duration::from_secs(30);
 /// First and largest delay of the per-object error backoff.
@@ -145,14 +143,7 @@ pub async fn run(
     if caps.pdb_v1 {
         controller = controller.owns(Api::<PodDisruptionBudget>::all(client.clone()), managed);
     }
-    // Bounded work in flight (memory and API-server load stay flat however many services
-    // change at once), and bursts of child-object events (a StatefulSet's status moving
-    // through a rollout) merged into one reconcile.
-    let controller = controller.with_config(
-        kube::runtime::controller::Config::default()
-            .concurrency(RECONCILE_CONCURRENCY)
-            .debounce(Duration::from_millis(200)),
-    );
+
     let ctx = Arc::new(
         Context::new(client, caps, instance)
             .with_options(options)

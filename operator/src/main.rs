@@ -98,9 +98,9 @@ async fn controller(
     options: shardmesh_operator::build::BuildOptions,
     metrics_addr: SocketAddr,
     leader: LeaderArgs,
+    metrics: std::sync::Arc<shardmesh_operator::metrics::Metrics>,
 ) -> anyhow::Result<()> {
     use shardmesh_operator::{leader, metrics};
-    let metrics = std::sync::Arc::new(metrics::Metrics::default());
     let listener = tokio::net::TcpListener::bind(metrics_addr)
         .await
         .map_err(|e| {
@@ -284,11 +284,19 @@ async fn main() -> anyhow::Result<()> {
             leader,
         } => {
             init_logging(log_format);
-            let client = kube::Client::try_default().await.map_err(|e| {
+            let metrics = std::sync::Arc::new(shardmesh_operator::metrics::Metrics::default());
+            let config = kube::Config::infer().await.map_err(|e| {
                 anyhow::anyhow!("no Kubernetes config (in-cluster or KUBECONFIG): {e}")
             })?;
+            // Every API request of the controller is counted by verb (its /metrics).
+            let client = kube::client::ClientBuilder::try_from(config)
+                .map_err(|e| anyhow::anyhow!("building the Kubernetes client: {e}"))?
+                .with_layer(&shardmesh_operator::metrics::count_api_requests(
+                    metrics.api_requests(),
+                ))
+                .build();
             let options = shardmesh_operator::build::BuildOptions { sidecar_injection };
-            controller(client, instance, options, metrics_addr, leader).await
+            controller(client, instance, options, metrics_addr, leader, metrics).await
         }
         Command::Webhook(args) => {
             init_logging(args.log_format);

@@ -1,5 +1,6 @@
 //! Prometheus metrics and health endpoints of the controller: a few atomics and a fixed-bucket
-//! histogram rendered in the text exposition format, served on a small HTTP listener.
+//! histogram rendered in the text exposition format, served on a small HTTP listener. The
+//! controller's Kubernetes client counts its own API requests by verb ([`count_api_requests`]).
 
 use std::{
     collections::BTreeMap,
@@ -17,6 +18,7 @@ use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tower::util::MapRequestLayer;
 use tracing::{info, warn};
 
 /// Upper bounds (seconds) of the reconcile-duration histogram buckets.
@@ -78,6 +80,123 @@ fn header(s: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(s, "# TYPE {name} {kind}");
 }
 
+/// Verbs of Kubernetes API requests, as the API server names them (`apply` is a server-side
+/// apply PATCH); `other` covers non-resource paths that are not GETs.
+const API_VERBS: [&str; 10] = [
+    "get",
+    "list",
+    "watch",
+    "create",
+    "update",
+    "patch",
+    "apply",
+    "delete",
+    "deletecollection",
+    "other",
+];
+
+/// Client-side count of Kubernetes API requests by verb, updated by the layer that
+/// [`count_api_requests`] puts on the controller's client.
+#[derive(Default)]
+pub struct ApiRequests {
+    counts: [AtomicU64; API_VERBS.len()],
+}
+
+impl ApiRequests {
+    /// Counts one request.
+    pub fn record<B>(&self, req: &http::Request<B>) {
+        let verb = api_verb(req);
+        if let Some(i) = API_VERBS.iter().position(|v| *v == verb) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Requests counted so far with `verb` (one of the API server's verbs).
+    pub fn count(&self, verb: &str) -> u64 {
+        API_VERBS
+            .iter()
+            .position(|v| *v == verb)
+            .map_or(0, |i| self.counts[i].load(Ordering::Relaxed))
+    }
+
+    fn render(&self, s: &mut String) {
+        let name = "shardmesh_operator_api_requests_total";
+        header(
+            s,
+            name,
+            "counter",
+            "Kubernetes API requests sent by the controller, by verb.",
+        );
+        for (verb, n) in API_VERBS.iter().zip(&self.counts) {
+            let _ = writeln!(s, "{name}{{verb=\"{verb}\"}} {}", n.load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// The API server's verb for a request: `watch` for `?watch=true|1`, `get`/`list` and
+/// `delete`/`deletecollection` by whether the path names one object, `apply` for a server-side
+/// apply PATCH.
+pub fn api_verb<B>(req: &http::Request<B>) -> &'static str {
+    let watch = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    let named = path_names_object(req.uri().path());
+    match *req.method() {
+        http::Method::GET if watch => "watch",
+        http::Method::GET if named => "get",
+        http::Method::GET => "list",
+        http::Method::POST => "create",
+        http::Method::PUT => "update",
+        http::Method::PATCH => {
+            let apply = req
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/apply-patch"));
+            if apply {
+                "apply"
+            } else {
+                "patch"
+            }
+        }
+        http::Method::DELETE if named => "delete",
+        http::Method::DELETE => "deletecollection",
+        _ => "other",
+    }
+}
+
+/// Whether a resource path (`/api/v1/...`, `/apis/<group>/<version>/...`) names one object
+/// (possibly a subresource of it) rather than a collection. Non-resource paths count as named.
+fn path_names_object(path: &str) -> bool {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let rest = match segments.first() {
+        Some(&"api") => segments.get(2..),
+        Some(&"apis") => segments.get(3..),
+        _ => return true,
+    }
+    .unwrap_or_default();
+    // namespaces/<ns>/<resource>... is a namespaced resource; namespaces/<ns> is a Namespace.
+    let rest = match rest {
+        ["namespaces", _, tail @ ..] if !tail.is_empty() => tail,
+        _ => rest,
+    };
+    rest.len() >= 2
+}
+
+/// A tower layer for the controller's `kube::Client` (`ClientBuilder::with_layer`) that counts
+/// every request it sends in `counter`, by verb.
+pub fn count_api_requests(
+    counter: Arc<ApiRequests>,
+) -> MapRequestLayer<
+    impl FnMut(http::Request<kube::client::Body>) -> http::Request<kube::client::Body> + Clone,
+> {
+    MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
+        counter.record(&req);
+        req
+    })
+}
+
 /// Metrics of the operator binary: the controller records reconciles, the webhook admissions.
 /// Cheap to update from every reconcile and admission.
 pub struct Metrics {
@@ -88,6 +207,7 @@ pub struct Metrics {
     leader: AtomicBool,
     admissions: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     admission_duration: Histogram,
+    api_requests: Arc<ApiRequests>,
 }
 
 impl Default for Metrics {
@@ -100,6 +220,7 @@ impl Default for Metrics {
             leader: AtomicBool::new(false),
             admissions: Mutex::default(),
             admission_duration: Histogram::new(&ADMISSION_BUCKETS),
+            api_requests: Arc::default(),
         }
     }
 }
@@ -128,6 +249,11 @@ impl Metrics {
             .entry((webhook, outcome))
             .or_default() += 1;
         self.admission_duration.observe(took);
+    }
+
+    /// The API request counter to hand to [`count_api_requests`].
+    pub fn api_requests(&self) -> Arc<ApiRequests> {
+        self.api_requests.clone()
     }
 
     /// Whether this replica currently leads (and so reconciles).
@@ -195,6 +321,7 @@ impl Metrics {
             "shardmesh_webhook_admission_duration_seconds",
             "Time the admission handler took per request.",
         );
+        self.api_requests.render(&mut s);
         s
     }
 }
@@ -277,5 +404,115 @@ mod tests {
         assert!(t.contains(series), "{t}");
         assert!(t.contains("shardmesh_webhook_admission_duration_seconds_bucket{le=\"0.00005\"} 1"));
         assert!(t.contains("shardmesh_webhook_admission_duration_seconds_count 1"));
+    }
+
+    fn req(method: &str, uri: &str, content_type: Option<&str>) -> http::Request<()> {
+        let mut b = http::Request::builder().method(method).uri(uri);
+        if let Some(ct) = content_type {
+            b = b.header(http::header::CONTENT_TYPE, ct);
+        }
+        b.body(()).expect("request literal")
+    }
+
+    #[test]
+    fn classifies_api_verbs() {
+        let cases = [
+            ("GET", "/api/v1/namespaces/ns/services/a", None, "get"),
+            ("GET", "/api/v1/namespaces/ns/services", None, "list"),
+            ("GET", "/api/v1/namespaces/ns", None, "get"),
+            ("GET", "/api/v1/namespaces", None, "list"),
+            (
+                "GET",
+                "/apis/apps/v1/statefulsets?labelSelector=x&watch=true&resourceVersion=1",
+                None,
+                "watch",
+            ),
+            (
+                "GET",
+                "/apis/apps/v1/namespaces/ns/statefulsets/a-0/status",
+                None,
+                "get",
+            ),
+            (
+                "GET",
+                "/apis/shardmesh.io/v1alpha1/shardedservices?limit=1",
+                None,
+                "list",
+            ),
+            ("GET", "/version", None, "get"),
+            ("POST", "/api/v1/namespaces/ns/events", None, "create"),
+            (
+                "PUT",
+                "/apis/coordination.k8s.io/v1/namespaces/ns/leases/l",
+                None,
+                "update",
+            ),
+            (
+                "PATCH",
+                "/apis/apps/v1/namespaces/ns/statefulsets/a-0?fieldManager=m&force=true",
+                Some("application/apply-patch+yaml"),
+                "apply",
+            ),
+            (
+                "PATCH",
+                "/api/v1/namespaces/ns/configmaps/c",
+                Some("application/merge-patch+json"),
+                "patch",
+            ),
+            (
+                "DELETE",
+                "/api/v1/namespaces/ns/services/a-3",
+                None,
+                "delete",
+            ),
+            (
+                "DELETE",
+                "/api/v1/namespaces/ns/pods",
+                None,
+                "deletecollection",
+            ),
+            ("OPTIONS", "/api/v1/namespaces/ns/pods", None, "other"),
+        ];
+        for (method, uri, ct, verb) in cases {
+            assert_eq!(api_verb(&req(method, uri, ct)), verb, "{method} {uri}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_client_layer_counts_requests_by_verb() {
+        use tower::{Layer, ServiceExt};
+        let m = Metrics::default();
+        let inner = tower::service_fn(|_req: http::Request<kube::client::Body>| async {
+            Ok::<_, Infallible>(http::Response::new(()))
+        });
+        let svc = count_api_requests(m.api_requests()).layer(inner);
+        let send = |method: &str, uri: &str| {
+            http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(kube::client::Body::from(Vec::<u8>::new()))
+                .expect("request literal")
+        };
+        svc.clone()
+            .oneshot(send("GET", "/api/v1/namespaces/ns/configmaps/c"))
+            .await
+            .expect("served");
+        svc.clone()
+            .oneshot(send("GET", "/api/v1/configmaps?watch=true"))
+            .await
+            .expect("served");
+        svc.oneshot(send("GET", "/api/v1/namespaces/ns/configmaps/d"))
+            .await
+            .expect("served");
+        assert_eq!(m.api_requests().count("get"), 2);
+        assert_eq!(m.api_requests().count("watch"), 1);
+        assert_eq!(m.api_requests().count("list"), 0);
+        let t = m.render();
+        assert!(
+            t.contains("shardmesh_operator_api_requests_total{verb=\"get\"} 2"),
+            "{t}"
+        );
+        assert!(t.contains("shardmesh_operator_api_requests_total{verb=\"watch\"} 1"));
+        assert!(t.contains("shardmesh_operator_api_requests_total{verb=\"apply\"} 0"));
     }
 }

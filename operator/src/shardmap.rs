@@ -696,9 +696,7 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
             Some(ObjectRef::<ShardedService>::new(&svc).within(&pod.namespace()?))
         })
         .with_config(
-            kube::runtime::controller::Config::default()
-                .concurrency(crate::controller::RECONCILE_CONCURRENCY)
-                .debounce(Duration::from_millis(500)),
+            kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)),
         );
     let ctx = Arc::new(Context {
         client,
