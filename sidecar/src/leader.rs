@@ -39,7 +39,10 @@ use k8s_openapi::{
 use kube::{api::PostParams, Api, Client};
 use shardmesh_api::headers;
 
-use crate::drain::{Drain, Phase};
+use crate::{
+    drain::{Drain, Phase},
+    membership::{is_status, whole_seconds},
+};
 
 /// Leader-election settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,8 +189,7 @@ pub fn next_lease(
     let mut next = current.clone();
     let spec = next.spec.get_or_insert_with(LeaseSpec::default);
     spec.renew_time = Some(MicroTime(now));
-    spec.lease_duration_seconds =
-        Some(i32::try_from(cfg.duration.as_secs().max(1)).unwrap_or(i32::MAX));
+    spec.lease_duration_seconds = Some(whole_seconds(cfg.duration));
     if decision == Decision::Acquire {
         spec.holder_identity = Some(cfg.holder.clone());
         spec.acquire_time = Some(MicroTime(now));
@@ -215,10 +217,6 @@ fn record(lease: &Lease) -> Record {
         spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0),
         epoch_of(lease),
     )
-}
-
-fn is_status(e: &kube::Error, code: u16) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
 /// Runs the election until the sidecar drains; releases the role first if held.

@@ -99,7 +99,7 @@ pub fn retry_delay(failures: u32, cap: Duration) -> Duration {
 }
 
 /// Whole seconds for `leaseDurationSeconds` (at least 1).
-fn whole_seconds(d: Duration) -> i32 {
+pub(crate) fn whole_seconds(d: Duration) -> i32 {
     i32::try_from(d.as_secs().max(1)).unwrap_or(i32::MAX)
 }
 
@@ -169,7 +169,8 @@ pub(crate) async fn app_ready(app: Option<SocketAddr>) -> bool {
     )
 }
 
-fn is_status(e: &kube::Error, code: u16) -> bool {
+/// Whether an API call failed with HTTP status `code`.
+pub(crate) fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
 

@@ -380,13 +380,7 @@ async fn sharded_destination_routes_by_key() {
         s0.addr, s1.addr
     );
     let sc = sidecar(&reg, FAST, &[]).await;
-    let key_for = |shard: u32| {
-        (0..)
-            .map(|i| format!("key-{i}"))
-            .find(|k| shardmesh_api::routing::shard_for_key(k.as_bytes(), 2) == shard)
-            .unwrap()
-    };
-    let (k0, k1) = (key_for(0), key_for(1));
+    let (k0, k1) = (key_for(0, 2), key_for(1, 2));
     for (key, up, shard) in [(&k0, &s0, "0"), (&k1, &s1, "1")] {
         let r = send(
             sc.outbound,
@@ -421,13 +415,7 @@ async fn writes_go_to_the_shard_leader_with_its_fencing_epoch() {
         s1 = s1.addr
     );
     let sc = sidecar(&reg, FAST, &[]).await;
-    let key_for = |shard: u32| {
-        (0..)
-            .map(|i| format!("key-{i}"))
-            .find(|k| shardmesh_api::routing::shard_for_key(k.as_bytes(), 2) == shard)
-            .unwrap()
-    };
-    let (k0, k1) = (key_for(0), key_for(1));
+    let (k0, k1) = (key_for(0, 2), key_for(1, 2));
     for method in ["POST", "PUT", "DELETE", "PATCH"] {
         let r = send(
             sc.outbound,

@@ -385,3 +385,11 @@ pub fn metric(text: &str, series: &str) -> u64 {
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
         .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
 }
+
+/// The first key `key-<i>` that routes to `shard` of `shards`.
+pub fn key_for(shard: u32, shards: u32) -> String {
+    (0..)
+        .map(|i| format!("key-{i}"))
+        .find(|k| shardmesh_api::routing::shard_for_key(k.as_bytes(), shards) == shard)
+        .expect("some key routes to every shard")
+}
