@@ -246,3 +246,17 @@ where
     v.sort();
     Ok(v)
 }
+
+/// Writes `contents` to `<SHARDMESH_E2E_LOGS>/<name>` (the harness keeps that directory with
+/// the run's logs) and returns the path; `Ok(None)` when the variable is unset (a run outside
+/// the harness).
+pub fn write_artifact(name: &str, contents: &str) -> std::io::Result<Option<std::path::PathBuf>> {
+    let Some(dir) = std::env::var_os("SHARDMESH_E2E_LOGS") else {
+        return Ok(None);
+    };
+    let dir = std::path::PathBuf::from(dir);
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(name);
+    std::fs::write(&path, contents)?;
+    Ok(Some(path))
+}

@@ -182,7 +182,9 @@ async fn lifecycle_scale_shards_and_garbage_collection() {
     .await;
     body["spec"]["replicasPerShard"] = json!(2);
 
-    // Add a shard.
+    // Add a shard (no handoff window: this scenario is about the objects; tests/reshard.rs
+    // covers the window under load).
+    body["spec"]["resharding"] = json!({"handoffWindow": "0s"});
     body["spec"]["shards"] = json!(4);
     apply_service(&svcs, &body).await.expect("4 shards");
     let s = wait_ready(&svcs, "orders", "orders with 4 shards Ready").await;

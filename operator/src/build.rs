@@ -28,7 +28,9 @@ pub mod env {
     pub const SERVICE: &str = "SHARDMESH_SERVICE";
     /// Shard index of the pod.
     pub const SHARD: &str = "SHARDMESH_SHARD";
-    /// Number of shards (an app may reject keys it does not own).
+    /// Number of shards when the pod's StatefulSet was created: the initial view only. It
+    /// never changes afterwards (changing it would restart the shard), so an app decides key
+    /// ownership per request from `x-shardmesh-shards`, which the sidecar sets.
     pub const SHARDS: &str = "SHARDMESH_SHARDS";
     /// Pod name (downward API).
     pub const POD_NAME: &str = "POD_NAME";
@@ -63,9 +65,47 @@ pub struct BuildOptions {
     pub sidecar_injection: bool,
 }
 
+/// Which shards have workloads, and what their pods were first told.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Workloads {
+    /// Shards with workloads: `spec.shards`, or more while removed shards serve handoff reads
+    /// (see `reshard::workload_shards`).
+    pub shards: u32,
+    /// `SHARDMESH_SHARDS` of existing StatefulSets by shard index, kept as they are so that a
+    /// change of the shard count never restarts a shard; new ones get `spec.shards`.
+    pub initial_shards: BTreeMap<u32, String>,
+}
+
+impl Workloads {
+    /// The workloads of a spec with no existing StatefulSets.
+    pub fn of(svc: &ShardedService) -> Self {
+        Workloads {
+            shards: u32::try_from(svc.spec.shards).unwrap_or(0),
+            initial_shards: BTreeMap::new(),
+        }
+    }
+
+    /// `SHARDMESH_SHARDS` of an existing StatefulSet's first container, if set.
+    pub fn initial_of(sts: &StatefulSet) -> Option<String> {
+        sts.spec
+            .as_ref()?
+            .template
+            .spec
+            .as_ref()?
+            .containers
+            .first()?
+            .env
+            .as_ref()?
+            .iter()
+            .find(|e| e.name == env::SHARDS)?
+            .value
+            .clone()
+    }
+}
+
 /// Builds the desired objects with default options. The spec must have passed validation.
 pub fn build(svc: &ShardedService, caps: &Capabilities) -> Result<Desired> {
-    build_with(svc, caps, BuildOptions::default())
+    build_with(svc, caps, BuildOptions::default(), &Workloads::of(svc))
 }
 
 /// Builds the desired objects. The spec must have passed validation.
@@ -73,6 +113,7 @@ pub fn build_with(
     svc: &ShardedService,
     caps: &Capabilities,
     opts: BuildOptions,
+    workloads: &Workloads,
 ) -> Result<Desired> {
     let owner = svc
         .controller_owner_ref(&())
@@ -81,7 +122,7 @@ pub fn build_with(
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = svc.name_any();
-    let shards = u32::try_from(svc.spec.shards).unwrap_or(0);
+    let shards = workloads.shards;
     let mut desired = Desired {
         routing_service: routing_service(svc, &name, &ns, &owner, opts),
         ..Desired::default()
@@ -89,7 +130,7 @@ pub fn build_with(
     for i in 0..shards {
         desired
             .stateful_sets
-            .push(stateful_set(svc, &name, &ns, &owner, i));
+            .push(stateful_set(svc, &name, &ns, &owner, i, workloads));
         desired
             .shard_services
             .push(shard_service(svc, &name, &ns, &owner, i, opts));
@@ -222,8 +263,14 @@ fn stateful_set(
     ns: &str,
     owner: &OwnerReference,
     shard: u32,
+    workloads: &Workloads,
 ) -> StatefulSet {
     let selector = labels::shard_selector(name, shard);
+    let initial = workloads
+        .initial_shards
+        .get(&shard)
+        .cloned()
+        .unwrap_or_else(|| svc.spec.shards.to_string());
     StatefulSet {
         metadata: meta(
             labels::shard_object_name(name, shard),
@@ -243,7 +290,7 @@ fn stateful_set(
                 type_: Some("RollingUpdate".into()),
                 ..StatefulSetUpdateStrategy::default()
             }),
-            template: pod_template(svc, name, shard, selector),
+            template: pod_template(svc, name, shard, &initial, selector),
             ..StatefulSetSpec::default()
         }),
         ..StatefulSet::default()
@@ -257,6 +304,7 @@ fn pod_template(
     svc: &ShardedService,
     name: &str,
     shard: u32,
+    initial_shards: &str,
     selector: BTreeMap<String, String>,
 ) -> PodTemplateSpec {
     let mut tpl = svc.spec.template.clone();
@@ -278,7 +326,7 @@ fn pod_template(
     let identity = [
         literal(env::SERVICE, name),
         literal(env::SHARD, &shard.to_string()),
-        literal(env::SHARDS, &svc.spec.shards.to_string()),
+        literal(env::SHARDS, initial_shards),
         field(env::POD_NAME, "metadata.name"),
         field(env::POD_NAMESPACE, "metadata.namespace"),
         field(env::POD_IP, "status.podIP"),
@@ -473,7 +521,8 @@ mod tests {
         let opts = BuildOptions {
             sidecar_injection: true,
         };
-        let injected = build_with(&svc(2, 1), &caps, opts).expect("builds");
+        let s = svc(2, 1);
+        let injected = build_with(&s, &caps, opts, &Workloads::of(&s)).expect("builds");
         assert!(target(&injected)
             .iter()
             .all(|t| *t == (8080, Some(IntOrString::Int(4143)))));
@@ -524,28 +573,39 @@ mod tests {
     fn shards_added_keep_existing_ones_identical() {
         let caps = Capabilities::latest();
         let a = build(&svc(3, 2), &caps).expect("a");
-        let b = build(&svc(4, 2), &caps).expect("b");
+        // What the reconciler reads back from the existing StatefulSets.
+        let grown = svc(4, 2);
+        let workloads = Workloads {
+            shards: 4,
+            initial_shards: a
+                .stateful_sets
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| Some((i as u32, Workloads::initial_of(s)?)))
+                .collect(),
+        };
+        assert_eq!(workloads.initial_shards.len(), 3);
+        let b = build_with(&grown, &caps, BuildOptions::default(), &workloads).expect("b");
         assert_eq!(b.stateful_sets.len(), 4);
-        // Existing shards only learn the new shard count.
-        for (x, y) in a.stateful_sets.iter().zip(&b.stateful_sets) {
-            let mut x = x.clone();
-            for c in &mut x
-                .spec
-                .as_mut()
-                .expect("spec")
-                .template
-                .spec
-                .as_mut()
-                .expect("pod")
-                .containers
-            {
-                for e in c.env.iter_mut().flatten() {
-                    if e.name == env::SHARDS {
-                        e.value = Some("4".into());
-                    }
-                }
-            }
-            assert_eq!(&x, y);
-        }
+        // Existing shards are byte-for-byte the same objects: adding a shard restarts none.
+        assert_eq!(&a.stateful_sets[..], &b.stateful_sets[..3]);
+        assert_eq!(
+            Workloads::initial_of(&b.stateful_sets[3]).as_deref(),
+            Some("4")
+        );
+        // Removed shards keep their workloads while a published map still lists them.
+        let shrunk = svc(3, 2);
+        let draining = Workloads {
+            shards: 4,
+            initial_shards: b
+                .stateful_sets
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| Some((i as u32, Workloads::initial_of(s)?)))
+                .collect(),
+        };
+        let c = build_with(&shrunk, &caps, BuildOptions::default(), &draining).expect("c");
+        assert_eq!(c.stateful_sets.len(), 4);
+        assert_eq!(&b.stateful_sets[..], &c.stateful_sets[..]);
     }
 }

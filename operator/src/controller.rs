@@ -33,9 +33,10 @@ use shardmesh_api::{labels, shardmap::ShardMap, validate, ShardedService, Sharde
 use tracing::{info, instrument, warn};
 
 use crate::{
-    build::{build_with, BuildOptions},
+    build::{build_with, BuildOptions, Workloads},
     capabilities::Capabilities,
     metrics::Metrics,
+    reshard,
     status::{self, InvalidReason, Observed},
     Error, Result,
 };
@@ -226,8 +227,18 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         return Ok(Action::await_change());
     }
 
-    // 2. build (pure)
-    let desired = build_with(&svc, &ctx.caps, ctx.options)?;
+    // 2. build (pure). Removed shards keep their workloads while the published map lists
+    // them (they serve handoff reads); existing shards keep what their pods were first told.
+    let map = published_map(client, &ns, &name).await?;
+    let spec_shards = u32::try_from(svc.spec.shards).unwrap_or(0);
+    let workloads = Workloads {
+        shards: reshard::workload_shards(map.as_ref(), spec_shards),
+        initial_shards: existing
+            .iter()
+            .filter_map(|(i, sts)| Some((*i, Workloads::initial_of(sts)?)))
+            .collect(),
+    };
+    let desired = build_with(&svc, &ctx.caps, ctx.options, &workloads)?;
 
     // 3. apply: one field manager, forced, so the operator owns exactly the fields it sets.
     let mut observed = Observed::default();
@@ -246,8 +257,8 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     for p in &desired.disruption_budgets {
         apply(client, &ns, p).await?;
     }
-    if current_shards > svc.spec.shards {
-        remove_shards(&ctx, &ns, &selector, &uid, svc.spec.shards as u32).await?;
+    if current_shards as u32 > workloads.shards {
+        remove_shards(&ctx, &ns, &selector, &uid, workloads.shards).await?;
     }
 
     // 4. status
@@ -256,7 +267,7 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         .list(&ListParams::default().labels(&selector).match_any())
         .await?
         .items;
-    observed.map = published_map(client, &ns, &name).await?;
+    observed.map = map;
     let st = status::applied(&svc, &observed, notes, Timestamp::now());
     let ready = st
         .conditions

@@ -66,7 +66,10 @@ mod tests {
             .iter()
             .map(|c| c["name"].as_str().unwrap_or_default().to_string())
             .collect();
-        assert_eq!(cols, ["Shards", "Replicas", "Ready", "Epoch", "Age"]);
+        assert_eq!(
+            cols,
+            ["Shards", "Replicas", "Ready", "Epoch", "Resharding", "Age"]
+        );
         // Every property documented, so `kubectl explain` is useful.
         fn undocumented(path: &str, s: &serde_json::Value, out: &mut Vec<String>) {
             if let Some(props) = s["properties"].as_object() {

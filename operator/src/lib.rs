@@ -12,6 +12,7 @@ pub mod crdgen;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod reshard;
 pub mod shardmap;
 pub mod status;
 pub mod webhook;

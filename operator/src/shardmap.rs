@@ -43,7 +43,7 @@ use shardmesh_api::{
 };
 use tracing::{info, warn};
 
-use crate::{controller::backoff, Error, Result};
+use crate::{controller::backoff, reshard, Error, Result};
 
 /// Field manager of the shard-map controller's writes (separate from the main reconciler's so
 /// neither's server-side apply removes the other's fields).
@@ -202,28 +202,37 @@ pub struct Inputs<'a> {
     pub leaders: bool,
     /// Start of the grace period (see [`lease_expiry`]).
     pub grace_from: Option<Timestamp>,
-    /// The published map, for the epoch.
+    /// The published map: the epoch and the layout to continue from.
     pub prev: Option<&'a ShardMap>,
+    /// `spec.resharding.handoffWindow`.
+    pub window: Duration,
 }
 
-/// The shard map of a service from its Leases at `now`. The epoch is the previous one when the
-/// map is unchanged, one more when it changed (members, leaders or the shard count), and 1 for
-/// the first map.
+/// The shard map of a service from its Leases at `now`. The layout (routing count, listed
+/// shards, handoff window) follows [`reshard::next_layout`]. The epoch is the previous one
+/// when the map is unchanged, one more when anything changed (members, leaders, layout), and 1
+/// for the first map.
 pub fn compute(input: Inputs<'_>, leases: &[Lease], now: Timestamp) -> Computed {
     let Inputs {
-        shards,
+        shards: spec_shards,
         leaders,
         grace_from,
         prev,
+        window,
         ..
     } = input;
-    let mut members: Vec<Vec<Member>> = vec![Vec::new(); shards as usize];
+    let collect = reshard::shards_to_collect(prev, spec_shards);
+    let scope = Inputs {
+        shards: collect,
+        ..input
+    };
+    let mut members: Vec<Vec<Member>> = vec![Vec::new(); collect as usize];
     let mut next_expiry: Option<Timestamp> = None;
     let mut note = |expiry: Timestamp| {
         next_expiry = Some(next_expiry.map_or(expiry, |e: Timestamp| e.min(expiry)));
     };
     for lease in leases {
-        if let Some((shard, member, expiry)) = live_member(lease, &input, now) {
+        if let Some((shard, member, expiry)) = live_member(lease, &scope, now) {
             members[shard as usize].push(member);
             note(expiry);
         }
@@ -232,10 +241,10 @@ pub fn compute(input: Inputs<'_>, leases: &[Lease], now: Timestamp) -> Computed 
         m.sort();
         m.dedup_by(|a, b| a.pod == b.pod);
     }
-    let mut elected: Vec<Option<Leader>> = vec![None; shards as usize];
+    let mut elected: Vec<Option<Leader>> = vec![None; collect as usize];
     if leaders {
         for lease in leases.iter().filter(|l| is_leader_lease(l)) {
-            let Some(shard) = lease_shard(lease, shards) else {
+            let Some(shard) = lease_shard(lease, collect) else {
                 continue;
             };
             let found = live_leader(lease, &members[shard as usize], now, grace_from);
@@ -245,9 +254,20 @@ pub fn compute(input: Inputs<'_>, leases: &[Lease], now: Timestamp) -> Computed 
             }
         }
     }
+    let layout = reshard::next_layout(
+        prev,
+        spec_shards,
+        |i| members.get(i as usize).is_some_and(|m| !m.is_empty()),
+        window,
+        now,
+    );
+    if let Some(wake) = layout.wake_at {
+        note(wake);
+    }
     let shards: Vec<Shard> = members
         .into_iter()
         .zip(elected)
+        .take(layout.listed as usize)
         .enumerate()
         .map(|(i, (members, leader))| Shard {
             index: i as u32,
@@ -255,13 +275,21 @@ pub fn compute(input: Inputs<'_>, leases: &[Lease], now: Timestamp) -> Computed 
             leader,
         })
         .collect();
+    let same = |p: &ShardMap| {
+        p.shards == shards && p.count() == layout.count && p.previous == layout.previous
+    };
     let epoch = match prev {
         None => 1,
-        Some(p) if p.shards == shards => p.epoch,
+        Some(p) if same(p) => p.epoch,
         Some(p) => p.epoch.saturating_add(1),
     };
     Computed {
-        map: ShardMap { epoch, shards },
+        map: ShardMap {
+            epoch,
+            routing_count: Some(layout.count),
+            shards,
+            previous: layout.previous,
+        },
         next_expiry,
     }
 }
@@ -322,6 +350,16 @@ fn configmap_data(svc: &ShardedService, json: String) -> BTreeMap<String, String
             labels::SHARDMAP_HEADER_KEY.to_string(),
             svc.spec.shard_key.header.to_ascii_lowercase(),
         ),
+        (
+            labels::SHARDMAP_HANDOFF_MISS_KEY.to_string(),
+            svc.spec
+                .resharding
+                .miss_statuses
+                .iter()
+                .map(i32::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
     ]);
     let le = &svc.spec.leader_election;
     if le.enabled {
@@ -338,12 +376,11 @@ fn configmap_data(svc: &ShardedService, json: String) -> BTreeMap<String, String
 /// creates them, owned by the ShardedService, so they outlive every pod: their transition count
 /// is the fencing epoch and must never restart. Only metadata is applied; the sidecars write
 /// the spec.
-pub fn leader_leases(svc: &ShardedService) -> Result<Vec<Lease>> {
+pub fn leader_leases(svc: &ShardedService, shards: u32) -> Result<Vec<Lease>> {
     if !svc.spec.leader_election.enabled {
         return Ok(Vec::new());
     }
     let (name, ns, owner) = identity(svc)?;
-    let shards = u32::try_from(svc.spec.shards).unwrap_or(0);
     Ok((0..shards)
         .map(|i| {
             let mut m = meta(labels::leader_lease_name(&name, i), &ns, &name, &owner);
@@ -387,11 +424,15 @@ fn rule(group: &str, resource: &str, verbs: &[&str], names: Option<Vec<String>>)
 /// The member Role allows `create` on Leases without a name restriction (Kubernetes cannot
 /// restrict creation by name), and `get`/`update`/`delete` only of the Leases named after the
 /// service's pods; the shard map is readable by name only (list/watch with a
-/// `metadata.name` field selector are authorized against `resourceNames`).
-pub fn access_objects(svc: &ShardedService) -> Result<(ServiceAccount, Role, Role, RoleBinding)> {
+/// `metadata.name` field selector are authorized against `resourceNames`). `shards` is the
+/// number of shards with workloads (see [`reshard::workload_shards`]): removed shards keep
+/// renewing their Leases while they serve handoff reads.
+pub fn access_objects(
+    svc: &ShardedService,
+    shards: u32,
+) -> Result<(ServiceAccount, Role, Role, RoleBinding)> {
     let (name, ns, owner) = identity(svc)?;
     let account = labels::member_account_name(&name);
-    let shards = u32::try_from(svc.spec.shards).unwrap_or(0);
     let replicas = u32::try_from(svc.spec.replicas_per_shard).unwrap_or(0);
     let map_name = vec![labels::shardmap_name(&name)];
     let read_map = rule("", "configmaps", &["get", "list", "watch"], Some(map_name));
@@ -501,7 +542,7 @@ pub struct Context {
         std::sync::Mutex<std::collections::HashMap<ObjectRef<ShardedService>, AccessStamp>>,
 }
 
-type AccessStamp = ((String, Option<i64>), std::time::Instant);
+type AccessStamp = ((String, Option<i64>, u32), std::time::Instant);
 
 async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K>
 where
@@ -542,10 +583,20 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
             .remove(&ObjectRef::from_obj(&*svc));
         return Ok(Action::await_change());
     }
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let existing = cms.get_opt(&labels::shardmap_name(&name)).await?;
+    let prev = existing.as_ref().and_then(published);
+    let spec_shards = u32::try_from(svc.spec.shards).unwrap_or(0).max(1);
+    let workloads = reshard::workload_shards(prev.as_ref(), spec_shards);
     // Lease renewals wake this reconcile every few seconds; the access objects only change
-    // with the spec, so they are applied per generation (and re-asserted every RESYNC).
+    // with the spec and the shards that have workloads, so they are applied per change of
+    // those (and re-asserted every RESYNC).
     let key = ObjectRef::from_obj(&*svc);
-    let stamp = (svc.uid().unwrap_or_default(), svc.metadata.generation);
+    let stamp = (
+        svc.uid().unwrap_or_default(),
+        svc.metadata.generation,
+        workloads,
+    );
     let fresh = ctx
         .access_applied
         .lock()
@@ -553,12 +604,12 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         .get(&key)
         .is_some_and(|(s, at)| *s == stamp && at.elapsed() < RESYNC);
     if !fresh {
-        let (sa, member, reader, binding) = access_objects(&svc)?;
+        let (sa, member, reader, binding) = access_objects(&svc, workloads)?;
         apply(&ctx.client, &ns, &sa).await?;
         apply(&ctx.client, &ns, &member).await?;
         apply(&ctx.client, &ns, &reader).await?;
         apply(&ctx.client, &ns, &binding).await?;
-        for lease in leader_leases(&svc)? {
+        for lease in leader_leases(&svc, workloads)? {
             apply(&ctx.client, &ns, &lease).await?;
         }
         let mut applied = ctx.access_applied.lock().unwrap_or_else(|e| e.into_inner());
@@ -582,11 +633,7 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         })
         .map(|l| (**l).clone())
         .collect();
-    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-    let existing = cms.get_opt(&labels::shardmap_name(&name)).await?;
-    let prev = existing.as_ref().and_then(published);
     let now = Timestamp::now();
-    let shards = u32::try_from(svc.spec.shards).unwrap_or(0).max(1);
     let pods: BTreeMap<String, PodFacts> = ctx
         .pods
         .state()
@@ -598,11 +645,17 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         .filter_map(|p| PodFacts::of(p))
         .collect();
     let input = Inputs {
-        shards,
+        shards: spec_shards,
         pods: &pods,
         leaders: svc.spec.leader_election.enabled,
         grace_from,
         prev: prev.as_ref(),
+        window: svc
+            .spec
+            .resharding
+            .handoff_window
+            .parse()
+            .unwrap_or(Duration::ZERO),
     };
     let computed = compute(input, &leases, now);
     // The non-map keys (shard-key header, writes) changed with the spec?
@@ -809,7 +862,75 @@ mod tests {
             leaders: false,
             grace_from: None,
             prev: None,
+            window: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn keys_move_to_a_new_shard_only_once_it_has_a_member_then_the_window_closes() {
+        let three: Vec<Lease> = (0..3)
+            .map(|i| {
+                lease(
+                    &format!("o-{i}-0"),
+                    &i.to_string(),
+                    &format!("10.0.0.{i}"),
+                    0,
+                    600,
+                )
+            })
+            .collect();
+        let facts = pods_of(&three);
+        let first = compute(inputs(3, &facts), &three, t(1)).map;
+        assert_eq!((first.count(), first.shards.len(), first.epoch), (3, 3, 1));
+        // spec.shards 3 -> 4: shard 3 is listed but owns no key while it has no member.
+        let grow = |prev, leases: &[Lease], facts, now| {
+            compute(
+                Inputs {
+                    prev: Some(prev),
+                    window: Duration::from_secs(60),
+                    ..inputs(4, facts)
+                },
+                leases,
+                now,
+            )
+        };
+        let waiting = grow(&first, &three, &facts, t(2)).map;
+        assert_eq!((waiting.count(), waiting.shards.len()), (3, 4));
+        assert_eq!(waiting.previous, None);
+        let mut four = three.clone();
+        four.push(lease("o-3-0", "3", "10.0.0.3", 0, 600));
+        let facts4 = pods_of(&four);
+        let moved = grow(&waiting, &four, &facts4, t(3));
+        assert_eq!(moved.map.count(), 4);
+        assert_eq!(moved.map.previous.as_ref().map(|p| p.count), Some(3));
+        assert_eq!(moved.map.epoch, waiting.epoch + 1);
+        // The window's end drives the requeue; unchanged inside it, closed after it.
+        assert_eq!(moved.next_expiry, Some(t(63)));
+        assert_eq!(grow(&moved.map, &four, &facts4, t(30)).map, moved.map);
+        let closed = grow(&moved.map, &four, &facts4, t(63)).map;
+        assert_eq!((closed.count(), closed.previous.clone()), (4, None));
+        assert_eq!(closed.epoch, moved.map.epoch + 1);
+        // 4 -> 3: shard 3 keeps its members listed through the window, then leaves the map.
+        let shrink = |prev, now| {
+            compute(
+                Inputs {
+                    prev: Some(prev),
+                    window: Duration::from_secs(60),
+                    ..inputs(3, &facts4)
+                },
+                &four,
+                now,
+            )
+            .map
+        };
+        let draining = shrink(&closed, t(70));
+        assert_eq!((draining.count(), draining.shards.len()), (3, 4));
+        assert_eq!(pods(&draining)[3], vec!["o-3-0"]);
+        let done = shrink(&draining, t(131));
+        assert_eq!(
+            (done.count(), done.shards.len(), done.previous),
+            (3, 3, None)
+        );
     }
 
     fn comp(shards: u32, leases: &[Lease], now: Timestamp, prev: Option<&ShardMap>) -> Computed {
@@ -999,12 +1120,12 @@ mod tests {
 
     #[test]
     fn leader_leases_and_rights_only_when_enabled() {
-        assert!(leader_leases(&svc()).unwrap().is_empty());
-        let (_, member, _, _) = access_objects(&svc()).unwrap();
+        assert!(leader_leases(&svc(), 2).unwrap().is_empty());
+        let (_, member, _, _) = access_objects(&svc(), 2).unwrap();
         assert_eq!(member.rules.unwrap().len(), 3);
         let mut s = svc();
         s.spec.leader_election.enabled = true;
-        let leases = leader_leases(&s).unwrap();
+        let leases = leader_leases(&s, u32::try_from(s.spec.shards).unwrap()).unwrap();
         let names: Vec<_> = leases.iter().map(|l| l.name_any()).collect();
         assert_eq!(names, ["orders-0-leader", "orders-1-leader"]);
         assert_eq!(leases[1].labels()[labels::SHARD], "1");
@@ -1014,7 +1135,7 @@ mod tests {
             "u-1"
         );
         assert!(leases[1].spec.is_none(), "the sidecars own the spec");
-        let (_, member, _, _) = access_objects(&s).unwrap();
+        let (_, member, _, _) = access_objects(&s, u32::try_from(s.spec.shards).unwrap()).unwrap();
         let rules = member.rules.unwrap();
         assert_eq!(rules[3].verbs, vec!["get", "update"]);
         assert_eq!(
@@ -1156,7 +1277,7 @@ mod tests {
 
     #[test]
     fn member_role_names_exactly_the_pods_and_the_map() {
-        let (sa, member, reader, binding) = access_objects(&svc()).unwrap();
+        let (sa, member, reader, binding) = access_objects(&svc(), 2).unwrap();
         assert_eq!(sa.metadata.name.as_deref(), Some("orders-shardmesh-member"));
         let rules = member.rules.unwrap();
         assert_eq!(rules[0].verbs, vec!["create"]);

@@ -253,9 +253,31 @@ pub fn applied(
         }
     }
 
+    let resharding = crate::reshard::status(
+        observed.map.as_ref(),
+        u32::try_from(svc.spec.shards).unwrap_or(0),
+    );
+    match &resharding {
+        Some(r) => set(
+            &mut conds,
+            condition::RESHARDING,
+            true,
+            &r.phase,
+            crate::reshard::message(r),
+        ),
+        None => set(
+            &mut conds,
+            condition::RESHARDING,
+            false,
+            "Settled",
+            format!("keys are routed by {} shards", svc.spec.shards),
+        ),
+    }
+
     ShardedServiceStatus {
         observed_generation: generation,
         epoch,
+        resharding,
         ready: Some(format!("{total_ready}/{total_desired}")),
         replicas_per_shard: shards.iter().map(|s| s.ready_replicas).min().unwrap_or(0),
         selector: Some(labels::service_selector_string(&name)),
@@ -342,6 +364,21 @@ pub fn transitions(prev: &ShardedServiceStatus, next: &ShardedServiceStatus) -> 
             }
             .into(),
             note: format!("shards {} → {}", prev.shards.len(), next.shards.len()),
+        });
+    }
+    let phase = |s: &ShardedServiceStatus| s.resharding.as_ref().map(|r| r.phase.clone());
+    if phase(prev) != phase(next) {
+        out.push(match &next.resharding {
+            Some(r) => Transition {
+                warning: false,
+                reason: format!("Resharding{}", r.phase),
+                note: crate::reshard::message(r),
+            },
+            None => Transition {
+                warning: false,
+                reason: "ReshardingComplete".into(),
+                note: format!("keys are routed by {} shards", next.shards.len()),
+            },
         });
     }
     let replicas = |s: &ShardedServiceStatus| s.shards.first().map(|x| x.replicas);
@@ -502,6 +539,8 @@ mod tests {
         };
         obs.map = Some(ShardMap {
             epoch: 7,
+            routing_count: None,
+            previous: None,
             shards: vec![
                 Shard {
                     index: 0,

@@ -243,6 +243,8 @@ impl Pending {
             attempts = r.attempts,
             retry_reasons = (!retry_reasons.is_empty()).then_some(retry_reasons.as_str()),
             retry_stop = r.retry_stop,
+            redirected_to = r.redirected_to,
+            handoff = r.handoff,
             breaker = r.breaker.map(|b| b.as_str()),
             error = r.error,
             request_bytes = r.request_bytes,

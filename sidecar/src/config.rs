@@ -21,7 +21,7 @@ use crate::{
     access_log::AccessLogConfig,
     breaker::BreakerConfig,
     budget::{BudgetConfig, WINDOW},
-    discovery::{Discover, StaticRegistry},
+    discovery::{normalize_authority, Discover, StaticRegistry},
     leader::LeaderConfig,
     membership::{Identity, MembershipConfig},
     retry::RetryPolicy,
@@ -174,6 +174,13 @@ pub struct Args {
     /// `[namespace/]service=host[:port]` (repeatable; the env var takes a comma-separated list).
     #[arg(long = "shardmap", env = "SHARDMESH_SHARDMAPS", value_delimiter = ',')]
     pub shardmaps: Vec<String>,
+
+    /// host:port of this pod's own sharded service in the --registry file (standalone use):
+    /// with --shard, the inbound side refuses keys of other shards (421) and serves handoff
+    /// reads by its shard map. In Kubernetes (--service set) the service's live shard map is
+    /// followed instead, and this is not needed.
+    #[arg(long, env = "SHARDMESH_OWN_DESTINATION")]
+    pub own_destination: Option<String>,
 }
 
 /// The validated resilience policy in the sidecar's units.
@@ -326,6 +333,80 @@ pub struct Settings {
     pub shardmaps: Vec<ShardMapSource>,
     /// Per-shard leader election, when this pod's service elects leaders.
     pub leader: Option<LeaderConfig>,
+    /// This pod's shard of its own sharded service, for key ownership on the inbound side.
+    pub own: Option<OwnShard>,
+}
+
+/// This pod's place in its own sharded service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnShard {
+    /// Shard index.
+    pub shard: u32,
+    /// Where the service's shard map is found in discovery (normalized host:port).
+    pub authority: String,
+}
+
+const OWN_FLAG: &str = "--own-destination (SHARDMESH_OWN_DESTINATION)";
+
+/// The pod's own shard: from `--own-destination` (a registry entry), or in Kubernetes from
+/// membership, following the service's live map (added to `shardmaps` when not already there).
+fn own_shard(
+    args: &Args,
+    membership: Option<&MembershipConfig>,
+    registry: &StaticRegistry,
+    shardmaps: &mut Vec<ShardMapSource>,
+) -> Result<Option<OwnShard>, ConfigError> {
+    let Some(app_port) = args.app_port else {
+        return match &args.own_destination {
+            Some(_) => Err(ConfigError::new(
+                OWN_FLAG,
+                "needs the inbound proxy; set --app-port (SHARDMESH_APP_PORT) or unset it",
+            )),
+            None => Ok(None),
+        };
+    };
+    if let Some(raw) = &args.own_destination {
+        let authority = normalize_authority(raw).ok_or_else(|| {
+            ConfigError::new(OWN_FLAG, format!("{raw:?} is not host or host:port"))
+        })?;
+        let shard = args.shard.ok_or_else(|| {
+            ConfigError::new(
+                OWN_FLAG,
+                "needs --shard (SHARDMESH_SHARD), this pod's shard index",
+            )
+        })?;
+        let known = registry.lookup(&authority).is_some()
+            || shardmaps.iter().any(|s| s.authority == authority);
+        if !known {
+            return Err(ConfigError::new(
+                OWN_FLAG,
+                format!("{authority} is neither in the --registry file nor a --shardmap; add its shardMap there"),
+            ));
+        }
+        return Ok(Some(OwnShard { shard, authority }));
+    }
+    let Some(m) = membership else {
+        return Ok(None);
+    };
+    let service = m.identity.service.clone();
+    let authority = normalize_authority(&format!("{service}:{app_port}")).ok_or_else(|| {
+        ConfigError::new(
+            SERVICE_FLAG,
+            format!("{service:?} with port {app_port} is not a host:port"),
+        )
+    })?;
+    if !shardmaps.iter().any(|s| s.authority == authority) && registry.lookup(&authority).is_none()
+    {
+        shardmaps.push(ShardMapSource {
+            namespace: None,
+            service,
+            authority: authority.clone(),
+        });
+    }
+    Ok(Some(OwnShard {
+        shard: m.identity.shard,
+        authority,
+    }))
 }
 
 const LEADER_FLAG: &str = "--leader-lease (SHARDMESH_LEADER_LEASE)";
@@ -533,6 +614,7 @@ impl Settings {
             }
             shardmaps.push(s);
         }
+        let own = own_shard(&args, membership.as_ref(), &registry, &mut shardmaps)?;
         Ok(Settings {
             args,
             policy,
@@ -541,6 +623,7 @@ impl Settings {
             membership,
             shardmaps,
             leader,
+            own,
         })
     }
 }

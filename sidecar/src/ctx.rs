@@ -42,6 +42,10 @@ pub struct Record {
     pub error: Option<&'static str>,
     /// Request body bytes sent upstream, when known.
     pub request_bytes: Option<u64>,
+    /// Outbound: the shard a request was sent to again after a peer answered 421.
+    pub redirected_to: Option<u32>,
+    /// Inbound: the handoff step taken for this request, if any.
+    pub handoff: Option<&'static str>,
 }
 
 impl RequestCtx {

@@ -33,7 +33,13 @@ pub enum DestinationKind {
         header: HeaderName,
         /// Shard-map epoch, forwarded as `x-shardmesh-epoch`.
         epoch: i64,
-        /// Members per shard, by shard index.
+        /// Shard count keys are routed by (at most `shards.len()`).
+        count: u32,
+        /// While a handoff window is open: the shard count keys were routed by before.
+        previous: Option<u32>,
+        /// Statuses of a GET/HEAD answer that mean a miss during a handoff window.
+        handoff_miss: Arc<[u16]>,
+        /// Members per listed shard, by shard index.
         shards: Vec<Arc<[SocketAddr]>>,
         /// When the destination elects shard leaders: which requests are writes, and each
         /// shard's leader.
@@ -96,6 +102,66 @@ pub struct Destination {
 pub trait Discover: Send + Sync + 'static {
     /// The destination for a normalized authority (see [`normalize_authority`]), if known.
     fn lookup(&self, authority: &str) -> Option<Arc<Destination>>;
+
+    /// A receiver that changes whenever any destination changes; `None` for sources that never
+    /// change (a static file).
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+}
+
+impl Destination {
+    /// The shard-map epoch of a sharded destination.
+    pub fn epoch(&self) -> Option<i64> {
+        match &self.kind {
+            DestinationKind::Sharded { epoch, .. } => Some(*epoch),
+            DestinationKind::Endpoints(_) => None,
+        }
+    }
+}
+
+/// Waits, at most `timeout`, until `authority`'s shard map reaches `min_epoch`; returns the
+/// destination as it is then (possibly still older, or gone). Used when a peer has seen a newer
+/// map than this sidecar: the watch delivers it within moments, and waiting for it beats
+/// deciding by a map known to be stale.
+pub async fn wait_for_epoch(
+    discovery: &dyn Discover,
+    authority: &str,
+    min_epoch: i64,
+    timeout: std::time::Duration,
+) -> Option<Arc<Destination>> {
+    // Subscribe before looking, so a change between the look and the wait is not missed.
+    let mut changes = discovery.changes();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let dest = discovery.lookup(authority);
+        let current = dest.as_ref().and_then(|d| d.epoch());
+        if current.is_some_and(|e| e >= min_epoch) {
+            return dest;
+        }
+        let Some(rx) = changes.as_mut() else {
+            return dest;
+        };
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => continue,
+            _ => return discovery.lookup(authority),
+        }
+    }
+}
+
+/// Parses the `handoffMiss` list (comma-separated status codes); `p` names the field.
+pub fn parse_miss_statuses(p: &str, raw: &str) -> Result<Arc<[u16]>, String> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| match s.parse::<u16>() {
+            Ok(code @ 400..=599) if code != 410 && code != 421 => Ok(code),
+            _ => Err(format!(
+                "{p}: {s:?} is not a miss status; use error statuses other than 410 and 421, e.g. 404"
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Arc::from)
 }
 
 /// `host:port` in lower case, with port 80 when absent; `None` when it is not an authority.
@@ -132,6 +198,8 @@ struct DestinationFile {
     shard_key: Option<String>,
     #[serde(default)]
     writes: Option<String>,
+    #[serde(default)]
+    handoff_miss: Option<String>,
 }
 
 fn parse_addr(path: &str, raw: &str) -> Result<SocketAddr, String> {
@@ -147,9 +215,14 @@ pub fn sharded_kind(
     p: &str,
     shard_key: Option<&str>,
     writes: Option<&str>,
+    handoff_miss: Option<&str>,
     map: &ShardMap,
 ) -> Result<DestinationKind, String> {
     map.check().map_err(|e| format!("{p}.shardMap.{e}"))?;
+    let handoff_miss = parse_miss_statuses(
+        &format!("{p}.handoffMiss"),
+        handoff_miss.unwrap_or(DEFAULT_HANDOFF_MISS),
+    )?;
     let header_raw = shard_key.unwrap_or(DEFAULT_SHARD_HEADER);
     let header = HeaderName::try_from(header_raw)
         .map_err(|_| format!("{p}.shardKey: {header_raw:?} is not a valid header name"))?;
@@ -188,6 +261,9 @@ pub fn sharded_kind(
     Ok(DestinationKind::Sharded {
         header,
         epoch: map.epoch,
+        count: map.count(),
+        previous: map.previous.as_ref().map(|p| p.count),
+        handoff_miss,
         shards,
         leaders,
     })
@@ -195,6 +271,8 @@ pub fn sharded_kind(
 
 /// Header carrying the shard key when none is configured (the CRD's default too).
 pub const DEFAULT_SHARD_HEADER: &str = "x-shard-key";
+/// Miss statuses when none are configured (the CRD's default too).
+pub const DEFAULT_HANDOFF_MISS: &str = "404";
 
 impl StaticRegistry {
     /// No destinations.
@@ -224,6 +302,7 @@ impl StaticRegistry {
                     for (set, field) in [
                         (d.shard_key.is_some(), "shardKey"),
                         (d.writes.is_some(), "writes"),
+                        (d.handoff_miss.is_some(), "handoffMiss"),
                     ] {
                         if set {
                             return Err(format!(
@@ -238,9 +317,13 @@ impl StaticRegistry {
                         .collect::<Result<Vec<_>, _>>()?;
                     DestinationKind::Endpoints(addrs.into())
                 }
-                (None, Some(map)) => {
-                    sharded_kind(&p, d.shard_key.as_deref(), d.writes.as_deref(), &map)?
-                }
+                (None, Some(map)) => sharded_kind(
+                    &p,
+                    d.shard_key.as_deref(),
+                    d.writes.as_deref(),
+                    d.handoff_miss.as_deref(),
+                    &map,
+                )?,
                 (Some(_), Some(_)) => {
                     return Err(format!("{p}: has both endpoints and shardMap; keep one"))
                 }
@@ -325,6 +408,7 @@ destinations:
             epoch,
             shards,
             leaders,
+            ..
         } = &u.kind
         else {
             panic!("users must be sharded")

@@ -93,6 +93,20 @@ pub enum ProxyError {
     /// Reading the request body from the client failed.
     #[error("could not read the request body: {0}")]
     RequestBody(String),
+    /// The key belongs to another shard under this sidecar's shard map: the request was not
+    /// processed (421, so a calling sidecar retries it on the owner whatever its method).
+    #[error("the key belongs to shard {owner} under shard-map epoch {epoch}, not to this shard ({shard}); send it to shard {owner}")]
+    Misdirected {
+        /// This pod's shard.
+        shard: u32,
+        /// The owning shard.
+        owner: u32,
+        /// This sidecar's map epoch.
+        epoch: i64,
+    },
+    /// During a handoff window, the key's previous owner could not answer for it.
+    #[error("handoff to the previous owner of the key failed: {0}; retry")]
+    Handoff(String),
 }
 
 impl ProxyError {
@@ -100,6 +114,8 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) | ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::Handoff(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::NoRoute(_) | ProxyError::Connect { .. } | ProxyError::Reset { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -125,6 +141,8 @@ impl ProxyError {
             ProxyError::PerTryTimeout { .. } => "per-try-timeout",
             ProxyError::Deadline { .. } => "deadline-exceeded",
             ProxyError::RequestBody(_) => "request-body",
+            ProxyError::Misdirected { .. } => shardmesh_api::headers::MISDIRECTED,
+            ProxyError::Handoff(_) => "handoff-failed",
         }
     }
 
@@ -134,7 +152,11 @@ impl ProxyError {
         let status = self.status();
         let retry_after = match &self {
             ProxyError::Shed { retry_after, .. } => Some(retry_after.as_secs().max(1)),
-            ProxyError::CircuitOpen { .. } => Some(1),
+            ProxyError::CircuitOpen { .. } | ProxyError::Handoff(_) => Some(1),
+            _ => None,
+        };
+        let misdirected = match &self {
+            ProxyError::Misdirected { owner, epoch, .. } => Some((*owner, *epoch)),
             _ => None,
         };
         let code = self.code();
@@ -148,6 +170,11 @@ impl ProxyError {
         h.insert(ERROR_HEADER, HeaderValue::from_static(code));
         if let Some(secs) = retry_after {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some((owner, epoch)) = misdirected {
+            use shardmesh_api::headers::{EPOCH, OWNER};
+            h.insert(EPOCH, HeaderValue::from(epoch));
+            h.insert(OWNER, HeaderValue::from(owner));
         }
         resp
     }

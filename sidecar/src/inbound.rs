@@ -27,6 +27,7 @@ use crate::{
     headers::strip_hop_by_hop,
     leader::RoleState,
     metrics::{Direction, Metrics},
+    ownership::{Ownership, OwnershipLayer},
 };
 
 /// Settings of the inbound side.
@@ -47,6 +48,8 @@ pub struct Inbound {
     /// This pod's leader role, told to the application on every request when the service
     /// elects leaders.
     pub role: Option<RoleState>,
+    /// Key ownership by the shard map of the pod's own service, when it is a shard member.
+    pub ownership: Option<Ownership>,
 }
 
 /// The inbound request path, top to bottom.
@@ -75,6 +78,9 @@ pub fn stack(
             i.shed_retry_after,
             i.metrics.clone(),
         ))
+        // This shard's keys only (421 with the owner otherwise); handoff reads and deletes
+        // during a resharding window; the pod's shard, shard count and epoch told to the app.
+        .layer(OwnershipLayer::new(i.ownership.clone()))
         // Forward to the application.
         .service(ToApp {
             app: i.app,

@@ -6,6 +6,7 @@
 //! | --- | --- |
 //! | [`config`] | flags/env, the resilience policy, validation |
 //! | [`inbound`] | forward to the app behind a shedding bulkhead |
+//! | [`ownership`] | this shard's keys only, handoff during resharding |
 //! | [`outbound`] | explicit proxy, destination resolution, the outbound stack |
 //! | [`discovery`] | the `Discover` trait and the static registry file |
 //! | [`shardmap_watch`] | live shard maps from the operator's ConfigMaps |
@@ -43,6 +44,7 @@ pub mod log;
 pub mod membership;
 pub mod metrics;
 pub mod outbound;
+pub mod ownership;
 pub mod retry;
 pub mod server;
 pub mod shardmap_watch;
@@ -121,6 +123,7 @@ pub async fn start_with(
         membership,
         shardmaps,
         leader,
+        own,
     } = settings;
     let drain = Drain::new();
     let gates = admin::StartupGates::default();
@@ -232,6 +235,14 @@ pub async fn start_with(
             metrics: metrics.clone(),
             access_log,
             role,
+            ownership: own.map(|o| ownership::Ownership {
+                shard: o.shard,
+                authority: o.authority.into(),
+                discovery: outbound.discovery.clone(),
+                client: client::Upstream::new(policy.connect),
+                handoff_timeout: policy.per_try,
+                metrics: metrics.clone(),
+            }),
         };
         servers.push(tokio::spawn(server::serve(
             l,

@@ -88,6 +88,42 @@ pub struct Metrics {
     breaker_transitions: [AtomicU64; 3],
     shed: AtomicU64,
     access_log_dropped: AtomicU64,
+    misdirected: AtomicU64,
+    redirects: [AtomicU64; 2],
+    handoffs: [AtomicU64; HandoffKind::ALL.len()],
+}
+
+/// What a handoff step did (see `ownership.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandoffKind {
+    /// A read that missed on this (new) owner was served by the previous owner.
+    Read,
+    /// A delete of a moved key was applied on the previous owner first.
+    Delete,
+    /// This (previous) owner served a handoff request from a new owner.
+    Served,
+    /// The previous owner could not be reached or failed.
+    Failed,
+}
+
+impl HandoffKind {
+    /// Every kind, in metric order.
+    pub const ALL: [HandoffKind; 4] = [
+        HandoffKind::Read,
+        HandoffKind::Delete,
+        HandoffKind::Served,
+        HandoffKind::Failed,
+    ];
+
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandoffKind::Read => "read",
+            HandoffKind::Delete => "delete",
+            HandoffKind::Served => "served",
+            HandoffKind::Failed => "failed",
+        }
+    }
 }
 
 impl Metrics {
@@ -123,6 +159,23 @@ impl Metrics {
     /// A request shed by the inbound bulkhead.
     pub fn shed(&self) {
         self.shed.fetch_add(1, Relaxed);
+    }
+
+    /// An inbound request for a key of another shard, answered 421.
+    pub fn misdirected(&self) {
+        self.misdirected.fetch_add(1, Relaxed);
+    }
+
+    /// A 421 from a peer sidecar: retried once on the owner, or returned as is.
+    pub fn redirect(&self, retried: bool) {
+        self.redirects[usize::from(!retried)].fetch_add(1, Relaxed);
+    }
+
+    /// A handoff step.
+    pub fn handoff(&self, kind: HandoffKind) {
+        if let Some(i) = HandoffKind::ALL.iter().position(|k| *k == kind) {
+            self.handoffs[i].fetch_add(1, Relaxed);
+        }
     }
 
     /// A log line dropped because the writer fell behind.
@@ -173,6 +226,24 @@ impl Metrics {
             );
         }
         let _ = writeln!(out, "# HELP shardmesh_shed_total Inbound requests shed by the concurrency limit (503).\n# TYPE shardmesh_shed_total counter\nshardmesh_shed_total {}", self.shed.load(Relaxed));
+        let _ = writeln!(out, "# HELP shardmesh_misdirected_total Inbound requests for keys of another shard, answered 421.\n# TYPE shardmesh_misdirected_total counter\nshardmesh_misdirected_total {}", self.misdirected.load(Relaxed));
+        out.push_str("# HELP shardmesh_redirects_total 421 answers from a peer sidecar, retried once on the owning shard or returned.\n# TYPE shardmesh_redirects_total counter\n");
+        for (i, outcome) in ["retried", "returned"].iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "shardmesh_redirects_total{{outcome=\"{outcome}\"}} {}",
+                self.redirects[i].load(Relaxed)
+            );
+        }
+        out.push_str("# HELP shardmesh_handoff_total Handoff steps during a resharding window, by kind.\n# TYPE shardmesh_handoff_total counter\n");
+        for (i, k) in HandoffKind::ALL.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "shardmesh_handoff_total{{kind=\"{}\"}} {}",
+                k.as_str(),
+                self.handoffs[i].load(Relaxed)
+            );
+        }
         let _ = writeln!(out, "# HELP shardmesh_log_lines_dropped_total Log lines dropped because stdout fell behind.\n# TYPE shardmesh_log_lines_dropped_total counter\nshardmesh_log_lines_dropped_total {}", self.access_log_dropped.load(Relaxed));
         out
     }

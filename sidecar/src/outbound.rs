@@ -18,16 +18,17 @@ use tower::{Layer, Service, ServiceBuilder};
 use crate::{
     access_log::{AccessLogConfig, AccessLogLayer, LoggedBody},
     balance::{BalanceLayer, Endpoints, Targets},
+    body::full,
     body::ProxyBody,
     budget::RetryBudget,
     client::Upstream,
     config::Policy,
     ctx::RequestCtx,
-    discovery::{normalize_authority, Destination, DestinationKind, Discover},
+    discovery::{normalize_authority, wait_for_epoch, Destination, DestinationKind, Discover},
     errors::{BoxFuture, ErrorResponseLayer, ProxyError},
     headers::strip_hop_by_hop,
     metrics::{Direction, Metrics},
-    retry::RetryLayer,
+    retry::{buffer, Replay, RetryLayer},
     timeout::{DeadlineLayer, PerTryTimeoutLayer},
 };
 
@@ -75,12 +76,12 @@ pub fn stack(
         .layer(ErrorResponseLayer)
         // The overall deadline bounds everything below, retries and backoff included (504).
         .layer(DeadlineLayer::new(o.policy.overall))
-        // Authority → destination → (shard →) candidate endpoints.
-        .layer(ResolveLayer::new(
-            o.discovery.clone(),
-            o.passthrough,
-            o.policy.connect,
-        ))
+        // Authority → destination → (shard →) candidate endpoints; a peer's 421 (key of
+        // another shard under a newer map) is followed once, to the owning shard.
+        .layer(
+            ResolveLayer::new(o.discovery.clone(), o.passthrough, o.policy.connect)
+                .with_redirects(o.policy.retry.max_replay_body_bytes, o.metrics.clone()),
+        )
         // Replay buffer, idempotency rules, backoff, Retry-After, retry budget.
         .layer(RetryLayer::new(
             o.policy.retry.clone(),
@@ -99,12 +100,18 @@ pub fn stack(
         .service(Upstream::new(o.policy.connect))
 }
 
+/// Longest wait for this sidecar's map after a peer answered 421 from a newer one.
+pub const REDIRECT_WAIT: Duration = Duration::from_secs(2);
+
 /// Finds the candidate endpoints of a request.
 #[derive(Clone)]
 pub struct ResolveLayer {
     discovery: Arc<dyn Discover>,
     passthrough: bool,
     dns_timeout: Duration,
+    /// Largest request body kept to resend after a 421; 0 never resends.
+    redirect_body_limit: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl ResolveLayer {
@@ -114,8 +121,34 @@ impl ResolveLayer {
             discovery,
             passthrough,
             dns_timeout,
+            redirect_body_limit: 0,
+            metrics: Arc::new(Metrics::default()),
         }
     }
+
+    /// Follows a peer sidecar's 421 once for requests to sharded destinations whose body is at
+    /// most `body_limit` bytes (kept to resend; a 421 was not processed, so any method may be
+    /// sent again).
+    pub fn with_redirects(mut self, body_limit: usize, metrics: Arc<Metrics>) -> Self {
+        self.redirect_body_limit = body_limit;
+        self.metrics = metrics;
+        self
+    }
+}
+
+/// A peer sidecar's 421 for a key of another shard: (its map epoch, the owner it named).
+fn misdirected(resp: &Response<ProxyBody>) -> Option<(i64, u32)> {
+    use shardmesh_api::headers::{MISDIRECTED, OWNER};
+    if resp.status() != http::StatusCode::MISDIRECTED_REQUEST
+        || resp.headers().get(crate::errors::ERROR_HEADER)?.as_bytes() != MISDIRECTED.as_bytes()
+    {
+        return None;
+    }
+    let text = |h: &str| resp.headers().get(h)?.to_str().ok();
+    Some((
+        text(EPOCH_HEADER)?.parse().ok()?,
+        text(OWNER)?.parse().ok()?,
+    ))
 }
 
 impl<S> Layer<S> for ResolveLayer {
@@ -163,19 +196,23 @@ fn request_authority(req: &Request<ProxyBody>) -> Result<String, ProxyError> {
         })
 }
 
-/// Picks the endpoints of `dest` for this request, setting shard headers and context.
+/// Picks the endpoints of `dest` for this request, setting shard headers and context. `owner`
+/// overrides the key's shard (a peer with a newer map named it).
 fn targets_of(
     dest: &Destination,
     req: &mut Request<ProxyBody>,
     ctx: &RequestCtx,
+    owner: Option<u32>,
 ) -> Result<Arc<[SocketAddr]>, ProxyError> {
     match &dest.kind {
         DestinationKind::Endpoints(addrs) => Ok(addrs.clone()),
         DestinationKind::Sharded {
             header,
             epoch,
+            count,
             shards,
             leaders,
+            ..
         } => {
             let key = req.headers().get(header).ok_or_else(|| {
                 ProxyError::BadRequest(format!(
@@ -183,8 +220,8 @@ fn targets_of(
                     dest.name
                 ))
             })?;
-            let n = u32::try_from(shards.len()).unwrap_or(u32::MAX);
-            let shard = shardmesh_api::routing::shard_for_key(key.as_bytes(), n);
+            let shard = owner
+                .unwrap_or_else(|| shardmesh_api::routing::shard_for_key(key.as_bytes(), *count));
             {
                 let mut r = ctx.lock();
                 r.shard = Some(shard);
@@ -252,8 +289,12 @@ where
                 ProxyError::BadRequest(format!("{raw:?} is not a valid host[:port]"))
             })?;
             ctx.lock().destination = Some(name.clone());
-            let addrs = match this.layer.discovery.lookup(&name) {
-                Some(dest) => targets_of(&dest, &mut req, &ctx)?,
+            // Upstreams see the authority the application asked for.
+            let host = HeaderValue::from_str(&raw)
+                .map_err(|_| ProxyError::BadRequest(format!("{raw:?} is not a valid Host")))?;
+            let dest = this.layer.discovery.lookup(&name);
+            let addrs = match &dest {
+                Some(dest) => targets_of(dest, &mut req, &ctx, None)?,
                 None if this.layer.passthrough => {
                     let lookup = tokio::net::lookup_host(name.clone());
                     match tokio::time::timeout(this.layer.dns_timeout, lookup).await {
@@ -274,19 +315,80 @@ where
                 )))
                 }
             };
-            // Upstreams see the authority the application asked for.
-            let host = HeaderValue::from_str(&raw)
-                .map_err(|_| ProxyError::BadRequest(format!("{raw:?} is not a valid Host")))?;
             strip_hop_by_hop(req.headers_mut());
             req.headers_mut().insert(header::HOST, host);
-            req.extensions_mut().insert(Targets {
-                destination: name.into(),
-                addrs,
-            });
-            let mut inner = this.inner.clone();
-            let mut resp = inner.call(req).await?;
-            strip_hop_by_hop(resp.headers_mut());
-            Ok(resp)
+            let destination: Arc<str> = name.into();
+            let sharded = dest.as_ref().and_then(|d| d.epoch());
+            let (Some(mine), true) = (sharded, this.layer.redirect_body_limit > 0) else {
+                return send(this.inner.clone(), req, destination, addrs).await;
+            };
+            // Sharded: keep the body, so a 421 from a peer with a newer map can be followed.
+            let (parts, body) = req.into_parts();
+            let bytes = match buffer(body, this.layer.redirect_body_limit).await? {
+                Replay::Buffered(bytes) => bytes,
+                Replay::Streaming(body) => {
+                    let req = Request::from_parts(parts, body);
+                    return send(this.inner.clone(), req, destination, addrs).await;
+                }
+            };
+            let first = Request::from_parts(parts.clone(), full(bytes.clone()));
+            let resp = send(this.inner.clone(), first, destination.clone(), addrs).await?;
+            let Some((theirs, owner)) = misdirected(&resp) else {
+                return Ok(resp);
+            };
+            let fresh = if theirs > mine {
+                wait_for_epoch(&*this.layer.discovery, &destination, theirs, REDIRECT_WAIT).await
+            } else {
+                this.layer.discovery.lookup(&destination)
+            };
+            let Some(fresh) = fresh else {
+                this.layer.metrics.redirect(false);
+                return Ok(resp);
+            };
+            let caught_up = fresh.epoch().is_some_and(|e| e >= theirs);
+            if !caught_up && theirs <= mine {
+                // The peer is behind and did not catch up while it waited: nothing to follow.
+                this.layer.metrics.redirect(false);
+                return Ok(resp);
+            }
+            let mut again = Request::from_parts(parts, full(bytes));
+            // Caught up: route by our own (now as new) map; else trust the owner it named.
+            let owner = (!caught_up).then_some(owner);
+            let addrs = match targets_of(&fresh, &mut again, &ctx, owner) {
+                Ok(addrs) => addrs,
+                Err(_) => {
+                    this.layer.metrics.redirect(false);
+                    return Ok(resp);
+                }
+            };
+            drop(resp);
+            this.layer.metrics.redirect(true);
+            {
+                let mut r = ctx.lock();
+                r.redirected_to = r.shard;
+            }
+            send(this.inner.clone(), again, destination, addrs).await
         })
     }
+}
+
+/// Sends `req` to the stack below with its candidate endpoints.
+async fn send<S>(
+    mut inner: S,
+    mut req: Request<ProxyBody>,
+    destination: Arc<str>,
+    addrs: Arc<[SocketAddr]>,
+) -> Result<Response<ProxyBody>, ProxyError>
+where
+    S: Service<
+            Request<ProxyBody>,
+            Response = Response<ProxyBody>,
+            Error = ProxyError,
+            Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>,
+        > + Clone,
+{
+    req.extensions_mut().insert(Targets { destination, addrs });
+    let mut resp = inner.call(req).await?;
+    strip_hop_by_hop(resp.headers_mut());
+    Ok(resp)
 }

@@ -86,10 +86,12 @@ pub fn destination_from_configmap(authority: &str, cm: &ConfigMap) -> Result<Des
         .map_err(|e| format!("{what}: {} is not a shard map: {e}", labels::SHARDMAP_KEY))?;
     let header = data.and_then(|d| d.get(labels::SHARDMAP_HEADER_KEY));
     let writes = data.and_then(|d| d.get(labels::SHARDMAP_WRITES_KEY));
+    let miss = data.and_then(|d| d.get(labels::SHARDMAP_HANDOFF_MISS_KEY));
     let kind = sharded_kind(
         &what,
         header.map(String::as_str),
         writes.map(String::as_str),
+        miss.map(String::as_str),
         &map,
     )?;
     Ok(Destination {
@@ -104,6 +106,8 @@ pub struct LiveRegistry {
     // A lock held only to clone or replace an `Arc`: no I/O, no await, so the request path
     // never waits on the API server. Bounded: one entry per `--shardmap` flag.
     live: RwLock<HashMap<String, Arc<Destination>>>,
+    /// Bumped on every change, for requests waiting for a newer map.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl LiveRegistry {
@@ -112,19 +116,26 @@ impl LiveRegistry {
         LiveRegistry {
             fixed,
             live: RwLock::new(HashMap::new()),
+            changes: tokio::sync::watch::Sender::new(0),
         }
     }
 
     /// Replaces the routing table of one destination.
     pub fn set(&self, dest: Destination) {
-        let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
-        live.insert(dest.name.to_string(), Arc::new(dest));
+        {
+            let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
+            live.insert(dest.name.to_string(), Arc::new(dest));
+        }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Forgets a live destination (its ShardedService was deleted).
     pub fn remove(&self, authority: &str) {
-        let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
-        live.remove(authority);
+        {
+            let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
+            live.remove(authority);
+        }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -134,6 +145,10 @@ impl Discover for LiveRegistry {
         live.get(authority)
             .cloned()
             .or_else(|| self.fixed.lookup(authority))
+    }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.changes.subscribe())
     }
 }
 
@@ -162,11 +177,15 @@ pub async fn watch(
                 match destination_from_configmap(&source.authority, &cm) {
                     Ok(dest) => {
                         if let crate::discovery::DestinationKind::Sharded {
-                            epoch, shards, ..
+                            epoch,
+                            shards,
+                            count,
+                            previous,
+                            ..
                         } = &dest.kind
                         {
                             tracing::info!(destination = %source.authority, epoch,
-                                           shards = shards.len(),
+                                           shards = shards.len(), count, previous,
                                            members = shards.iter().map(|s| s.len()).sum::<usize>(),
                                            "shard map updated");
                         }

@@ -64,7 +64,14 @@ pub struct App {
     pod_header: HeaderValue,
     shard_header: HeaderValue,
     max_keys: usize,
-    store: Mutex<HashMap<String, Bytes>>,
+    store: Mutex<Store>,
+}
+
+/// The keys, and the settled shard count they were last purged for.
+#[derive(Debug, Default)]
+struct Store {
+    keys: HashMap<String, Bytes>,
+    purged_for: Option<u32>,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -143,7 +150,7 @@ impl App {
             pod_header,
             shard_header,
             max_keys,
-            store: Mutex::new(HashMap::new()),
+            store: Mutex::new(Store::default()),
         }
     }
 
@@ -151,9 +158,45 @@ impl App {
         &self.config
     }
 
-    /// Which shard owns `key`, seen from this pod.
-    pub fn check_key(&self, key: &str) -> KeyCheck {
-        let owner = shardmesh_api::routing::shard_for_key(key.as_bytes(), self.config.shards);
+    /// The shard count to judge a request's key by: what the sidecar says for this request
+    /// (`x-shardmesh-shards`, its live shard map; the previous layout for a handoff read), else
+    /// SHARDMESH_SHARDS (the count when this pod's shard was created: the initial view).
+    pub fn shards_for(&self, headers: &hyper::HeaderMap) -> u32 {
+        headers
+            .get(shardmesh_api::headers::SHARDS)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|n| (1..=crate::config::MAX_SHARDS).contains(n))
+            .unwrap_or(self.config.shards)
+    }
+
+    /// The delete contract of resharding: once a change of the shard count has settled (a
+    /// request says `shards` with no `x-shardmesh-previous-shards` and is no handoff), keys this
+    /// shard no longer owns are stale here (their new owner has the truth, and a later change
+    /// could route them back), so they are dropped. During the handoff window they are kept,
+    /// to answer the new owner's handoff reads.
+    fn purge_if_settled(&self, headers: &hyper::HeaderMap, shards: u32) {
+        use shardmesh_api::headers::{HANDOFF, PREVIOUS_SHARDS, SHARDS};
+        if !headers.contains_key(SHARDS)
+            || headers.contains_key(PREVIOUS_SHARDS)
+            || headers.contains_key(HANDOFF)
+        {
+            return;
+        }
+        let mut store = self.store.lock().unwrap_or_else(PoisonError::into_inner);
+        if store.purged_for == Some(shards) {
+            return;
+        }
+        let me = self.config.shard;
+        store
+            .keys
+            .retain(|k, _| shardmesh_api::routing::shard_for_key(k.as_bytes(), shards) == me);
+        store.purged_for = Some(shards);
+    }
+
+    /// Which shard owns `key` among `shards`, seen from this pod.
+    pub fn check_key(&self, key: &str, shards: u32) -> KeyCheck {
+        let owner = shardmesh_api::routing::shard_for_key(key.as_bytes(), shards);
         if owner == self.config.shard {
             KeyCheck::Owned
         } else {
@@ -166,6 +209,7 @@ impl App {
         self.store
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .keys
             .len()
     }
 
@@ -207,7 +251,7 @@ impl App {
                     &serde_json::json!({
                         "pod": self.config.pod,
                         "shard": self.config.shard,
-                        "shards": self.config.shards,
+                        "shards": self.shards_for(req.headers()),
                     }),
                 ),
                 _ => method_not_allowed("GET"),
@@ -260,11 +304,13 @@ impl App {
                 );
             }
         }
-        if let KeyCheck::Misdirected { owner } = self.check_key(&key) {
+        let shards = self.shards_for(req.headers());
+        self.purge_if_settled(req.headers(), shards);
+        if let KeyCheck::Misdirected { owner } = self.check_key(&key, shards) {
             return text(
                 StatusCode::MISDIRECTED_REQUEST,
                 format!(
-                    "key {key:?} belongs to shard {owner}; this is shard {} (pod {})",
+                    "key {key:?} belongs to shard {owner} of {shards}; this is shard {} (pod {})",
                     self.config.shard, self.config.pod
                 ),
             );
@@ -280,6 +326,7 @@ impl App {
                     .store
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
+                    .keys
                     .get(&key)
                     .cloned();
                 match value {
@@ -300,6 +347,7 @@ impl App {
                     .store
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
+                    .keys
                     .remove(&key);
                 match removed {
                     Some(_) => {
@@ -346,7 +394,8 @@ impl App {
                 )
             }
         };
-        let mut store = self.store.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.store.lock().unwrap_or_else(PoisonError::into_inner);
+        let store = &mut guard.keys;
         if !store.contains_key(&key) && store.len() >= self.max_keys {
             return text(
                 StatusCode::INSUFFICIENT_STORAGE,
@@ -478,10 +527,57 @@ mod tests {
             } else {
                 KeyCheck::Misdirected { owner }
             };
-            assert_eq!(a.check_key(&k), want);
+            assert_eq!(a.check_key(&k, 3), want);
         }
         // One shard owns everything.
-        assert_eq!(app(0, 1).check_key("anything"), KeyCheck::Owned);
+        assert_eq!(app(0, 1).check_key("anything", 1), KeyCheck::Owned);
+    }
+
+    #[tokio::test]
+    async fn ownership_follows_the_shard_count_the_sidecar_sends() {
+        use shardmesh_api::headers::{HANDOFF, PREVIOUS_SHARDS, SHARDS};
+        // Started as shard 0 of 1 (SHARDMESH_SHARDS=1); the service then grows to 2.
+        let a = app(0, 1);
+        let moved = (0..)
+            .map(|i| format!("k{i}"))
+            .find(|k| shardmesh_api::routing::shard_for_key(k.as_bytes(), 2) == 1)
+            .expect("a key moves");
+        let with = |method: Method, headers: &[(&'static str, &'static str)]| {
+            let mut r = req(method, &format!("/kv/{moved}"), b"v");
+            for (h, v) in headers {
+                r.headers_mut().insert(*h, HeaderValue::from_static(v));
+            }
+            r
+        };
+        // Without sidecar headers: the initial view (1 shard), so the key is ours.
+        assert_eq!(
+            a.handle(with(Method::PUT, &[])).await.status(),
+            StatusCode::CREATED
+        );
+        // In the window of 1 -> 2: the key is shard 1's now, but the value is kept here...
+        let r = a
+            .handle(with(Method::PUT, &[(SHARDS, "2"), (PREVIOUS_SHARDS, "1")]))
+            .await;
+        assert_eq!(r.status(), StatusCode::MISDIRECTED_REQUEST);
+        assert!(body(r).await.contains("belongs to shard 1 of 2"));
+        // ...for shard 1's handoff reads, judged under the previous layout.
+        let handoff = [(SHARDS, "1"), (PREVIOUS_SHARDS, "1"), (HANDOFF, "1")];
+        assert_eq!(
+            a.handle(with(Method::GET, &handoff)).await.status(),
+            StatusCode::OK
+        );
+        // Settled at 2 (no previous layout): the key this shard no longer owns is dropped, so
+        // if a later change routes it back here it is a miss, never a stale value.
+        let r = a.handle(with(Method::GET, &[(SHARDS, "2")])).await;
+        assert_eq!(r.status(), StatusCode::MISDIRECTED_REQUEST);
+        assert!(a.is_empty(), "settled at 2: shard 1's key is dropped");
+        let r = a
+            .handle(with(Method::GET, &[(SHARDS, "1"), (PREVIOUS_SHARDS, "2")]))
+            .await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        // Nonsense falls back to the initial view.
+        let r = a.handle(with(Method::GET, &[(SHARDS, "0")])).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
     }
 
     #[tokio::test]
@@ -518,7 +614,7 @@ mod tests {
             assert_eq!(r.headers()[SHARD_HEADER], "1");
             assert_eq!(
                 body(r).await.trim_end(),
-                format!("key \"{k}\" belongs to shard {owner}; this is shard 1 (pod demo-1)")
+                format!("key \"{k}\" belongs to shard {owner} of 4; this is shard 1 (pod demo-1)")
             );
         }
         assert!(a.is_empty(), "a misdirected PUT must not store anything");

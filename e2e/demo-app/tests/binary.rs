@@ -138,7 +138,7 @@ async fn serves_own_keys_and_refuses_others() {
             assert_eq!(
                 put.body.trim_end(),
                 format!(
-                    "key \"{key}\" belongs to shard {}; this is shard 1 (pod demo-1)",
+                    "key \"{key}\" belongs to shard {} of 3; this is shard 1 (pod demo-1)",
                     owner(&key, 3)
                 )
             );

@@ -189,6 +189,9 @@ pub struct Reply {
     pub role: String,
     /// Body.
     pub body: String,
+    /// `x-shardmesh-handoff-from`: the previous owner that served a read during a handoff
+    /// window (absent on any other response).
+    pub handoff_from: Option<String>,
 }
 
 /// One request for `/kv/<key>` with the key header, to `host` (`name.ns:8080`) through the
@@ -213,6 +216,30 @@ pub async fn keyed_with(
     headers: &[(&str, String)],
 ) -> anyhow::Result<Reply> {
     let body = if method == "PUT" { "v" } else { "" };
+    send(http, proxy, host, method, key, body, headers).await
+}
+
+/// [`keyed`] with an explicit request body (a PUT's value; usually empty for other methods).
+pub async fn keyed_value(
+    http: &Http,
+    proxy: SocketAddr,
+    host: &str,
+    method: &str,
+    key: &str,
+    body: &str,
+) -> anyhow::Result<Reply> {
+    send(http, proxy, host, method, key, body, &[]).await
+}
+
+async fn send(
+    http: &Http,
+    proxy: SocketAddr,
+    host: &str,
+    method: &str,
+    key: &str,
+    body: &str,
+    headers: &[(&str, String)],
+) -> anyhow::Result<Reply> {
     let mut req = http::Request::builder()
         .method(method)
         .uri(format!("http://{proxy}/kv/{key}"))
@@ -221,7 +248,7 @@ pub async fn keyed_with(
     for (k, v) in headers {
         req = req.header(*k, v);
     }
-    let req = req.body(Full::new(Bytes::from_static(body.as_bytes())))?;
+    let req = req.body(Full::new(Bytes::copy_from_slice(body.as_bytes())))?;
     let resp = tokio::time::timeout(Duration::from_secs(15), http.request(req)).await??;
     let h = |name: &str| {
         resp.headers()
@@ -236,6 +263,10 @@ pub async fn keyed_with(
         h("x-demo-shard"),
         h("x-demo-role"),
     );
+    let handoff_from = resp
+        .headers()
+        .get(shardmesh_api::headers::HANDOFF_FROM)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let body = resp.into_body().collect().await?.to_bytes();
     Ok(Reply {
         status,
@@ -243,6 +274,7 @@ pub async fn keyed_with(
         shard,
         role,
         body: String::from_utf8_lossy(&body).into_owned(),
+        handoff_from,
     })
 }
 

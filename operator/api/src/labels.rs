@@ -98,3 +98,7 @@ pub fn leader_holder_pod(holder: &str) -> &str {
 /// Data key of the shard-map ConfigMap saying how writes are recognised when the service elects
 /// leaders: `methods` (every method that is not safe) or `header:<name>`; absent: no leaders.
 pub const SHARDMAP_WRITES_KEY: &str = "writes";
+
+/// Shard-map ConfigMap key: the statuses of a GET/HEAD answer that mean a miss and send the
+/// read to the key's previous owner during a handoff window, comma-separated (e.g. `404`).
+pub const SHARDMAP_HANDOFF_MISS_KEY: &str = "handoffMiss";

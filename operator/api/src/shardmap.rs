@@ -1,6 +1,13 @@
 //! The shard map: per shard, the live members a sidecar may route to, and the epoch that
-//! increases on every membership change. Published by the operator, read by sidecars (or loaded
-//! from a static file for standalone use).
+//! increases on every change. Published by the operator, read by sidecars (or loaded from a
+//! static file for standalone use).
+//!
+//! **Layout.** Keys are routed by `count` (jump hash over `0..count`), which may be lower than
+//! the number of listed shards: shards being added are listed (their members visible) before
+//! they own keys, and shards being removed stay listed while they serve handoff reads. While a
+//! change of the shard count is in its handoff window the map also carries `previous`, the
+//! count keys were routed by before: a read that misses on a key's new owner is served by its
+//! previous owner. One map is one layout: a reader never combines two maps.
 
 use serde::{Deserialize, Serialize};
 
@@ -10,8 +17,26 @@ use serde::{Deserialize, Serialize};
 pub struct ShardMap {
     /// Increases on every membership change; carried on routed requests as `x-shardmesh-epoch`.
     pub epoch: i64,
-    /// One entry per shard index, in index order; `shards.len()` is the shard count.
+    /// The shard count keys are routed by. Absent in maps of earlier releases, where it is
+    /// `shards.len()`; see [`ShardMap::count`].
+    #[serde(default, rename = "count", skip_serializing_if = "Option::is_none")]
+    pub routing_count: Option<u32>,
+    /// One entry per listed shard index, in index order (at least `count` of them).
     pub shards: Vec<Shard>,
+    /// The layout before the last change of the shard count, while its handoff window is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Previous>,
+}
+
+/// The previous layout of a map whose shard count changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Previous {
+    /// The shard count keys were routed by before the change.
+    pub count: u32,
+    /// When the operator closes the window (RFC 3339). Informational for sidecars: the window
+    /// is open exactly while a map carries `previous`, so their clocks do not matter.
+    pub until: String,
 }
 
 /// Members of one shard.
@@ -51,10 +76,49 @@ pub struct Member {
 }
 
 impl ShardMap {
+    /// The shard count keys are routed by.
+    pub fn count(&self) -> u32 {
+        self.routing_count
+            .unwrap_or_else(|| u32::try_from(self.shards.len()).unwrap_or(u32::MAX))
+    }
+
+    /// The shard owning `key` under this map.
+    pub fn owner(&self, key: &[u8]) -> u32 {
+        crate::routing::shard_for_key(key, self.count())
+    }
+
+    /// The shard that owned `key` before the last change of the shard count, while the handoff
+    /// window is open and only when that is another shard than its owner now.
+    pub fn previous_owner(&self, key: &[u8]) -> Option<u32> {
+        let prev = self.previous.as_ref()?;
+        let before = crate::routing::shard_for_key(key, prev.count);
+        (before != self.owner(key)).then_some(before)
+    }
+
     /// Checks the invariants a consumer relies on; the error names the offending entry.
     pub fn check(&self) -> Result<(), String> {
         if self.shards.is_empty() {
             return Err("shards: empty; a shard map needs at least one shard".into());
+        }
+        let listed = self.shards.len();
+        let in_range = |field: &str, n: u32| {
+            if n == 0 || n as usize > listed {
+                Err(format!(
+                    "{field}: {n} must be between 1 and the {listed} listed shard(s)"
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        in_range("count", self.count())?;
+        if let Some(p) = &self.previous {
+            in_range("previous.count", p.count)?;
+            if p.count == self.count() {
+                return Err(format!(
+                    "previous.count: {} equals count; a previous layout has another shard count",
+                    p.count
+                ));
+            }
         }
         for (i, s) in self.shards.iter().enumerate() {
             if s.index as usize != i {
@@ -92,6 +156,8 @@ mod tests {
     fn check_names_the_bad_entry() {
         let mut m = ShardMap {
             epoch: 1,
+            routing_count: None,
+            previous: None,
             shards: vec![Shard {
                 index: 0,
                 members: vec![Member {
@@ -121,5 +187,75 @@ mod tests {
             .starts_with("shards[0].members[0].address"));
         m.shards[0].index = 3;
         assert!(m.check().unwrap_err().starts_with("shards[0].index"));
+        m.shards[0].index = 0;
+        m.shards[0].members.clear();
+        m.routing_count = Some(2);
+        assert!(m.check().unwrap_err().starts_with("count: 2"));
+        m.routing_count = Some(1);
+        m.previous = Some(Previous {
+            count: 1,
+            until: "2026-01-01T00:00:00Z".into(),
+        });
+        assert!(m
+            .check()
+            .unwrap_err()
+            .starts_with("previous.count: 1 equals"));
+    }
+
+    fn listed(n: u32) -> Vec<Shard> {
+        (0..n)
+            .map(|index| Shard {
+                index,
+                members: Vec::new(),
+                leader: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn count_defaults_to_the_listed_shards_and_old_maps_still_parse() {
+        let old: ShardMap =
+            serde_json::from_str(r#"{"epoch":4,"shards":[{"index":0},{"index":1}]}"#).unwrap();
+        assert_eq!((old.count(), old.previous.clone()), (2, None));
+        assert_eq!(old.check(), Ok(()));
+        // An unchanged map serializes as before (no new keys), so old readers still read it.
+        assert_eq!(
+            serde_json::to_string(&old).unwrap(),
+            r#"{"epoch":4,"shards":[{"index":0,"members":[]},{"index":1,"members":[]}]}"#
+        );
+    }
+
+    #[test]
+    fn previous_owner_only_for_moved_keys_while_the_window_is_open() {
+        let mut m = ShardMap {
+            epoch: 9,
+            routing_count: Some(4),
+            shards: listed(4),
+            previous: None,
+        };
+        let keys: Vec<String> = (0..2000).map(|i| format!("k{i}")).collect();
+        assert!(keys
+            .iter()
+            .all(|k| m.previous_owner(k.as_bytes()).is_none()));
+        m.previous = Some(Previous {
+            count: 3,
+            until: "2026-01-01T00:00:00Z".into(),
+        });
+        let moved: Vec<&String> = keys
+            .iter()
+            .filter(|k| m.previous_owner(k.as_bytes()).is_some())
+            .collect();
+        // Growing 3 -> 4 moves about a quarter of the keys, every one of them to shard 3.
+        let share = moved.len() as f64 / keys.len() as f64;
+        assert!((0.22..0.28).contains(&share), "{share}");
+        assert!(moved.iter().all(|k| m.owner(k.as_bytes()) == 3));
+        // Shrinking 4 -> 3: exactly the keys of shard 3 move, each to one of the others.
+        m.routing_count = Some(3);
+        m.previous.as_mut().unwrap().count = 4;
+        for k in &keys {
+            let before = crate::routing::shard_for_key(k.as_bytes(), 4);
+            assert_eq!(m.previous_owner(k.as_bytes()).is_some(), before == 3, "{k}");
+            assert!(m.owner(k.as_bytes()) < 3);
+        }
     }
 }

@@ -55,6 +55,12 @@ use crate::duration::DurationString;
         description = "Shard-map generation"
     ),
     printcolumn(
+        name = "Resharding",
+        type_ = "string",
+        json_path = ".status.resharding.phase",
+        description = "Phase of a change of the shard count in progress"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -100,6 +106,50 @@ pub struct ShardedServiceSpec {
     /// to it with a fencing epoch, and every pod is told its role.
     #[serde(default)]
     pub leader_election: LeaderElection,
+
+    /// How a change of `shards` hands keys over to their new owners while traffic continues.
+    #[serde(default)]
+    pub resharding: Resharding,
+}
+
+/// Live resharding. Changing `shards` never restarts the pods of the shards that stay: new
+/// shards get keys only once each has a ready member, then a new shard map moves about
+/// 1/(N+1) of the keys per added shard at once. For `handoffWindow` after that, a read (GET or
+/// HEAD) that the new owner answers with a miss is served by the key's previous owner, and a
+/// DELETE of a moved key is applied on the previous owner first, so a deleted value cannot
+/// come back. Removed shards serve those reads until the window closes, then their workloads
+/// are deleted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Resharding {
+    /// How long the previous owner of a moved key keeps serving its reads after the shard count
+    /// changed (default 2m; 0s disables the handoff; at most 24h). Size it to how long your
+    /// application takes to copy or rebuild a moved key's data on its new owner.
+    #[serde(default = "d_handoff_window")]
+    pub handoff_window: DurationString,
+    /// Status codes of the new owner's answer to a GET or HEAD that mean "not here" and send
+    /// the read to the previous owner (default [404]; 400-599 except 410 and 421). An
+    /// application answers 410 for a key it deleted, which is never handed off.
+    #[serde(default = "d_miss_statuses")]
+    #[schemars(length(min = 1, max = 8))]
+    pub miss_statuses: Vec<i32>,
+}
+
+fn d_handoff_window() -> DurationString {
+    "2m".into()
+}
+
+fn d_miss_statuses() -> Vec<i32> {
+    vec![404]
+}
+
+impl Default for Resharding {
+    fn default() -> Self {
+        Resharding {
+            handoff_window: d_handoff_window(),
+            miss_statuses: d_miss_statuses(),
+        }
+    }
 }
 
 /// The pod template is kept opaque in the CRD schema (a full PodTemplateSpec schema is several
@@ -520,9 +570,31 @@ pub struct ShardedServiceStatus {
     /// Capabilities the API server lacks and what shardmesh does without them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
-    /// `Ready`, `Progressing`, `Degraded` and `Invalid`, each with a reason and message.
+    /// A change of the shard count in progress (absent when none is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resharding: Option<ReshardingStatus>,
+    /// `Ready`, `Progressing`, `Degraded`, `Invalid` and `Resharding`, each with a reason and
+    /// message.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// A change of the shard count in progress.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReshardingStatus {
+    /// `AddingShards` (new shards start; keys stay where they are until each new shard has a
+    /// ready member), `Handoff` (keys moved; previous owners serve reads that miss until the
+    /// window closes) or `Draining` (as Handoff, and the removed shards are deleted when it
+    /// closes).
+    pub phase: String,
+    /// Shard count keys were routed by before the change.
+    pub from: i32,
+    /// Shard count of the change.
+    pub to: i32,
+    /// When the handoff window closes (RFC 3339), in the Handoff and Draining phases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
 }
 
 /// State of one shard.
@@ -557,4 +629,6 @@ pub mod condition {
     pub const DEGRADED: &str = "Degraded";
     /// The spec cannot be applied; the message names the field and the fix.
     pub const INVALID: &str = "Invalid";
+    /// The shard count is changing (see `status.resharding`).
+    pub const RESHARDING: &str = "Resharding";
 }

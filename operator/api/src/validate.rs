@@ -184,6 +184,7 @@ fn check_spec(c: &mut Check, spec: &ShardedServiceSpec) {
     check_template(c, spec);
     check_resilience(c, spec);
     check_leader_election(c, spec);
+    check_resharding(c, spec);
     c.range(
         "spec.rollout.maxUnavailable",
         spec.rollout.max_unavailable.into(),
@@ -217,6 +218,40 @@ fn check_leader_election(c: &mut Check, spec: &ShardedServiceSpec) {
     );
     if let Some(h) = &le.write_header {
         check_header(c, &format!("{p}.writeHeader"), h, "x-write");
+    }
+}
+
+fn check_resharding(c: &mut Check, spec: &ShardedServiceSpec) {
+    let r = &spec.resharding;
+    let p = "spec.resharding";
+    c.duration(
+        &format!("{p}.handoffWindow"),
+        &r.handoff_window,
+        Duration::ZERO,
+        Duration::from_secs(24 * 3600),
+    );
+    if r.miss_statuses.is_empty() || r.miss_statuses.len() > 8 {
+        c.err(
+            format!("{p}.missStatuses"),
+            format!(
+                "has {} entries; list 1 to 8 status codes, e.g. [404]",
+                r.miss_statuses.len()
+            ),
+        );
+    }
+    for (i, s) in r.miss_statuses.iter().enumerate() {
+        let why = match s {
+            410 => Some("410 marks a deleted key, which must not be read from the previous owner"),
+            421 => Some("421 is the sidecar's own answer for a key of another shard"),
+            400..=599 => None,
+            _ => Some("only error statuses (400-599) can mean a miss"),
+        };
+        if let Some(why) = why {
+            c.err(
+                format!("{p}.missStatuses[{i}]"),
+                format!("{s}: {why}; use e.g. 404"),
+            );
+        }
     }
 }
 
@@ -468,6 +503,22 @@ mod tests {
             (
                 json!({"leaderElection": {"enabled": true, "writeHeader": "x:y"}}),
                 "spec.leaderElection.writeHeader",
+            ),
+            (
+                json!({"resharding": {"handoffWindow": "48h"}}),
+                "spec.resharding.handoffWindow",
+            ),
+            (
+                json!({"resharding": {"missStatuses": []}}),
+                "spec.resharding.missStatuses",
+            ),
+            (
+                json!({"resharding": {"missStatuses": [404, 410]}}),
+                "spec.resharding.missStatuses[1]",
+            ),
+            (
+                json!({"resharding": {"missStatuses": [200]}}),
+                "spec.resharding.missStatuses[0]",
             ),
             (json!({"template": {}}), "spec.template.spec"),
             (

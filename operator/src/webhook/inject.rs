@@ -275,6 +275,7 @@ fn check_policy(text: &str) -> Result<String, String> {
             resilience,
             rollout: Default::default(),
             leader_election: Default::default(),
+            resharding: Default::default(),
         },
     );
     let problems: Vec<String> = validate(&probe)
