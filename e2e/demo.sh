@@ -3,7 +3,9 @@
 # ShardedService `orders` (3 shards x 2 replicas of the demo app, each pod with the injected
 # sidecar); sends keyed requests first straight to its routing Service (some land on the wrong
 # shard: 421), then through a client pod's sidecar, which routes each key to the shard that owns it,
-# and shows which pod/shard answered each key. The cluster stays up afterwards.
+# and shows which pod/shard answered each key; then grows `orders` to 4 shards live and reads the
+# keys that moved (served by their previous owner during the handoff window). The cluster stays
+# up afterwards.
 #
 # Usage: e2e/demo.sh [up] [--no-build]   set up (re-uses a running demo cluster), run the requests
 #                                        (--no-build: use the binaries already in target/debug)
@@ -105,6 +107,53 @@ send_keys "2) The same keys through the client's sidecar ($CLIENT:4140, explicit
   "http://$SVC.$DEMO_NS:$PORT" -x "http://$CLIENT:4140"
 [ "$bad" = 0 ] && [ "$err" = 0 ] && echo "  Every key reached its owning shard: the sidecar routed it by key (x-shard-key → shard)."
 kc get -n "$DEMO_NS" shardedservice "$SVC"
+
+# 3. Live resharding: 3 -> 4 shards; the keys that move keep their values.
+if [ "$(kc get -n "$DEMO_NS" shardedservice "$SVC" -o jsonpath='{.spec.shards}')" = 3 ] \
+  && [ "$(kc get -n "$DEMO_NS" shardedservice "$SVC" -o jsonpath='{.status.resharding.phase}')" = "" ]; then
+  echo
+  echo "3) Live resharding: spec.shards 3 -> 4 (pods of shards 0-2 are not restarted)"
+  restarts_before=$(kc get -n "$DEMO_NS" pods -l shardmesh.io/service="$SVC" \
+    -o jsonpath='{range .items[*]}{.metadata.name}={.metadata.uid} {end}')
+  kc patch -n "$DEMO_NS" shardedservice "$SVC" --type merge -p '{"spec":{"shards":4}}' >/dev/null
+  deadline=$(($(now_s) + 300)) phase="" seen=""
+  while [ "$phase" != Handoff ]; do
+    phase=$(kc get -n "$DEMO_NS" shardedservice "$SVC" -o jsonpath='{.status.resharding.phase}')
+    case " $seen " in *" ${phase:-none} "*) ;; *) seen="$seen ${phase:-none}"; log "resharding phase: ${phase:-none}" ;; esac
+    [ "$(now_s)" -lt "$deadline" ] || die "orders did not reach the Handoff phase within 300s (phases seen:$seen)"
+    sleep 1
+  done
+  kc get -n "$DEMO_NS" shardedservice "$SVC"
+  echo "  GET of the same keys through the client's sidecar; keys that moved to shard 3 are read from"
+  echo "  their previous owner (x-shardmesh-handoff-from), since the demo app does not copy data:"
+  printf '  %-9s %-6s %-22s %s\n' KEY STATUS "ANSWERED BY" NOTE
+  moved=0 stayed=0 lost=0
+  tmp=$(mktemp -d)
+  for key in "${KEYS[@]}"; do
+    code=$(in_ns curl -s -o "$tmp/body" -D "$tmp/headers" -w '%{http_code}' --max-time 10 \
+      -H "x-shard-key: $key" -x "http://$CLIENT:4140" "http://$SVC.$DEMO_NS:$PORT/kv/$key" 2>/dev/null || true)
+    from=$(awk -F': ' 'tolower($1) == "x-shardmesh-handoff-from" {print $2}' "$tmp/headers" 2>/dev/null | tr -d '\r')
+    pod=$(awk -F': ' 'tolower($1) == "x-demo-pod" {print $2}' "$tmp/headers" 2>/dev/null | tr -d '\r')
+    if [ -n "$from" ]; then
+      if [ "$code" = 200 ] && [ "$(cat "$tmp/body")" = "order of $key" ]; then
+        moved=$((moved + 1)); note="moved to shard 3; its value read from shard $from (handoff)"
+      else
+        lost=$((lost + 1)); note="moved to shard 3; handoff answered ${code:-000}"
+      fi
+      printf '  %-9s %-6s %-22s %s\n' "$key" "${code:-000}" "${pod:--}" "$note"
+    else
+      stayed=$((stayed + 1))
+    fi
+  done
+  rm -rf "$tmp"
+  echo "  => $moved of ${#KEYS[@]} keys moved to the new shard and still read their value; $stayed stayed where they were; $lost lost."
+  restarts_after=$(kc get -n "$DEMO_NS" pods -l shardmesh.io/service="$SVC" \
+    -o jsonpath='{range .items[*]}{.metadata.name}={.metadata.uid} {end}')
+  kept=0
+  for p in $restarts_before; do case " $restarts_after " in *" $p "*) kept=$((kept + 1)) ;; esac; done
+  echo "  => $kept of $(echo "$restarts_before" | wc -w) pods of shards 0-2 are the same pods as before (same UID)."
+  echo "  The window closes after 5m (status.resharding.until); then shard 3 owns its keys alone."
+fi
 
 cat <<EOF
 

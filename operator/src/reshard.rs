@@ -324,4 +324,85 @@ mod tests {
         let l = next_layout(Some(&m), 3, |_| true, W, t(0));
         assert_eq!((l.count, l.listed, l.previous), (3, 3, None));
     }
+
+    /// One step of a random history: a new `spec.shards`, which shards have a live member, and
+    /// how far the clock moves before the next map is computed.
+    #[derive(Clone, Debug)]
+    struct Step {
+        spec: u32,
+        members: u8,
+        advance: i64,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        (1u32..6, any::<u8>(), 0i64..200).prop_map(|(spec, members, advance)| Step {
+            spec,
+            members,
+            advance,
+        })
+    }
+
+    proptest::proptest! {
+        /// Over any history of spec changes, member churn and time, the published layouts keep
+        /// the invariants routing and handoff rely on.
+        #[test]
+        fn layouts_stay_consistent_over_random_histories(
+            steps in proptest::collection::vec(step(), 1..40)
+        ) {
+            let mut now = 0i64;
+            let mut prev: Option<ShardMap> = None;
+            for s in steps {
+                now += s.advance;
+                let has = |i: u32| i < 8 && s.members & (1 << i) != 0;
+                let l = next_layout(prev.as_ref(), s.spec, has, W, t(now));
+                let before = prev.as_ref();
+                // Routing count within the listed shards, previous layout distinct and listed.
+                proptest::prop_assert!(l.count >= 1 && l.listed >= l.count);
+                if let Some(p) = &l.previous {
+                    proptest::prop_assert!(p.count != l.count && p.count <= l.listed);
+                }
+                if let Some(b) = before {
+                    let open = b.previous.as_ref().and_then(until_of).is_some_and(|u| t(now) < u);
+                    // Nothing changes inside an open window, and it is never extended.
+                    if open {
+                        proptest::prop_assert_eq!(l.count, b.count());
+                        proptest::prop_assert_eq!(&l.previous, &b.previous);
+                    }
+                    // A layout change always opens a window from the layout before it (when
+                    // someone is serving), so a moved key always has a previous owner listed.
+                    // Members are only collected for shards the service has.
+                    let anyone = (0..shards_to_collect(Some(b), s.spec)).any(has);
+                    if l.count != b.count() && anyone {
+                        proptest::prop_assert_eq!(l.previous.as_ref().map(|p| p.count), Some(b.count()));
+                    }
+                    // Keys only move to new shards once each has a live member.
+                    if l.count > b.count() && anyone {
+                        proptest::prop_assert!((b.count()..l.count).all(has));
+                    }
+                    // The removed shards stay listed while the window is open.
+                    if let Some(p) = &l.previous {
+                        proptest::prop_assert!(l.listed >= p.count);
+                    }
+                }
+                // Every shard the spec wants is listed, so its members are visible.
+                proptest::prop_assert!(l.listed >= s.spec);
+                let shards = (0..l.listed)
+                    .map(|index| shardmesh_api::shardmap::Shard {
+                        index,
+                        members: Vec::new(),
+                        leader: None,
+                    })
+                    .collect();
+                let map = ShardMap {
+                    epoch: before.map_or(1, |b| b.epoch + 1),
+                    routing_count: Some(l.count),
+                    shards,
+                    previous: l.previous.clone(),
+                };
+                proptest::prop_assert_eq!(map.check(), Ok(()));
+                prev = Some(map);
+            }
+        }
+    }
 }

@@ -17,8 +17,9 @@
 //!   DELETE of a key this shard owned in the previous layout is served under that layout. A
 //!   handoff request is never handed off again, so nothing loops.
 //!
-//! A request whose caller has seen a newer map (`x-shardmesh-epoch` above this sidecar's) waits
-//! a moment for this sidecar's map to catch up before it is judged.
+//! A request for a key this shard does not own, whose caller has seen a newer map
+//! (`x-shardmesh-epoch` above this sidecar's), waits up to a second for that map before it is
+//! refused: the caller's map sent it here, so the newer map probably makes it ours.
 
 use std::{
     net::SocketAddr,
@@ -44,8 +45,9 @@ use crate::{
     metrics::{HandoffKind, Metrics},
 };
 
-/// Longest wait for this sidecar's map when a caller has seen a newer one.
-pub const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
+/// Longest wait for this sidecar's map when a caller has seen a newer one and the key is not
+/// ours under the map we have (well below the default per-try timeout of 2 s).
+pub const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
 
 /// What the inbound side knows of the pod's own service.
 #[derive(Clone)]
@@ -260,39 +262,44 @@ where
             Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>,
         > + Send,
 {
-    let mut dest = own.discovery.lookup(&own.authority);
-    // The caller routed by a newer map than ours: wait (bounded) for it to arrive here.
-    if let Some(theirs) = num(req.headers(), EPOCH) {
-        if dest
-            .as_ref()
-            .and_then(|d| d.epoch())
-            .is_some_and(|e| e < theirs)
-        {
-            dest = wait_for_epoch(&*own.discovery, &own.authority, theirs, CATCH_UP_WAIT).await;
-        }
-    }
-    let view = dest.as_deref().and_then(View::of);
     let handoff_from = num(req.headers(), HANDOFF).and_then(|v| u32::try_from(v).ok());
-    let Some(view) = view else {
-        // No map yet (or the service is gone): the application judges alone.
-        for h in [SHARD, SHARDS, EPOCH, HANDOFF, PREVIOUS_SHARDS] {
-            req.headers_mut().remove(h);
+    let theirs = num(req.headers(), EPOCH);
+    let mut dest = own.discovery.lookup(&own.authority);
+    let mut waited = false;
+    let (view, key, decision) = loop {
+        let Some(view) = dest.as_deref().and_then(View::of) else {
+            // No map yet (or the service is gone): the application judges alone.
+            for h in [SHARD, SHARDS, EPOCH, HANDOFF, PREVIOUS_SHARDS] {
+                req.headers_mut().remove(h);
+            }
+            req.headers_mut()
+                .insert(SHARD, HeaderValue::from(own.shard));
+            return inner.call(req).await;
+        };
+        let Some(key) = req.headers().get(&view.header).cloned() else {
+            tell_app(req.headers_mut(), own.shard, &view, view.count, None);
+            return inner.call(req).await;
+        };
+        let decision = decide(
+            &view,
+            own.shard,
+            key.as_bytes(),
+            req.method(),
+            handoff_from.is_some(),
+        );
+        // About to refuse a key whose caller routed here by a newer map than ours: that map
+        // says the key is ours, so wait (bounded) for it rather than bounce the request. An
+        // owned key needs no wait: the newer map sent it here too.
+        let behind = theirs.is_some_and(|t| t > view.epoch);
+        if matches!(decision, Decision::Misdirected { .. }) && behind && !waited {
+            waited = true;
+            if let Some(t) = theirs {
+                dest = wait_for_epoch(&*own.discovery, &own.authority, t, CATCH_UP_WAIT).await;
+            }
+            continue;
         }
-        req.headers_mut()
-            .insert(SHARD, HeaderValue::from(own.shard));
-        return inner.call(req).await;
+        break (view, key, decision);
     };
-    let Some(key) = req.headers().get(&view.header).cloned() else {
-        tell_app(req.headers_mut(), own.shard, &view, view.count, None);
-        return inner.call(req).await;
-    };
-    let decision = decide(
-        &view,
-        own.shard,
-        key.as_bytes(),
-        req.method(),
-        handoff_from.is_some(),
-    );
     let ctx = RequestCtx::from_extensions(req.extensions());
     {
         let mut r = ctx.lock();
@@ -386,8 +393,13 @@ fn copy_request(req: &Request<ProxyBody>) -> Request<ProxyBody> {
     copy
 }
 
-/// Sends a handoff request for `key` to a member of shard `prev`: the member picked by the key
-/// (so one key's handoffs go to one replica), the next one if it cannot be connected to.
+/// Most members of the previous owner asked for one handoff.
+const HANDOFF_TRIES: usize = 3;
+
+/// Sends a handoff request for `key` to a member of shard `prev`: first the member picked by
+/// the key (so one key's handoffs go to one replica), then the next ones when it cannot be
+/// connected to or, for a read, answers a miss (replicas of an application need not hold the
+/// same keys).
 async fn handoff(
     own: &Ownership,
     view: &View,
@@ -403,6 +415,7 @@ async fn handoff(
             view.epoch
         )));
     }
+    let read = req.method() == Method::GET || req.method() == Method::HEAD;
     strip_hop_by_hop(req.headers_mut());
     tell_app(
         req.headers_mut(),
@@ -417,8 +430,9 @@ async fn handoff(
         .map_or("/", |p| p.as_str())
         .to_string();
     let first = (key_hash(key) % members.len() as u64) as usize;
-    let tries = members.len().min(2);
-    let mut last = None;
+    let tries = members.len().min(HANDOFF_TRIES);
+    let mut last_err = None;
+    let mut last_miss = None;
     for i in 0..tries {
         let addr = members[(first + i) % members.len()];
         let mut attempt = copy_request(&req);
@@ -432,9 +446,13 @@ async fn handoff(
         match tokio::time::timeout(own.handoff_timeout, client.call(attempt)).await {
             Ok(Ok(mut resp)) => {
                 strip_hop_by_hop(resp.headers_mut());
+                if read && is_miss(view, resp.status()) && i + 1 < tries {
+                    last_miss = Some(resp);
+                    continue;
+                }
                 return Ok(resp);
             }
-            Ok(Err(e @ ProxyError::Connect { .. })) => last = Some(e.to_string()),
+            Ok(Err(e @ ProxyError::Connect { .. })) => last_err = Some(e.to_string()),
             Ok(Err(e)) => {
                 own.metrics.handoff(HandoffKind::Failed);
                 return Err(ProxyError::Handoff(format!("shard {prev} at {addr}: {e}")));
@@ -448,10 +466,13 @@ async fn handoff(
             }
         }
     }
+    if let Some(miss) = last_miss {
+        return Ok(miss);
+    }
     own.metrics.handoff(HandoffKind::Failed);
     Err(ProxyError::Handoff(format!(
         "no member of shard {prev} could be reached: {}",
-        last.unwrap_or_default()
+        last_err.unwrap_or_default()
     )))
 }
 

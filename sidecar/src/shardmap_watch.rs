@@ -152,6 +152,35 @@ impl Discover for LiveRegistry {
     }
 }
 
+/// Backoff of a shard-map watch after an error: full jitter (the retry module's) from 200 ms
+/// doubling up to 5 s, reset by any event. One small object per service is cheap to list
+/// again, and a sidecar whose map lags after an API-server outage routes (and judges key
+/// ownership) by a stale map: kube-runtime's default grows to 30 s for that.
+#[derive(Debug, Default)]
+struct WatchBackoff {
+    failures: u32,
+}
+
+impl Iterator for WatchBackoff {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<std::time::Duration> {
+        self.failures = self.failures.saturating_add(1);
+        Some(crate::retry::backoff(
+            std::time::Duration::from_millis(200),
+            std::time::Duration::from_secs(5),
+            self.failures,
+            rand::random(),
+        ))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
 /// Follows one shard-map ConfigMap forever, feeding `registry`. `synced` opens once the first
 /// listing completed (whether or not the map exists yet), so `/ready` knows the registry's
 /// state.
@@ -168,7 +197,9 @@ pub async fn watch(
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     tracing::info!(configmap = %format!("{ns}/{name}"), destination = %source.authority,
                    "following the shard map");
-    let mut events = watcher(api, config).default_backoff().boxed();
+    let mut events = watcher(api, config)
+        .backoff(WatchBackoff::default())
+        .boxed();
     let mut seen_in_init = false;
     while let Some(event) = events.next().await {
         match event {
@@ -326,5 +357,56 @@ mod tests {
         assert!(reg.lookup("b:1").is_some());
         reg.remove("a:1");
         assert_eq!(epoch_of(&reg), -1, "falls back to the static entry");
+    }
+
+    #[test]
+    fn watch_backoff_stays_short_and_resets() {
+        use kube::runtime::utils::Backoff as _;
+        let mut b = WatchBackoff::default();
+        let waits: Vec<_> = (&mut b).take(20).collect();
+        assert!(waits
+            .iter()
+            .all(|w| *w <= std::time::Duration::from_secs(5)));
+        assert!(waits[0] <= std::time::Duration::from_millis(200));
+        b.reset();
+        assert!(b.next().unwrap() <= std::time::Duration::from_millis(200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_for_a_newer_map_until_it_arrives_or_the_bound() {
+        use crate::discovery::wait_for_epoch;
+        use std::time::Duration;
+        use tokio::time::Instant;
+        let reg = Arc::new(LiveRegistry::new(StaticRegistry::empty()));
+        let map = |epoch: i64| {
+            let json = format!(
+                r#"{{"epoch":{epoch},"shards":[{{"index":0,"members":[{{"pod":"p","address":"127.0.0.1:9"}}]}}]}}"#
+            );
+            destination_from_configmap("a:1", &cm(&[("shardmap.json", &json)])).unwrap()
+        };
+        reg.set(map(1));
+        // Already new enough: no wait at all.
+        let t0 = Instant::now();
+        let d = wait_for_epoch(&*reg, "a:1", 1, Duration::from_secs(2)).await;
+        assert_eq!(
+            (d.and_then(|d| d.epoch()), t0.elapsed()),
+            (Some(1), Duration::ZERO)
+        );
+        // Never arrives: the bound ends the wait with the map there is.
+        let d = wait_for_epoch(&*reg, "a:1", 2, Duration::from_secs(2)).await;
+        assert_eq!(d.and_then(|d| d.epoch()), Some(1));
+        assert_eq!(t0.elapsed(), Duration::from_secs(2));
+        // Arrives after 300 ms (an unrelated change first): the wait ends right then.
+        let feeder = reg.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            feeder.remove("other:1");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            feeder.set(map(3));
+        });
+        let t1 = Instant::now();
+        let d = wait_for_epoch(&*reg, "a:1", 2, Duration::from_secs(2)).await;
+        assert_eq!(d.and_then(|d| d.epoch()), Some(3));
+        assert_eq!(t1.elapsed(), Duration::from_millis(300));
     }
 }

@@ -131,10 +131,28 @@ fn free_addr() -> SocketAddr {
 /// A registry with `svc.test:80` routed by `count` shards over `members`, optionally with a
 /// previous layout in its handoff window.
 fn registry(epoch: i64, count: u32, previous: Option<u32>, members: &[SocketAddr]) -> String {
-    let shards: Vec<String> = members
+    let one: Vec<Vec<SocketAddr>> = members.iter().map(|a| vec![*a]).collect();
+    registry_of(epoch, count, previous, &one)
+}
+
+/// As [`registry`], with any number of members per shard.
+fn registry_of(
+    epoch: i64,
+    count: u32,
+    previous: Option<u32>,
+    shards: &[Vec<SocketAddr>],
+) -> String {
+    let shards: Vec<String> = shards
         .iter()
         .enumerate()
-        .map(|(i, a)| format!("{{index: {i}, members: [{{pod: p{i}, address: \"{a}\"}}]}}"))
+        .map(|(i, ms)| {
+            let ms: Vec<String> = ms
+                .iter()
+                .enumerate()
+                .map(|(j, a)| format!("{{pod: p{i}-{j}, address: \"{a}\"}}"))
+                .collect();
+            format!("{{index: {i}, members: [{}]}}", ms.join(", "))
+        })
         .collect();
     let prev = previous.map_or(String::new(), |p| {
         format!(", previous: {{count: {p}, until: \"2030-01-01T00:00:00Z\"}}")
@@ -318,6 +336,33 @@ async fn a_client_with_the_old_map_follows_one_redirect_to_the_owner() {
     // A non-idempotent POST is redirected too: a 421 was never processed.
     let r = send(stale.outbound, "POST", &url(&k), &key, "v2").await;
     assert_eq!(r.status, 405, "reached the owner's app: {r:?}");
+}
+
+#[tokio::test]
+async fn a_handoff_read_asks_the_next_replica_when_one_misses() {
+    // The previous owner has two replicas and only one of them holds the key (applications
+    // need not replicate); the read finds it whichever replica the key picks first.
+    let (a1, a1_app) = Kv::start().await;
+    let (a2, a2_app) = Kv::start().await;
+    let (_b, b_app) = Kv::start().await;
+    let (a1_in, a2_in, b_in) = (free_addr(), free_addr(), free_addr());
+    let grown = registry_of(2, 2, Some(1), &[vec![a1_in, a2_in], vec![b_in]]);
+    let _a1 = member(&grown, 0, a1_in, a1_app).await;
+    let _a2 = member(&grown, 0, a2_in, a2_app).await;
+    let _b = member(&grown, 1, b_in, b_app).await;
+    let client = start(&grown, &[]).await;
+    for n in 0..6 {
+        let k = moved_key(10 + n);
+        // Alternate which replica holds the value.
+        if n % 2 == 0 {
+            a1.put(&k, "there");
+        } else {
+            a2.put(&k, "there");
+        }
+        let key = [("x-shard-key", k.as_str())];
+        let r = send(client.outbound, "GET", &url(&k), &key, Bytes::new()).await;
+        assert_eq!((r.status, r.body.as_str()), (200, "there"), "{k}: {r:?}");
+    }
 }
 
 /// A peer that answers 421 from a newer map to everything.
