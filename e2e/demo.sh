@@ -8,7 +8,7 @@
 # up afterwards.
 #
 # Usage: e2e/demo.sh [up] [--no-build]   set up (re-uses a running demo cluster), run the requests
-#                                        (--no-build: use the binaries already in target/debug)
+#                                        (--no-build: use the release binaries already built)
 #        e2e/demo.sh down                tear everything down
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -38,8 +38,8 @@ install_build_deps
 "$HERE/scripts/build-k8s.sh" >/dev/null
 HELM=$("$HERE/scripts/install-helm.sh")
 if [ "$BUILD" = 1 ]; then
-  log "building the workspace binaries"
-  cargo build --workspace --bins --locked
+  log "building the release binaries (the images users run)"
+  cargo build --release --locked -p shardmesh-operator -p shardmesh-sidecar -p shardmesh-demo --bins
 fi
 
 if [ -e "/run/netns/$E2E_NS" ] && kc get --raw /readyz --request-timeout=5s >/dev/null 2>&1; then
@@ -47,10 +47,10 @@ if [ -e "/run/netns/$E2E_NS" ] && kc get --raw /readyz --request-timeout=5s >/de
 else
   "$HERE/scripts/cluster-up.sh"
 fi
-"$HERE/scripts/build-images.sh"
+"$HERE/scripts/build-images.sh" --no-build
 log "installing the shardmesh chart"
 in_ns "$HELM" --kubeconfig "$KUBECONFIG_FILE" upgrade --install shardmesh "$REPO_ROOT/charts/shardmesh" \
-  -n shardmesh-system --create-namespace --wait --timeout 5m --set image.tag=dev
+  -n shardmesh-system --create-namespace --wait --timeout 5m
 log "applying $MANIFEST"
 kc apply -f "$MANIFEST"
 log "waiting for ShardedService $SVC to be Ready (up to 300s)"

@@ -8,8 +8,9 @@
 # Env:     CI=true for non-interactive output; SHARDMESH_E2E_DIR, SHARDMESH_E2E_NETNS (see
 #          e2e/scripts/cluster-up.sh); SHARDMESH_E2E_TEST_ARGS extra args for the e2e test binary.
 #
-# Phases: deps (apt, cached k8s build, helm) -> cargo build -> cargo test (unit) -> cluster up
-# -> images -> helm install -> e2e scenarios. On failure, diagnostics go to the logs dir, which is
+# Phases: deps (apt, cached k8s build, helm) -> cargo build -> cargo test (unit) -> release build
+# -> cluster up -> images (e2e/release.sh's OCI archives, written twice and compared, imported
+# into containerd) -> helm install (of the packaged chart, default image tags) -> e2e scenarios. On failure, diagnostics go to the logs dir, which is
 # copied to /tmp/shardmesh-e2e-logs-<timestamp> (printed). The cluster is always torn down unless
 # --keep is given.
 set -euo pipefail
@@ -135,19 +136,28 @@ else
   cargo test -p shardmesh-e2e --locked --no-run
 fi
 
+# The cluster runs the release images, as users would.
+phase release-build
+cargo build --release --locked -p shardmesh-operator -p shardmesh-sidecar -p shardmesh-demo --bins
+
 phase cluster-up
 CLUSTER_STARTED=1
 "$HERE/scripts/cluster-up.sh"
 
 phase images
-"$HERE/scripts/build-images.sh"
+"$HERE/scripts/build-images.sh" --no-build
 
+# From the packaged chart with its defaults (image tags = appVersion), as a user installs it.
 phase helm-install
-in_ns "$HELM" --kubeconfig "$KUBECONFIG_FILE" install shardmesh "$REPO_ROOT/charts/shardmesh" \
-  -n shardmesh-system --create-namespace --wait --timeout 5m --set image.tag=dev
+mkdir -p "$E2E_DIR/chart"
+CHART_TGZ=$("$HELM" package "$REPO_ROOT/charts/shardmesh" -d "$E2E_DIR/chart" | sed -n 's/.*saved it to: //p')
+[ -f "$CHART_TGZ" ] || die "helm package wrote no chart archive"
+in_ns "$HELM" --kubeconfig "$KUBECONFIG_FILE" install shardmesh "$CHART_TGZ" \
+  -n shardmesh-system --create-namespace --wait --timeout 5m
 
 phase e2e
-E2E_ENV=(env KUBECONFIG="$KUBECONFIG_FILE" SHARDMESH_E2E=1 SHARDMESH_E2E_LOGS="$E2E_DIR/logs" SHARDMESH_HELM="$HELM")
+E2E_ENV=(env KUBECONFIG="$KUBECONFIG_FILE" SHARDMESH_E2E=1 SHARDMESH_E2E_LOGS="$E2E_DIR/logs" SHARDMESH_HELM="$HELM"
+  SHARDMESH_E2E_IMAGES="$E2E_DIR/images/images.txt" SHARDMESH_E2E_CTR_SOCK="$CTR_SOCK")
 # shellcheck disable=SC2086 # SHARDMESH_E2E_TEST_ARGS is a list of words
 in_ns "${E2E_ENV[@]}" cargo test -p shardmesh-e2e --locked --offline --no-fail-fast -- --ignored \
   --test-threads=2 --skip helm_lifecycle --skip control_plane ${SHARDMESH_E2E_TEST_ARGS:-}

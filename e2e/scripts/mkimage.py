@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Build a single-layer container image as a docker-archive tar (for `ctr image import`),
-without a container engine or registry. The output is reproducible: same inputs, same image ID.
+"""Build a single-layer container image as an OCI image-layout archive that also carries a
+Docker `manifest.json`, so `ctr image import`, `docker load`, `skopeo copy oci-archive:...` and
+`crane push` all take it, without a container engine or registry. The output is reproducible:
+same inputs, same bytes, same image ID and manifest digest (file times are 0, entries sorted).
 
   mkimage.py --tag shardmesh.local/demo:dev --out demo.tar \
       --binary target/debug/shardmesh-demo --nonroot
@@ -20,8 +22,13 @@ Options:
   --entrypoint ARG    (repeatable) entrypoint argv
   --cmd ARG           (repeatable) cmd argv
   --env K=V           (repeatable) extra environment
+  --label K=V         (repeatable) image config label (e.g. org.opencontainers.image.version)
+  --created TIME      RFC 3339 creation time recorded in the config (default the epoch; pass
+                      the commit time for a reproducible, meaningful value)
 
-Prints one JSON line: {"tag", "out", "id"} where id is the image config digest.
+Prints one JSON line: {"tag", "out", "id", "digest", "size"}: id is the image config digest
+(what `ctr images ls` / `docker images --no-trunc` show), digest the manifest digest (what a
+registry shows after a push of this manifest), size the archive's bytes.
 """
 import argparse
 import hashlib
@@ -121,7 +128,15 @@ def main():
     ap.add_argument("--entrypoint", action="append")
     ap.add_argument("--cmd", action="append")
     ap.add_argument("--env", action="append", default=[])
+    ap.add_argument("--label", action="append", default=[])
+    ap.add_argument("--created", default="1970-01-01T00:00:00Z")
     a = ap.parse_args()
+    labels = {}
+    for spec in a.label:
+        k, sep, v = spec.partition("=")
+        if not sep or not k:
+            sys.exit(f"mkimage: --label wants KEY=VALUE, got {spec!r}")
+        labels[k] = v
     if ":" not in a.tag.rsplit("/", 1)[-1] or a.tag.endswith(":latest"):
         sys.exit(f"mkimage: give a fixed tag (name:tag, not latest), got {a.tag!r}")
 
@@ -176,32 +191,69 @@ def main():
             config["Cmd"] = a.cmd
         if user:
             config["User"] = user
+        if labels:
+            config["Labels"] = labels
         image = {
             "architecture": "amd64",
             "os": "linux",
-            "created": "1970-01-01T00:00:00Z",
+            "created": a.created,
             "config": config,
             "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-            "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "shardmesh e2e/scripts/mkimage.py"}],
+            "history": [{"created": a.created, "created_by": "shardmesh e2e/scripts/mkimage.py"}],
         }
-        cfg = json.dumps(image, sort_keys=True, separators=(",", ":")).encode()
+        canon = lambda v: json.dumps(v, sort_keys=True, separators=(",", ":")).encode()
+        cfg = canon(image)
         cfg_hex = hashlib.sha256(cfg).hexdigest()
-        layer_name = h.hexdigest() + ".tar"
-        manifest = json.dumps([{"Config": cfg_hex + ".json", "RepoTags": [a.tag], "Layers": [layer_name]}]).encode()
+        layer_hex = h.hexdigest()
+        manifest = canon({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": "sha256:" + cfg_hex, "size": len(cfg)},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": diff_id, "size": size}],
+            **({"annotations": labels} if labels else {}),
+        })
+        man_hex = hashlib.sha256(manifest).hexdigest()
+        repo, _, tag = a.tag.rpartition(":")
+        index = canon({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": "sha256:" + man_hex, "size": len(manifest),
+                "annotations": {"io.containerd.image.name": a.tag,
+                                "org.opencontainers.image.ref.name": tag},
+            }],
+        })
+        docker = canon([{"Config": f"blobs/sha256/{cfg_hex}", "RepoTags": [a.tag],
+                         "Layers": [f"blobs/sha256/{layer_hex}"]}])
         tmp_out = a.out + ".tmp"
         with tarfile.open(tmp_out, "w", format=tarfile.PAX_FORMAT) as t:
-            def add(name, data):
+            def entry(name, size, mode=0o644, kind=tarfile.REGTYPE):
                 ti = tarfile.TarInfo(name)
-                ti.size, ti.mtime, ti.mode = len(data), 0, 0o644
-                t.addfile(ti, io.BytesIO(data))
-            add(cfg_hex + ".json", cfg)
-            lt.seek(0)
-            ti = tarfile.TarInfo(layer_name)
-            ti.size, ti.mtime, ti.mode = size, 0, 0o644
-            t.addfile(ti, lt)
-            add("manifest.json", manifest)
+                ti.size, ti.mtime, ti.mode, ti.type = size, 0, mode, kind
+                ti.uid = ti.gid = 0
+                ti.uname = ti.gname = ""
+                return ti
+
+            def add(name, data):
+                t.addfile(entry(name, len(data)), io.BytesIO(data))
+            t.addfile(entry("blobs", 0, 0o755, tarfile.DIRTYPE))
+            t.addfile(entry("blobs/sha256", 0, 0o755, tarfile.DIRTYPE))
+            blobs = {cfg_hex: cfg, man_hex: manifest, layer_hex: None}
+            for hexd in sorted(blobs):
+                if blobs[hexd] is None:
+                    lt.seek(0)
+                    t.addfile(entry(f"blobs/sha256/{hexd}", size), lt)
+                else:
+                    add(f"blobs/sha256/{hexd}", blobs[hexd])
+            add("index.json", index)
+            add("manifest.json", docker)
+            add("oci-layout", canon({"imageLayoutVersion": "1.0.0"}))
         os.replace(tmp_out, a.out)
-    print(json.dumps({"tag": a.tag, "out": a.out, "id": "sha256:" + cfg_hex}))
+    print(json.dumps({"tag": a.tag, "out": a.out, "id": "sha256:" + cfg_hex,
+                      "digest": "sha256:" + man_hex, "size": os.path.getsize(a.out)}))
 
 
 if __name__ == "__main__":

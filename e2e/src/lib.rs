@@ -21,7 +21,7 @@ use shardmesh_api::ShardedService;
 pub const WAIT: Duration = Duration::from_secs(240);
 
 /// Image of the demo app, imported into the cluster by the harness.
-pub const DEMO_IMAGE: &str = "shardmesh.local/demo:dev";
+pub const DEMO_IMAGE: &str = concat!("shardmesh.local/demo:", env!("CARGO_PKG_VERSION"));
 
 /// Namespace the harness installs the operator into.
 pub const OPERATOR_NAMESPACE: &str = "shardmesh-system";
@@ -259,4 +259,37 @@ pub fn write_artifact(name: &str, contents: &str) -> std::io::Result<Option<std:
     let path = dir.join(name);
     std::fs::write(&path, contents)?;
     Ok(Some(path))
+}
+
+#[cfg(test)]
+mod tests {
+    /// The chart's default image tags (its appVersion), the images `e2e/release.sh` writes (the
+    /// workspace version) and the tags the demo manifests and scenarios use must be one version,
+    /// or `helm install` with defaults pulls images that do not exist.
+    #[test]
+    fn chart_release_images_and_manifests_agree_on_the_version() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        let version = env!("CARGO_PKG_VERSION");
+        let chart = std::fs::read_to_string(format!("{root}/charts/shardmesh/Chart.yaml"))
+            .expect("Chart.yaml");
+        let chart: serde_yaml::Value = serde_yaml::from_str(&chart).expect("Chart.yaml is YAML");
+        assert_eq!(
+            chart["appVersion"].as_str(),
+            Some(version),
+            "Chart.yaml appVersion"
+        );
+        for m in ["demo-shardedservice.yaml", "demo-client.yaml"] {
+            let text = std::fs::read_to_string(format!("{root}/e2e/manifests/{m}")).expect(m);
+            for line in text
+                .lines()
+                .filter(|l| l.contains("image: shardmesh.local/"))
+            {
+                assert!(
+                    line.trim_end().ends_with(&format!(":{version}")),
+                    "{m}: {line:?} must use the release tag {version}"
+                );
+            }
+        }
+        assert!(super::DEMO_IMAGE.ends_with(version));
+    }
 }

@@ -91,6 +91,9 @@ pub struct View {
     pub miss: Arc<[u16]>,
     /// Members per listed shard.
     pub shards: Vec<Arc<[SocketAddr]>>,
+    /// Per-shard leaders, when the service elects them: a handoff delete is a write, so it goes
+    /// to the previous owner's leader with its fencing epoch.
+    pub leaders: Option<Arc<crate::discovery::LeaderRouting>>,
 }
 
 impl View {
@@ -104,6 +107,7 @@ impl View {
                 previous,
                 handoff_miss,
                 shards,
+                leaders,
                 ..
             } => Some(View {
                 header: header.clone(),
@@ -112,6 +116,7 @@ impl View {
                 previous: *previous,
                 miss: handoff_miss.clone(),
                 shards: shards.clone(),
+                leaders: leaders.clone(),
             }),
             DestinationKind::Endpoints(_) => None,
         }
@@ -337,9 +342,15 @@ where
                 let copy = copy_request(&req);
                 let resp = handoff(&own, &view, prev, key.as_bytes(), copy).await?;
                 let st = resp.status();
-                // 421: the previous owner's window is already closed, so no read can reach
-                // the old value there any more.
-                if st.is_server_error() {
+                // Deleted, absent or gone there; 421: its window already closed, so no read
+                // can reach the old value any more. Anything else (5xx, or a 409 from a
+                // fenced follower) leaves the old value in place: the delete fails, to be
+                // retried.
+                let done = st.is_success()
+                    || st == http::StatusCode::NOT_FOUND
+                    || st == http::StatusCode::GONE
+                    || st == http::StatusCode::MISDIRECTED_REQUEST;
+                if !done {
                     own.metrics.handoff(HandoffKind::Failed);
                     return Err(ProxyError::Handoff(format!(
                         "the previous owner (shard {prev}) answered {st} to the delete"
@@ -407,7 +418,25 @@ async fn handoff(
     key: &[u8],
     mut req: Request<ProxyBody>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let members = view.shards.get(prev as usize).cloned().unwrap_or_default();
+    let mut members = view.shards.get(prev as usize).cloned().unwrap_or_default();
+    // A write (the delete) to a service that elects leaders goes to the shard's leader only,
+    // fenced with its epoch, as a caller's write would.
+    if let Some(l) = view.leaders.as_deref() {
+        if l.writes.is_write(req.method(), req.headers()) {
+            let Some((leader, epoch)) = l.leaders.get(prev as usize).cloned().flatten() else {
+                own.metrics.handoff(HandoffKind::Failed);
+                return Err(ProxyError::Handoff(format!(
+                    "shard {prev} has no leader for the delete in shard-map epoch {}",
+                    view.epoch
+                )));
+            };
+            req.headers_mut().insert(
+                shardmesh_api::headers::FENCING_EPOCH,
+                HeaderValue::from(epoch),
+            );
+            members = leader;
+        }
+    }
     if members.is_empty() {
         own.metrics.handoff(HandoffKind::Failed);
         return Err(ProxyError::Handoff(format!(
@@ -488,6 +517,7 @@ mod tests {
             previous,
             miss: Arc::from([404u16]),
             shards: vec![Arc::from([]); count.max(previous.unwrap_or(0)) as usize],
+            leaders: None,
         }
     }
 

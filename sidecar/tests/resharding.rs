@@ -22,7 +22,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use shardmesh_api::{
-    headers::{EPOCH, HANDOFF, HANDOFF_FROM, OWNER, PREVIOUS_SHARDS, SHARD, SHARDS},
+    headers::{EPOCH, FENCING_EPOCH, HANDOFF, HANDOFF_FROM, OWNER, PREVIOUS_SHARDS, SHARD, SHARDS},
     routing::shard_for_key,
 };
 use shardmesh_sidecar::{
@@ -69,13 +69,20 @@ impl Kv {
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         self.hits.fetch_add(1, Ordering::SeqCst);
         let key = req.uri().path().trim_start_matches("/kv/").to_string();
-        let headers = [SHARD, SHARDS, EPOCH, HANDOFF, PREVIOUS_SHARDS]
-            .iter()
-            .filter_map(|h| {
-                let v = req.headers().get(*h)?.to_str().ok()?;
-                Some((h.to_string(), v.to_string()))
-            })
-            .collect();
+        let headers = [
+            SHARD,
+            SHARDS,
+            EPOCH,
+            HANDOFF,
+            PREVIOUS_SHARDS,
+            FENCING_EPOCH,
+        ]
+        .iter()
+        .filter_map(|h| {
+            let v = req.headers().get(*h)?.to_str().ok()?;
+            Some((h.to_string(), v.to_string()))
+        })
+        .collect();
         self.seen.lock().unwrap().insert(key.clone(), headers);
         let method = req.method().clone();
         let body = req.into_body().collect().await.expect("body").to_bytes();
@@ -362,6 +369,46 @@ async fn a_handoff_read_asks_the_next_replica_when_one_misses() {
         let key = [("x-shard-key", k.as_str())];
         let r = send(client.outbound, "GET", &url(&k), &key, Bytes::new()).await;
         assert_eq!((r.status, r.body.as_str()), (200, "there"), "{k}: {r:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_handoff_delete_goes_to_the_previous_shards_leader_fenced() {
+    // Shard 0 (the previous owner) has a follower and a leader at leader epoch 7; writes are
+    // every non-safe method. The delete of a moved key must reach the leader, fenced.
+    let (follower, f_app) = Kv::start().await;
+    let (leader, l_app) = Kv::start().await;
+    let (_b, b_app) = Kv::start().await;
+    let (f_in, l_in, b_in) = (free_addr(), free_addr(), free_addr());
+    let grown = format!(
+        "destinations:\n  svc.test:80:\n    writes: methods\n    shardMap: {{epoch: 2, count: 2, \
+         previous: {{count: 1, until: \"2030-01-01T00:00:00Z\"}}, shards: [\
+         {{index: 0, members: [{{pod: f, address: \"{f_in}\"}}, {{pod: l, address: \"{l_in}\"}}], \
+         leader: {{pod: l, address: \"{l_in}\", epoch: 7}}}}, \
+         {{index: 1, members: [{{pod: b, address: \"{b_in}\"}}], leader: {{pod: b, address: \"{b_in}\", epoch: 3}}}}]}}\n"
+    );
+    let _f = member(&grown, 0, f_in, f_app).await;
+    let _l = member(&grown, 0, l_in, l_app).await;
+    let _b = member(&grown, 1, b_in, b_app).await;
+    let client = start(&grown, &[]).await;
+    for n in 0..4 {
+        let k = moved_key(20 + n);
+        leader.put(&k, "old");
+        follower.put(&k, "old");
+        let key = [("x-shard-key", k.as_str())];
+        let r = send(client.outbound, "DELETE", &url(&k), &key, Bytes::new()).await;
+        assert!(r.status == 204 || r.status == 404, "{r:?}");
+        assert_eq!(
+            leader.get(&k),
+            None,
+            "deleted on the previous owner's leader"
+        );
+        assert_eq!(leader.seen(&k, FENCING_EPOCH).as_deref(), Some("7"));
+        assert_eq!(
+            follower.get(&k).as_deref(),
+            Some("old"),
+            "never sent to a follower"
+        );
     }
 }
 

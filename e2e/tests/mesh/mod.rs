@@ -30,7 +30,7 @@ use shardmesh_api::{labels, shardmap::ShardMap};
 use shardmesh_e2e::{wait_for, TestNamespace, WAIT};
 
 /// The sidecar image the harness imports.
-pub const SIDECAR_IMAGE: &str = "shardmesh.local/sidecar:dev";
+pub const SIDECAR_IMAGE: &str = concat!("shardmesh.local/sidecar:", env!("CARGO_PKG_VERSION"));
 
 /// Plain HTTP/1 client of the test process.
 pub type Http = HttpClient<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
