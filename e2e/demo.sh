@@ -116,11 +116,11 @@ if [ "$(kc get -n "$DEMO_NS" shardedservice "$SVC" -o jsonpath='{.spec.shards}')
   restarts_before=$(kc get -n "$DEMO_NS" pods -l shardmesh.io/service="$SVC" \
     -o jsonpath='{range .items[*]}{.metadata.name}={.metadata.uid} {end}')
   kc patch -n "$DEMO_NS" shardedservice "$SVC" --type merge -p '{"spec":{"shards":4}}' >/dev/null
-  deadline=$(($(now_s) + 300)) phase="" seen=""
+  deadline=$((SECONDS + 300)) phase="" seen=""
   while [ "$phase" != Handoff ]; do
     phase=$(kc get -n "$DEMO_NS" shardedservice "$SVC" -o jsonpath='{.status.resharding.phase}')
     case " $seen " in *" ${phase:-none} "*) ;; *) seen="$seen ${phase:-none}"; log "resharding phase: ${phase:-none}" ;; esac
-    [ "$(now_s)" -lt "$deadline" ] || die "orders did not reach the Handoff phase within 300s (phases seen:$seen)"
+    [ "$SECONDS" -lt "$deadline" ] || die "orders did not reach the Handoff phase within 300s (phases seen:$seen)"
     sleep 1
   done
   kc get -n "$DEMO_NS" shardedservice "$SVC"
