@@ -1423,5 +1423,32 @@ async fn reshard_under_load_loses_no_request_and_no_read() {
         load_handoff + (grow_cold.handed_off + shrink_cold.handed_off) as u64 > 0,
         "no read was served through a handoff"
     );
+
+    // The epoch is a high-water mark: a deleted map is rebuilt above the last published epoch
+    // (mirrored in status), never from 1, so no sidecar sees it go backwards.
+    let last = mesh::shard_map(&cms, NAME)
+        .await
+        .expect("the shard map before deleting it")
+        .epoch;
+    cms.delete(
+        &shardmesh_api::labels::shardmap_name(NAME),
+        &Default::default(),
+    )
+    .await
+    .expect("delete the shard-map ConfigMap");
+    let rebuilt = wait_for(
+        &format!("the shard map rebuilt with an epoch above {last}"),
+        RESHARD_WAIT,
+        || async {
+            let m = mesh::shard_map(&cms, NAME).await?;
+            anyhow::ensure!(m.epoch > last, "rebuilt at epoch {} (last {last})", m.epoch);
+            Ok(Some(m))
+        },
+    )
+    .await;
+    eprintln!(
+        "reshard: map deleted at epoch {last}, rebuilt at epoch {}",
+        rebuilt.epoch
+    );
     ns.delete().await;
 }

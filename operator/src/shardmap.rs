@@ -204,14 +204,19 @@ pub struct Inputs<'a> {
     pub grace_from: Option<Timestamp>,
     /// The published map: the epoch and the layout to continue from.
     pub prev: Option<&'a ShardMap>,
+    /// The highest epoch known to have been published (`status.epoch` mirrors it): the epoch
+    /// is a high-water mark, so a map that is deleted, corrupt or replaced by a lower one is
+    /// rebuilt above it and sidecars never see it go backwards.
+    pub floor: i64,
     /// `spec.resharding.handoffWindow`.
     pub window: Duration,
 }
 
 /// The shard map of a service from its Leases at `now`. The layout (routing count, listed
 /// shards, handoff window) follows [`reshard::next_layout`]. The epoch is the previous one
-/// when the map is unchanged, one more when anything changed (members, leaders, layout), and 1
-/// for the first map.
+/// when the map is unchanged, one more than the highest known (previous or `floor`) when
+/// anything changed (members, leaders, layout) or the published one fell below the floor,
+/// and 1 for the first map.
 pub fn compute(input: Inputs<'_>, leases: &[Lease], now: Timestamp) -> Computed {
     let Inputs {
         shards: spec_shards,
@@ -219,6 +224,7 @@ pub fn compute(input: Inputs<'_>, leases: &[Lease], now: Timestamp) -> Computed 
         grace_from,
         prev,
         window,
+        floor,
         ..
     } = input;
     let collect = reshard::shards_to_collect(prev, spec_shards);
@@ -279,9 +285,8 @@ pub fn compute(input: Inputs<'_>, leases: &[Lease], now: Timestamp) -> Computed 
         p.shards == shards && p.count() == layout.count && p.previous == layout.previous
     };
     let epoch = match prev {
-        None => 1,
-        Some(p) if same(p) => p.epoch,
-        Some(p) => p.epoch.saturating_add(1),
+        Some(p) if same(p) && p.epoch >= floor => p.epoch,
+        _ => prev.map_or(0, |p| p.epoch).max(floor).saturating_add(1),
     };
     Computed {
         map: ShardMap {
@@ -562,8 +567,8 @@ where
     Ok(api.patch(&name, &params, &Patch::Apply(obj)).await?)
 }
 
-/// The map currently published, if any and readable (an unreadable one restarts the epoch
-/// after it: never lower than what sidecars saw, since we add one).
+/// The map currently published, if any and readable (an unreadable one is rebuilt above
+/// `status.epoch`, see [`Inputs::floor`]).
 fn published(cm: &ConfigMap) -> Option<ShardMap> {
     let json = cm.data.as_ref()?.get(labels::SHARDMAP_KEY)?;
     serde_json::from_str(json).ok()
@@ -650,6 +655,7 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         leaders: svc.spec.leader_election.enabled,
         grace_from,
         prev: prev.as_ref(),
+        floor: svc.status.as_ref().map_or(0, |s| s.epoch),
         window: svc
             .spec
             .resharding
@@ -670,7 +676,14 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
             want == have
         });
     if prev.as_ref() != Some(&computed.map) || !settings_same {
-        apply(&ctx.client, &ns, &configmap(&svc, &computed.map)?).await?;
+        let mut cm = configmap(&svc, &computed.map)?;
+        // Written only over the version this map was computed from: a concurrent writer (a
+        // second operator that believes it leads) makes this apply fail with a conflict and
+        // the next reconcile recompute, so two maps never carry one epoch.
+        cm.metadata.resource_version = existing
+            .as_ref()
+            .and_then(|c| c.metadata.resource_version.clone());
+        apply(&ctx.client, &ns, &cm).await?;
         let live: usize = computed.map.shards.iter().map(|s| s.members.len()).sum();
         info!(namespace = %ns, name = %name, epoch = computed.map.epoch, live_members = live,
               empty_shards = computed.map.shards.iter().filter(|s| s.members.is_empty()).count(),
@@ -862,8 +875,52 @@ mod tests {
             leaders: false,
             grace_from: None,
             prev: None,
+            floor: 0,
             window: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn the_epoch_never_goes_below_the_last_one_published() {
+        let leases = [lease("o-0-0", "0", "10.0.0.1", 0, 600)];
+        let facts = pods_of(&leases);
+        // The map was deleted (or did not parse) after epoch 41 was mirrored into status.
+        let rebuilt = compute(
+            Inputs {
+                floor: 41,
+                ..inputs(1, &facts)
+            },
+            &leases,
+            t(1),
+        )
+        .map;
+        assert_eq!(rebuilt.epoch, 42);
+        // Unchanged afterwards: the epoch stays.
+        let again = compute(
+            Inputs {
+                floor: 42,
+                prev: Some(&rebuilt),
+                ..inputs(1, &facts)
+            },
+            &leases,
+            t(2),
+        )
+        .map;
+        assert_eq!(again.epoch, 42);
+        // Someone wrote the same map back with a lower epoch: republished above the floor.
+        let mut lowered = rebuilt.clone();
+        lowered.epoch = 3;
+        let fixed = compute(
+            Inputs {
+                floor: 42,
+                prev: Some(&lowered),
+                ..inputs(1, &facts)
+            },
+            &leases,
+            t(3),
+        )
+        .map;
+        assert_eq!(fixed.epoch, 43);
     }
 
     #[test]

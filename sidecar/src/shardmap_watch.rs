@@ -108,6 +108,8 @@ pub struct LiveRegistry {
     live: RwLock<HashMap<String, Arc<Destination>>>,
     /// Bumped on every change, for requests waiting for a newer map.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Per live destination: the UID of the ConfigMap its map came from and its epoch.
+    epochs: std::sync::Mutex<HashMap<String, (String, i64)>>,
 }
 
 impl LiveRegistry {
@@ -117,7 +119,30 @@ impl LiveRegistry {
             fixed,
             live: RwLock::new(HashMap::new()),
             changes: tokio::sync::watch::Sender::new(0),
+            epochs: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Takes a map read from the ConfigMap with `uid`, unless it would move the destination's
+    /// epoch backwards: routing, redirects and handoff compare epochs, so they only move
+    /// forward. A ConfigMap with another UID (the service was deleted and created again)
+    /// starts over. Returns whether the map was taken.
+    pub fn offer(&self, dest: Destination, uid: &str) -> bool {
+        let Some(epoch) = dest.epoch() else {
+            self.set(dest);
+            return true;
+        };
+        {
+            let mut seen = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
+            match seen.get(dest.name.as_ref()) {
+                Some((u, e)) if u == uid && *e > epoch => return false,
+                _ => {
+                    seen.insert(dest.name.to_string(), (uid.to_string(), epoch));
+                }
+            }
+        }
+        self.set(dest);
+        true
     }
 
     /// Replaces the routing table of one destination.
@@ -135,6 +160,10 @@ impl LiveRegistry {
             let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
             live.remove(authority);
         }
+        self.epochs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(authority);
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
@@ -220,7 +249,13 @@ pub async fn watch(
                                            members = shards.iter().map(|s| s.len()).sum::<usize>(),
                                            "shard map updated");
                         }
-                        registry.set(dest);
+                        let uid = cm.metadata.uid.clone().unwrap_or_default();
+                        let epoch = dest.epoch();
+                        if !registry.offer(dest, &uid) {
+                            tracing::warn!(destination = %source.authority, epoch,
+                                           "ignoring a shard map older than the one in use; \
+                                            routing stays on the newer one");
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "ignoring an invalid shard map; routing stays on the last good one")
@@ -357,6 +392,34 @@ mod tests {
         assert!(reg.lookup("b:1").is_some());
         reg.remove("a:1");
         assert_eq!(epoch_of(&reg), -1, "falls back to the static entry");
+    }
+
+    #[test]
+    fn epochs_only_move_forward_for_one_map_object() {
+        let reg = LiveRegistry::new(StaticRegistry::empty());
+        let map = |epoch: i64| {
+            let json = format!(
+                r#"{{"epoch":{epoch},"shards":[{{"index":0,"members":[{{"pod":"p","address":"127.0.0.1:9"}}]}}]}}"#
+            );
+            destination_from_configmap("a:1", &cm(&[("shardmap.json", &json)])).unwrap()
+        };
+        let epoch = |reg: &LiveRegistry| reg.lookup("a:1").and_then(|d| d.epoch());
+        assert!(reg.offer(map(5), "uid-1"));
+        assert!(
+            !reg.offer(map(4), "uid-1"),
+            "an older map of the same object"
+        );
+        assert_eq!(epoch(&reg), Some(5));
+        assert!(
+            reg.offer(map(5), "uid-1"),
+            "the same epoch again (a resync)"
+        );
+        assert!(reg.offer(map(6), "uid-1"));
+        // The service was deleted and created again: its new map starts over.
+        assert!(reg.offer(map(1), "uid-2"));
+        assert_eq!(epoch(&reg), Some(1));
+        reg.remove("a:1");
+        assert!(reg.offer(map(1), "uid-2"));
     }
 
     #[test]
