@@ -66,11 +66,7 @@ pub fn next_layout(
     window: Duration,
     now: Timestamp,
 ) -> Layout {
-    let listed_before = prev.map_or(0, |p| {
-        let previous = p.previous.as_ref().map_or(0, |pr| pr.count);
-        p.count().max(previous).max(spec_shards)
-    });
-    let anyone = (0..listed_before).any(&has_member);
+    let anyone = prev.is_some() && (0..shards_to_collect(prev, spec_shards)).any(&has_member);
     let window = if anyone { window } else { Duration::ZERO };
     let spec_shards = spec_shards.max(1);
     let steady = |count: u32| Layout {

@@ -154,11 +154,14 @@ pub fn parse_miss_statuses(p: &str, raw: &str) -> Result<Arc<[u16]>, String> {
     raw.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| match s.parse::<u16>() {
-            Ok(code @ 400..=599) if code != 410 && code != 421 => Ok(code),
-            _ => Err(format!(
-                "{p}: {s:?} is not a miss status; use error statuses other than 410 and 421, e.g. 404"
-            )),
+        .map(|s| {
+            let code: u16 = s
+                .parse()
+                .map_err(|_| format!("{p}: {s:?} is not a status code; use e.g. 404"))?;
+            match shardmesh_api::validate::miss_status_problem(i64::from(code)) {
+                None => Ok(code),
+                Some(why) => Err(format!("{p}: {code}: {why}; use e.g. 404")),
+            }
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Arc::from)

@@ -76,11 +76,12 @@ impl std::fmt::Debug for Ownership {
     }
 }
 
-/// The part of a sharded destination ownership needs.
-#[derive(Clone, Debug, PartialEq)]
-pub struct View {
+/// The part of a sharded destination ownership needs, borrowed from the destination (nothing
+/// is copied per request).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct View<'a> {
     /// Header carrying the key.
-    pub header: HeaderName,
+    pub header: &'a HeaderName,
     /// Map epoch.
     pub epoch: i64,
     /// Routing shard count.
@@ -88,17 +89,17 @@ pub struct View {
     /// Previous routing shard count, while a handoff window is open.
     pub previous: Option<u32>,
     /// Miss statuses.
-    pub miss: Arc<[u16]>,
+    pub miss: &'a [u16],
     /// Members per listed shard.
-    pub shards: Vec<Arc<[SocketAddr]>>,
+    pub shards: &'a [Arc<[SocketAddr]>],
     /// Per-shard leaders, when the service elects them: a handoff delete is a write, so it goes
     /// to the previous owner's leader with its fencing epoch.
-    pub leaders: Option<Arc<crate::discovery::LeaderRouting>>,
+    pub leaders: Option<&'a crate::discovery::LeaderRouting>,
 }
 
-impl View {
+impl<'a> View<'a> {
     /// The view of a sharded destination.
-    pub fn of(dest: &Destination) -> Option<View> {
+    pub fn of(dest: &'a Destination) -> Option<View<'a>> {
         match &dest.kind {
             DestinationKind::Sharded {
                 header,
@@ -110,13 +111,13 @@ impl View {
                 leaders,
                 ..
             } => Some(View {
-                header: header.clone(),
+                header,
                 epoch: *epoch,
                 count: *count,
                 previous: *previous,
-                miss: handoff_miss.clone(),
-                shards: shards.clone(),
-                leaders: leaders.clone(),
+                miss: handoff_miss,
+                shards,
+                leaders: leaders.as_deref(),
             }),
             DestinationKind::Endpoints(_) => None,
         }
@@ -151,7 +152,7 @@ fn handoff_method(m: &Method) -> bool {
 
 /// Decides a keyed request for shard `me` under `view`. `handoff` says the request came from
 /// the key's new owner as a handoff.
-pub fn decide(view: &View, me: u32, key: &[u8], method: &Method, handoff: bool) -> Decision {
+pub fn decide(view: &View<'_>, me: u32, key: &[u8], method: &Method, handoff: bool) -> Decision {
     let owner = shard_for_key(key, view.count);
     let before = view.previous.map(|p| shard_for_key(key, p));
     if handoff && owner != me && before == Some(me) && handoff_method(method) {
@@ -169,7 +170,7 @@ pub fn decide(view: &View, me: u32, key: &[u8], method: &Method, handoff: bool) 
 }
 
 /// Whether `status` means "not here" under `view`.
-pub fn is_miss(view: &View, status: http::StatusCode) -> bool {
+pub fn is_miss(view: &View<'_>, status: http::StatusCode) -> bool {
     view.miss.contains(&status.as_u16())
 }
 
@@ -178,7 +179,7 @@ fn num(headers: &HeaderMap, name: &str) -> Option<i64> {
 }
 
 /// Sets this pod's view on a request to the application, replacing what the caller sent.
-fn tell_app(headers: &mut HeaderMap, me: u32, view: &View, count: u32, handoff: Option<u32>) {
+fn tell_app(headers: &mut HeaderMap, me: u32, view: &View<'_>, count: u32, handoff: Option<u32>) {
     headers.insert(SHARD, HeaderValue::from(me));
     headers.insert(SHARDS, HeaderValue::from(count));
     headers.insert(EPOCH, HeaderValue::from(view.epoch));
@@ -268,43 +269,42 @@ where
         > + Send,
 {
     let handoff_from = num(req.headers(), HANDOFF).and_then(|v| u32::try_from(v).ok());
-    let theirs = num(req.headers(), EPOCH);
     let mut dest = own.discovery.lookup(&own.authority);
-    let mut waited = false;
-    let (view, key, decision) = loop {
-        let Some(view) = dest.as_deref().and_then(View::of) else {
-            // No map yet (or the service is gone): the application judges alone.
-            for h in [SHARD, SHARDS, EPOCH, HANDOFF, PREVIOUS_SHARDS] {
-                req.headers_mut().remove(h);
-            }
-            req.headers_mut()
-                .insert(SHARD, HeaderValue::from(own.shard));
-            return inner.call(req).await;
-        };
-        let Some(key) = req.headers().get(&view.header).cloned() else {
-            tell_app(req.headers_mut(), own.shard, &view, view.count, None);
-            return inner.call(req).await;
-        };
-        let decision = decide(
-            &view,
-            own.shard,
-            key.as_bytes(),
-            req.method(),
-            handoff_from.is_some(),
-        );
-        // About to refuse a key whose caller routed here by a newer map than ours: that map
-        // says the key is ours, so wait (bounded) for it rather than bounce the request. An
-        // owned key needs no wait: the newer map sent it here too.
-        let behind = theirs.is_some_and(|t| t > view.epoch);
-        if matches!(decision, Decision::Misdirected { .. }) && behind && !waited {
-            waited = true;
-            if let Some(t) = theirs {
-                dest = wait_for_epoch(&*own.discovery, &own.authority, t, CATCH_UP_WAIT).await;
-            }
-            continue;
+    // About to refuse a key whose caller routed here by a newer map than ours: that map says
+    // the key is ours, so wait (bounded) for it rather than bounce the request. An owned key
+    // needs no wait: the newer map sent it here too.
+    if let Some(theirs) = num(req.headers(), EPOCH) {
+        let refused_by_older_map = dest.as_deref().and_then(View::of).is_some_and(|v| {
+            theirs > v.epoch
+                && req.headers().get(v.header).is_some_and(|key| {
+                    let d = decide(&v, own.shard, key.as_bytes(), req.method(), false);
+                    matches!(d, Decision::Misdirected { .. })
+                })
+        });
+        if refused_by_older_map {
+            dest = wait_for_epoch(&*own.discovery, &own.authority, theirs, CATCH_UP_WAIT).await;
         }
-        break (view, key, decision);
+    }
+    let Some(view) = dest.as_deref().and_then(View::of) else {
+        // No map yet (or the service is gone): the application judges alone.
+        for h in [SHARD, SHARDS, EPOCH, HANDOFF, PREVIOUS_SHARDS] {
+            req.headers_mut().remove(h);
+        }
+        req.headers_mut()
+            .insert(SHARD, HeaderValue::from(own.shard));
+        return inner.call(req).await;
     };
+    let Some(key) = req.headers().get(view.header).cloned() else {
+        tell_app(req.headers_mut(), own.shard, &view, view.count, None);
+        return inner.call(req).await;
+    };
+    let decision = decide(
+        &view,
+        own.shard,
+        key.as_bytes(),
+        req.method(),
+        handoff_from.is_some(),
+    );
     let ctx = RequestCtx::from_extensions(req.extensions());
     {
         let mut r = ctx.lock();
@@ -413,7 +413,7 @@ const HANDOFF_TRIES: usize = 3;
 /// same keys).
 async fn handoff(
     own: &Ownership,
-    view: &View,
+    view: &View<'_>,
     prev: u32,
     key: &[u8],
     mut req: Request<ProxyBody>,
@@ -421,7 +421,7 @@ async fn handoff(
     let mut members = view.shards.get(prev as usize).cloned().unwrap_or_default();
     // A write (the delete) to a service that elects leaders goes to the shard's leader only,
     // fenced with its epoch, as a caller's write would.
-    if let Some(l) = view.leaders.as_deref() {
+    if let Some(l) = view.leaders {
         if l.writes.is_write(req.method(), req.headers()) {
             let Some((leader, epoch)) = l.leaders.get(prev as usize).cloned().flatten() else {
                 own.metrics.handoff(HandoffKind::Failed);
@@ -509,16 +509,25 @@ async fn handoff(
 mod tests {
     use super::*;
 
-    fn view(count: u32, previous: Option<u32>) -> View {
-        View {
-            header: HeaderName::from_static("x-shard-key"),
-            epoch: 7,
-            count,
-            previous,
-            miss: Arc::from([404u16]),
-            shards: vec![Arc::from([]); count.max(previous.unwrap_or(0)) as usize],
-            leaders: None,
+    /// A sharded destination routed by `count` shards, in the window of a change from
+    /// `previous`, with these miss statuses.
+    fn dest(count: u32, previous: Option<u32>, miss: &[u16]) -> Destination {
+        Destination {
+            name: "svc:80".into(),
+            kind: DestinationKind::Sharded {
+                header: HeaderName::from_static("x-shard-key"),
+                epoch: 7,
+                count,
+                previous,
+                handoff_miss: Arc::from(miss),
+                shards: vec![Arc::from([]); count.max(previous.unwrap_or(0)) as usize],
+                leaders: None,
+            },
         }
+    }
+
+    fn view(d: &Destination) -> View<'_> {
+        View::of(d).expect("sharded")
     }
 
     fn keys() -> impl Iterator<Item = String> {
@@ -527,7 +536,8 @@ mod tests {
 
     #[test]
     fn owned_keys_pass_and_others_are_misdirected_to_their_owner() {
-        let v = view(4, None);
+        let d = dest(4, None, &[404]);
+        let v = view(&d);
         for k in keys() {
             let owner = shard_for_key(k.as_bytes(), 4);
             for me in 0..4 {
@@ -544,7 +554,8 @@ mod tests {
     #[test]
     fn in_a_window_moved_keys_name_their_previous_owner() {
         // Grown 3 -> 4: keys that moved to shard 3 name their previous owner; the rest none.
-        let v = view(4, Some(3));
+        let d = dest(4, Some(3), &[404]);
+        let v = view(&d);
         let mut moved = 0;
         for k in keys() {
             let (now, before) = (
@@ -591,7 +602,8 @@ mod tests {
 
     #[test]
     fn a_shard_never_serves_a_handoff_for_keys_it_did_not_own() {
-        let v = view(4, Some(3));
+        let d = dest(4, Some(3), &[404]);
+        let v = view(&d);
         for k in keys() {
             let before = shard_for_key(k.as_bytes(), 3);
             for me in (0..4).filter(|s| *s != before) {
@@ -603,7 +615,8 @@ mod tests {
 
     #[test]
     fn after_the_window_nothing_is_handed_off() {
-        let v = view(4, None);
+        let d = dest(4, None, &[404]);
+        let v = view(&d);
         for k in keys() {
             let now = shard_for_key(k.as_bytes(), 4);
             assert_eq!(
@@ -615,11 +628,13 @@ mod tests {
 
     #[test]
     fn miss_statuses_are_configurable() {
-        let mut v = view(2, Some(1));
+        let d = dest(2, Some(1), &[404]);
+        let v = view(&d);
         assert!(is_miss(&v, http::StatusCode::NOT_FOUND));
         assert!(!is_miss(&v, http::StatusCode::GONE));
         assert!(!is_miss(&v, http::StatusCode::OK));
-        v.miss = Arc::from([404u16, 503]);
+        let d = dest(2, Some(1), &[404, 503]);
+        let v = view(&d);
         assert!(is_miss(&v, http::StatusCode::SERVICE_UNAVAILABLE));
     }
 }

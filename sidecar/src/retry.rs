@@ -204,6 +204,21 @@ pub async fn buffer(mut body: ProxyBody, limit: usize) -> Result<Replay, ProxyEr
         return Ok(Replay::Streaming(body));
     }
     let mut buf = BytesMut::new();
+    // A body that arrives as one frame (every body a layer above already buffered, and most
+    // small ones) is kept as it is, without a copy.
+    if let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ProxyError::RequestBody(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            if body.is_end_stream() && data.len() <= limit {
+                return Ok(Replay::Buffered(data));
+            }
+            buf.extend_from_slice(&data);
+            if buf.len() > limit {
+                let rest = Prefixed::new(buf.freeze(), body);
+                return Ok(Replay::Streaming(rest.boxed_unsync()));
+            }
+        }
+    }
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ProxyError::RequestBody(e.to_string()))?;
         if let Ok(data) = frame.into_data() {

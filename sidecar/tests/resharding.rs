@@ -46,23 +46,12 @@ struct Kv {
 impl Kv {
     async fn start() -> (Kv, SocketAddr) {
         let kv = Kv::default();
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr");
         let app = kv.clone();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                let app = app.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let app = app.clone();
-                        async move { Ok::<_, Infallible>(app.handle(req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
+        let addr = serve(move |req| {
+            let app = app.clone();
+            async move { app.handle(req).await }
+        })
+        .await;
         (kv, addr)
     }
 
@@ -127,6 +116,31 @@ impl Kv {
             .find(|(h, _)| h == header)
             .map(|(_, v)| v.clone())
     }
+}
+
+/// Serves `handler` over HTTP/1 on an ephemeral loopback port, for the life of the test.
+async fn serve<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let reply = handler(req);
+                    async move { Ok::<_, Infallible>(reply.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
 }
 
 /// A free loopback port (bound and released; the sidecar binds it right after).
@@ -414,33 +428,21 @@ async fn a_handoff_delete_goes_to_the_previous_shards_leader_fenced() {
 
 /// A peer that answers 421 from a newer map to everything.
 async fn always_misdirected() -> (SocketAddr, Arc<AtomicUsize>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
     let hits = Arc::new(AtomicUsize::new(0));
     let counter = hits.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |_req: Request<Incoming>| {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    async move {
-                        let r = Response::builder()
-                            .status(421)
-                            .header("x-shardmesh-error", "misdirected")
-                            .header(EPOCH, "99")
-                            .header(OWNER, "0")
-                            .body(Full::new(Bytes::from_static(b"not mine")))
-                            .expect("response");
-                        Ok::<_, Infallible>(r)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
+    let addr = serve(move |_req| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            Response::builder()
+                .status(421)
+                .header("x-shardmesh-error", "misdirected")
+                .header(EPOCH, "99")
+                .header(OWNER, "0")
+                .body(Full::new(Bytes::from_static(b"not mine")))
+                .expect("response")
         }
-    });
+    })
+    .await;
     (addr, hits)
 }
 

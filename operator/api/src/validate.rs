@@ -221,6 +221,17 @@ fn check_leader_election(c: &mut Check, spec: &ShardedServiceSpec) {
     }
 }
 
+/// Why a status cannot mean "not here" for a handoff read, if it cannot. Shared by this
+/// validation and the sidecar, which reads the list back from the shard map.
+pub fn miss_status_problem(status: i64) -> Option<&'static str> {
+    match status {
+        410 => Some("410 marks a deleted key, which must not be read from the previous owner"),
+        421 => Some("421 is the sidecar's own answer for a key of another shard"),
+        400..=599 => None,
+        _ => Some("only error statuses (400-599) can mean a miss"),
+    }
+}
+
 fn check_resharding(c: &mut Check, spec: &ShardedServiceSpec) {
     let r = &spec.resharding;
     let p = "spec.resharding";
@@ -240,13 +251,7 @@ fn check_resharding(c: &mut Check, spec: &ShardedServiceSpec) {
         );
     }
     for (i, s) in r.miss_statuses.iter().enumerate() {
-        let why = match s {
-            410 => Some("410 marks a deleted key, which must not be read from the previous owner"),
-            421 => Some("421 is the sidecar's own answer for a key of another shard"),
-            400..=599 => None,
-            _ => Some("only error statuses (400-599) can mean a miss"),
-        };
-        if let Some(why) = why {
+        if let Some(why) = miss_status_problem(i64::from(*s)) {
             c.err(
                 format!("{p}.missStatuses[{i}]"),
                 format!("{s}: {why}; use e.g. 404"),
