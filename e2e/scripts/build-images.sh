@@ -36,3 +36,11 @@ while read -r ref id digest bytes file; do
     log "$ref imported from $file ($digest, $((bytes / 1048576)) MiB)"
   fi
 done <"$IMAGES_DIR/images.txt"
+
+# A second tag of the demo image: the rollout scenario's "new image tag" (same bytes, a
+# different reference, so the pod template changes and every shard rolls).
+demo_ref=$(awk '$1 ~ /\/demo:/ {print $1; exit}' "$IMAGES_DIR/images.txt")
+[ -n "$demo_ref" ] || die "no demo image in $IMAGES_DIR/images.txt"
+ctr_k8s images tag --force "$demo_ref" "$demo_ref-next" >/dev/null \
+  || die "tagging $demo_ref as $demo_ref-next failed"
+log "$demo_ref also tagged $demo_ref-next (rollout scenario)"

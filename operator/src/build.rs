@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::{
-        apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy},
+        apps::v1::{
+            RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec,
+            StatefulSetUpdateStrategy,
+        },
         core::v1::{
             EnvVar, EnvVarSource, ObjectFieldSelector, PodTemplateSpec, Service, ServicePort,
             ServiceSpec,
@@ -20,7 +23,7 @@ use k8s_openapi::{
 use kube::{Resource, ResourceExt};
 use shardmesh_api::{labels, ports, ShardedService};
 
-use crate::{capabilities::Capabilities, webhook::annotations, Error, Result};
+use crate::{capabilities::Capabilities, rollout, webhook::annotations, Error, Result};
 
 /// Env vars the operator sets on every application container so the app knows its place.
 pub mod env {
@@ -74,6 +77,9 @@ pub struct Workloads {
     /// `SHARDMESH_SHARDS` of existing StatefulSets by shard index, kept as they are so that a
     /// change of the shard count never restarts a shard; new ones get `spec.shards`.
     pub initial_shards: BTreeMap<u32, String>,
+    /// Shards held back by the rollout (see [`crate::rollout`]), with the revision each was
+    /// last released for. The others are released for the current template.
+    pub held: BTreeMap<u32, Option<String>>,
 }
 
 impl Workloads {
@@ -82,6 +88,7 @@ impl Workloads {
         Workloads {
             shards: u32::try_from(svc.spec.shards).unwrap_or(0),
             initial_shards: BTreeMap::new(),
+            held: BTreeMap::new(),
         }
     }
 
@@ -101,6 +108,18 @@ impl Workloads {
             .value
             .clone()
     }
+}
+
+/// The revision of the pod template every shard gets, shard identity left out: what a rollout
+/// rolls. A stable hash (the routing hash) of the template's JSON, 10 hex digits.
+pub fn template_revision(svc: &ShardedService) -> String {
+    let name = svc.name_any();
+    let tpl = pod_template(svc, &name, 0, "", labels::shard_selector(&name, 0));
+    // Serializing plain data structs cannot fail.
+    let bytes = serde_json::to_vec(&tpl).unwrap_or_default();
+    let mut hex = format!("{:016x}", shardmesh_api::routing::key_hash(&bytes));
+    hex.truncate(10);
+    hex
 }
 
 /// Builds the desired objects with default options. The spec must have passed validation.
@@ -123,6 +142,7 @@ pub fn build_with(
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = svc.name_any();
     let shards = workloads.shards;
+    let revision = template_revision(svc);
     let mut desired = Desired {
         routing_service: routing_service(svc, &name, &ns, &owner, opts),
         ..Desired::default()
@@ -130,7 +150,7 @@ pub fn build_with(
     for i in 0..shards {
         desired
             .stateful_sets
-            .push(stateful_set(svc, &name, &ns, &owner, i, workloads));
+            .push(stateful_set(svc, &name, &ns, &owner, i, workloads, &revision));
         desired
             .shard_services
             .push(shard_service(svc, &name, &ns, &owner, i, opts));
@@ -264,6 +284,7 @@ fn stateful_set(
     owner: &OwnerReference,
     shard: u32,
     workloads: &Workloads,
+    revision: &str,
 ) -> StatefulSet {
     let selector = labels::shard_selector(name, shard);
     let initial = workloads
@@ -271,13 +292,26 @@ fn stateful_set(
         .get(&shard)
         .cloned()
         .unwrap_or_else(|| svc.spec.shards.to_string());
+    // Held: partition = replicas keeps every pod on its current revision; released: the
+    // StatefulSet replaces its pods one by one.
+    let (released_for, partition) = match workloads.held.get(&shard) {
+        Some(prev) => (prev.clone(), svc.spec.replicas_per_shard),
+        None => (Some(revision.to_string()), 0),
+    };
+    let mut notes = BTreeMap::from([(rollout::TEMPLATE.to_string(), revision.to_string())]);
+    if let Some(r) = released_for {
+        notes.insert(rollout::RELEASED.into(), r);
+    }
     StatefulSet {
-        metadata: meta(
-            labels::shard_object_name(name, shard),
-            ns,
-            owner,
-            object_labels(selector.clone(), "shard"),
-        ),
+        metadata: ObjectMeta {
+            annotations: Some(notes),
+            ..meta(
+                labels::shard_object_name(name, shard),
+                ns,
+                owner,
+                object_labels(selector.clone(), "shard"),
+            )
+        },
         spec: Some(StatefulSetSpec {
             replicas: Some(svc.spec.replicas_per_shard),
             service_name: Some(labels::shard_object_name(name, shard)),
@@ -288,7 +322,10 @@ fn stateful_set(
             pod_management_policy: Some(svc.spec.rollout.pod_management_policy.as_str().into()),
             update_strategy: Some(StatefulSetUpdateStrategy {
                 type_: Some("RollingUpdate".into()),
-                ..StatefulSetUpdateStrategy::default()
+                rolling_update: Some(RollingUpdateStatefulSetStrategy {
+                    partition: Some(partition),
+                    ..RollingUpdateStatefulSetStrategy::default()
+                }),
             }),
             template: pod_template(svc, name, shard, &initial, selector),
             ..StatefulSetSpec::default()
@@ -583,6 +620,7 @@ mod tests {
                 .enumerate()
                 .filter_map(|(i, s)| Some((i as u32, Workloads::initial_of(s)?)))
                 .collect(),
+            ..Workloads::default()
         };
         assert_eq!(workloads.initial_shards.len(), 3);
         let b = build_with(&grown, &caps, BuildOptions::default(), &workloads).expect("b");
@@ -603,9 +641,73 @@ mod tests {
                 .enumerate()
                 .filter_map(|(i, s)| Some((i as u32, Workloads::initial_of(s)?)))
                 .collect(),
+            ..Workloads::default()
         };
         let c = build_with(&shrunk, &caps, BuildOptions::default(), &draining).expect("c");
         assert_eq!(c.stateful_sets.len(), 4);
         assert_eq!(&b.stateful_sets[..], &c.stateful_sets[..]);
+    }
+
+    fn partition(s: &StatefulSet) -> Option<i32> {
+        s.spec
+            .as_ref()?
+            .update_strategy
+            .as_ref()?
+            .rolling_update
+            .as_ref()?
+            .partition
+    }
+
+    fn note<'a>(s: &'a StatefulSet, key: &str) -> Option<&'a str> {
+        s.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+    }
+
+    #[test]
+    fn template_revision_follows_the_template_not_the_counts() {
+        let base = svc(3, 2);
+        let rev = template_revision(&base);
+        assert_eq!(rev.len(), 10);
+        assert_eq!(template_revision(&svc(5, 3)), rev, "counts are not the template");
+        let mut image = svc(3, 2);
+        if let Some(c) = image
+            .spec
+            .template
+            .spec
+            .as_mut()
+            .and_then(|s| s.containers.first_mut())
+        {
+            c.image = Some("example/app:2".into());
+        }
+        assert_ne!(template_revision(&image), rev);
+        let mut policy = svc(3, 2);
+        policy.spec.resilience.concurrency.max_in_flight = 7;
+        assert_ne!(template_revision(&policy), rev, "the sidecar policy restarts pods too");
+    }
+
+    #[test]
+    fn held_shards_keep_their_pods_and_their_release_marker() {
+        let caps = Capabilities::latest();
+        let s = svc(3, 2);
+        let rev = template_revision(&s);
+        let workloads = Workloads {
+            shards: 3,
+            held: BTreeMap::from([(1, Some("0123456789".to_string())), (2, None)]),
+            ..Workloads::default()
+        };
+        let d = build_with(&s, &caps, BuildOptions::default(), &workloads).expect("build");
+        let sts = &d.stateful_sets;
+        assert_eq!(partition(&sts[0]), Some(0));
+        assert_eq!(note(&sts[0], rollout::RELEASED), Some(rev.as_str()));
+        assert_eq!(partition(&sts[1]), Some(2), "partition = replicas holds every pod");
+        assert_eq!(note(&sts[1], rollout::RELEASED), Some("0123456789"));
+        assert_eq!(note(&sts[2], rollout::RELEASED), None);
+        for s in sts {
+            // Every shard carries the current template; only the partition differs.
+            assert_eq!(note(s, rollout::TEMPLATE), Some(rev.as_str()));
+            assert_eq!(
+                s.spec.as_ref().map(|x| x.template.spec.is_some()),
+                Some(true)
+            );
+        }
     }
 }

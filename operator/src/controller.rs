@@ -33,10 +33,10 @@ use shardmesh_api::{labels, shardmap::ShardMap, validate, ShardedService, Sharde
 use tracing::{info, instrument, warn};
 
 use crate::{
-    build::{build_with, BuildOptions, Workloads},
+    build::{build_with, template_revision, BuildOptions, Workloads},
     capabilities::Capabilities,
     metrics::Metrics,
-    reshard,
+    reshard, rollout,
     status::{self, InvalidReason, Observed},
     Error, Result,
 };
@@ -231,11 +231,32 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     // them (they serve handoff reads); existing shards keep what their pods were first told.
     let map = published_map(client, &ns, &name).await?;
     let spec_shards = u32::try_from(svc.spec.shards).unwrap_or(0);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod_list = pods
+        .list(&ListParams::default().labels(&selector).match_any())
+        .await?
+        .items;
+    let now = Timestamp::now();
+    let plan = plan_rollout(&svc, &existing, &pod_list, spec_shards, now);
     let workloads = Workloads {
         shards: reshard::workload_shards(map.as_ref(), spec_shards),
         initial_shards: existing
             .iter()
             .filter_map(|(i, sts)| Some((*i, Workloads::initial_of(sts)?)))
+            .collect(),
+        // Shards being removed by a reshard are never rolled.
+        held: (0..reshard::workload_shards(map.as_ref(), spec_shards))
+            .filter(|i| !plan.released.contains(i))
+            .map(|i| {
+                let marker = existing.get(&i).and_then(|s| {
+                    s.metadata
+                        .annotations
+                        .as_ref()?
+                        .get(rollout::RELEASED)
+                        .cloned()
+                });
+                (i, marker)
+            })
             .collect(),
     };
     let desired = build_with(&svc, &ctx.caps, ctx.options, &workloads)?;
@@ -262,24 +283,50 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     }
 
     // 4. status
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    observed.pods = pods
-        .list(&ListParams::default().labels(&selector).match_any())
-        .await?
-        .items;
+    observed.pods = pod_list;
     observed.map = map;
-    let st = status::applied(&svc, &observed, notes, Timestamp::now());
+    observed.rollout = Some(plan.status);
+    let st = status::applied(&svc, &observed, notes, now);
     let ready = st
         .conditions
         .iter()
         .any(|c| c.type_ == "Ready" && c.status == "True");
     write_status(&ctx, &svc, st).await?;
     ctx.failures().remove(&ObjectRef::from_obj(&*svc));
-    Ok(Action::requeue(if ready {
-        RESYNC
-    } else {
-        RESYNC_NOT_READY
-    }))
+    let resync = if ready { RESYNC } else { RESYNC_NOT_READY };
+    Ok(Action::requeue(plan.requeue.map_or(resync, |d| d.min(resync))))
+}
+
+/// The rollout decision from the StatefulSets as they were before this reconcile's apply.
+fn plan_rollout(
+    svc: &ShardedService,
+    existing: &BTreeMap<u32, StatefulSet>,
+    pods: &[Pod],
+    spec_shards: u32,
+    now: Timestamp,
+) -> rollout::Plan {
+    let target = template_revision(svc);
+    let desired = svc.spec.replicas_per_shard;
+    let obs: Vec<rollout::ShardObs> = (0..spec_shards)
+        .map(|i| {
+            let Some(sts) = existing.get(&i) else {
+                return rollout::ShardObs::default();
+            };
+            let shard = i.to_string();
+            let mine: Vec<&Pod> = pods
+                .iter()
+                .filter(|p| p.labels().get(labels::SHARD) == Some(&shard))
+                .collect();
+            rollout::ShardObs::of(sts, &mine, &target, desired)
+        })
+        .collect();
+    rollout::plan(
+        &rollout::Policy::of(&svc.spec.rollout),
+        &target,
+        &obs,
+        svc.status.as_ref().and_then(|s| s.rollout.as_ref()),
+        now,
+    )
 }
 
 /// The shard map the shard-map controller published for service `name`, if any. A map that

@@ -13,6 +13,7 @@ pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod reshard;
+pub mod rollout;
 pub mod shardmap;
 pub mod status;
 pub mod webhook;

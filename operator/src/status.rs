@@ -11,7 +11,7 @@ use k8s_openapi::{
 use shardmesh_api::{
     labels,
     shardmap::ShardMap,
-    v1alpha1::{condition, ShardStatus},
+    v1alpha1::{condition, RolloutStatus, RolloutStrategy, ShardStatus},
     validate::FieldError,
     ShardedService, ShardedServiceStatus,
 };
@@ -29,6 +29,8 @@ pub struct Observed {
     /// The published shard map (live registry members), when the shard-map controller has
     /// written one: then it is the source of members and epoch, so status and sidecars agree.
     pub map: Option<ShardMap>,
+    /// The rollout plan's status (see [`crate::rollout`]).
+    pub rollout: Option<RolloutStatus>,
 }
 
 /// Why the spec was not applied.
@@ -127,6 +129,10 @@ pub fn applied(
             .as_ref()
             .and_then(|map| map.shards.get(i as usize));
         let leader = published.and_then(|s| s.leader.as_ref());
+        let (current_revision, update_revision) = sts_status
+            .as_ref()
+            .map(|(st, _)| (st.current_revision.clone(), st.update_revision.clone()))
+            .unwrap_or_default();
         shards.push(ShardStatus {
             index: i as i32,
             replicas: desired,
@@ -134,6 +140,9 @@ pub fn applied(
             members: m,
             leader: leader.map(|l| l.pod.clone()),
             leader_epoch: leader.map(|l| l.epoch),
+            updated: done && current_revision.is_some() && current_revision == update_revision,
+            current_revision,
+            update_revision,
         });
     }
 
@@ -172,7 +181,45 @@ pub fn applied(
         "Valid",
         "the spec is valid and applied".into(),
     );
-    if rolled_out {
+    let rollout = observed.rollout.clone();
+    let rollout_phase = rollout.as_ref().map_or("", |r| r.phase.as_str());
+    if let Some(r) = rollout
+        .as_ref()
+        .filter(|r| r.phase == crate::rollout::phase::HALTED)
+    {
+        let msg = crate::rollout::message(r);
+        set(
+            &mut conds,
+            condition::PROGRESSING,
+            false,
+            "RolloutHalted",
+            msg.clone(),
+        );
+        set(
+            &mut conds,
+            condition::READY,
+            false,
+            "RolloutHalted",
+            if lag.is_empty() { msg } else { lag.clone() },
+        );
+        if lag.is_empty() {
+            set(
+                &mut conds,
+                condition::DEGRADED,
+                false,
+                "AllShardsReady",
+                "no shard is missing replicas".into(),
+            );
+        } else {
+            set(
+                &mut conds,
+                condition::DEGRADED,
+                true,
+                "RolloutHalted",
+                format!("{lag}; the new revision does not run"),
+            );
+        }
+    } else if rolled_out {
         set(
             &mut conds,
             condition::READY,
@@ -210,11 +257,21 @@ pub fn applied(
             format!("{lag}; the StatefulSets are replacing the missing pods"),
         );
     } else {
-        let overdue = progressing_since.is_some_and(|t| now.duration_since(t) > PROGRESS_DEADLINE);
-        let msg = if lag.is_empty() {
-            "updating pods to the current spec".to_string()
-        } else {
-            lag.clone()
+        // A shard-by-shard rollout has its own per-wave deadline (it halts); the overall
+        // deadline only judges changes that are not waves (scaling, AllAtOnce).
+        let waves = matches!(
+            rollout_phase,
+            crate::rollout::phase::ROLLING
+                | crate::rollout::phase::BAKING
+                | crate::rollout::phase::PAUSED
+        ) && svc.spec.rollout.strategy == RolloutStrategy::ShardByShard;
+        let overdue = !waves
+            && progressing_since.is_some_and(|t| now.duration_since(t) > PROGRESS_DEADLINE);
+        let msg = match rollout.as_ref().filter(|_| waves) {
+            Some(r) if lag.is_empty() => crate::rollout::message(r),
+            Some(r) => format!("{}; {lag}", crate::rollout::message(r)),
+            None if lag.is_empty() => "updating pods to the current spec".to_string(),
+            None => lag.clone(),
         };
         set(
             &mut conds,
@@ -227,7 +284,11 @@ pub fn applied(
             &mut conds,
             condition::PROGRESSING,
             true,
-            "RollingOut",
+            if rollout_phase == crate::rollout::phase::PAUSED {
+                "RolloutPaused"
+            } else {
+                "RollingOut"
+            },
             msg.clone(),
         );
         if overdue {
@@ -278,6 +339,7 @@ pub fn applied(
         observed_generation: generation,
         epoch,
         resharding,
+        rollout,
         ready: Some(format!("{total_ready}/{total_desired}")),
         replicas_per_shard: shards.iter().map(|s| s.ready_replicas).min().unwrap_or(0),
         selector: Some(labels::service_selector_string(&name)),
@@ -342,7 +404,9 @@ pub fn transitions(prev: &ShardedServiceStatus, next: &ShardedServiceStatus) -> 
         // Ready=False while rolling out is expected, the first Invalid=False is noise, and one
         // cause (e.g. InvalidSpec flips Invalid and Ready) is told once.
         let told = out.iter().any(|o: &Transition| o.reason == n.reason);
+        // A halt is told by the rollout's own Event, which names the shard and the pod.
         if (t == condition::READY && n.reason == "RolloutInProgress")
+            || n.reason == "RolloutHalted"
             || (!bad && p.is_none())
             || told
         {
@@ -381,6 +445,7 @@ pub fn transitions(prev: &ShardedServiceStatus, next: &ShardedServiceStatus) -> 
             },
         });
     }
+    out.extend(rollout_transitions(prev.rollout.as_ref(), next.rollout.as_ref()));
     let replicas = |s: &ShardedServiceStatus| s.shards.first().map(|x| x.replicas);
     if let (Some(a), Some(b)) = (replicas(prev), replicas(next)) {
         if a != b {
@@ -390,6 +455,40 @@ pub fn transitions(prev: &ShardedServiceStatus, next: &ShardedServiceStatus) -> 
                 note: format!("replicas per shard {a} → {b}"),
             });
         }
+    }
+    out
+}
+
+/// Events of a rollout: each wave started, a halt (naming the shard and the pod's reason), and
+/// completion.
+fn rollout_transitions(prev: Option<&RolloutStatus>, next: Option<&RolloutStatus>) -> Vec<Transition> {
+    use crate::rollout::{message, phase};
+    let Some(n) = next else {
+        return Vec::new();
+    };
+    let same = prev.filter(|p| p.revision == n.revision);
+    let mut out = Vec::new();
+    if n.halted.is_some() && same.and_then(|p| p.halted.as_ref()).is_none() {
+        out.push(Transition {
+            warning: true,
+            reason: "RolloutHalted".into(),
+            note: message(n),
+        });
+    } else if n.phase == phase::ROLLING && same.is_none_or(|p| p.wave != n.wave) {
+        out.push(Transition {
+            warning: false,
+            reason: "RolloutWave".into(),
+            note: message(n),
+        });
+    } else if n.phase == phase::COMPLETE
+        && n.wave > 0
+        && same.is_some_and(|p| p.phase != phase::COMPLETE)
+    {
+        out.push(Transition {
+            warning: false,
+            reason: "RolloutComplete".into(),
+            note: message(n),
+        });
     }
     out
 }
@@ -476,6 +575,7 @@ mod tests {
             stateful_sets: [(0, sts(ready[0], 2)), (1, sts(ready[1], 2))].into(),
             pods,
             map: None,
+            rollout: None,
         }
     }
 
@@ -626,5 +726,37 @@ mod tests {
         assert_eq!(conds[0].reason, "B");
         set_condition(&mut conds, "Ready", false, "C", "m3".into(), Some(2), t1);
         assert_eq!(conds[0].last_transition_time, Time(t1));
+    }
+
+    #[test]
+    fn halted_rollout_is_not_progressing_and_told_once() {
+        use crate::rollout::phase;
+        let rolling = RolloutStatus {
+            revision: "abc".into(),
+            phase: phase::ROLLING.into(),
+            wave: 1,
+            updated: "0/2".into(),
+            shards_in_flight: vec![0],
+            ..RolloutStatus::default()
+        };
+        let mut o = observed([1, 2]);
+        o.rollout = Some(rolling.clone());
+        let before = applied(&svc(2, None), &o, vec![], Timestamp::UNIX_EPOCH);
+        assert_eq!(cond(&before, "Progressing"), ("True", "RollingOut"));
+        let halted = RolloutStatus {
+            phase: phase::HALTED.into(),
+            halted: Some("shard 0: pod orders-0-1: container app CrashLoopBackOff".into()),
+            ..rolling
+        };
+        o.rollout = Some(halted);
+        let after = applied(&svc(2, Some(before.clone())), &o, vec![], Timestamp::UNIX_EPOCH);
+        assert_eq!(cond(&after, "Progressing"), ("False", "RolloutHalted"));
+        assert_eq!(cond(&after, "Degraded"), ("True", "RolloutHalted"));
+        let told = transitions(&before, &after);
+        let halt: Vec<_> = told.iter().filter(|t| t.reason == "RolloutHalted").collect();
+        assert_eq!(halt.len(), 1, "{told:?}");
+        assert!(halt[0].warning && halt[0].note.contains("orders-0-1"));
+        // Unchanged: nothing more to tell.
+        assert!(transitions(&after, &after).is_empty());
     }
 }

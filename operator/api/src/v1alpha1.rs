@@ -55,6 +55,18 @@ use crate::duration::DurationString;
         description = "Shard-map generation"
     ),
     printcolumn(
+        name = "Updated",
+        type_ = "string",
+        json_path = ".status.rollout.updated",
+        description = "Shards running the current pod template / shards"
+    ),
+    printcolumn(
+        name = "Rollout",
+        type_ = "string",
+        json_path = ".status.rollout.phase",
+        description = "Phase of the pod-template rollout"
+    ),
+    printcolumn(
         name = "Resharding",
         type_ = "string",
         json_path = ".status.resharding.phase",
@@ -468,6 +480,56 @@ pub struct Rollout {
     /// is true. Default false.
     #[serde(default)]
     pub allow_shard_removal: bool,
+    /// How a change of the pod template reaches the shards. `ShardByShard` (default): a canary
+    /// wave of `canaryShards`, then waves of `maxShardsInFlight`; each wave's shards must be
+    /// fully updated and Ready for `bakeTime` before the next wave starts, and a failing new
+    /// revision halts the rollout with the untouched shards on the old revision. `AllAtOnce`:
+    /// every shard rolls at the same time.
+    #[serde(default)]
+    pub strategy: RolloutStrategy,
+    /// Shards in the first (canary) wave of a `ShardByShard` rollout (default 1; 1-1024).
+    #[serde(default = "d_one")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub canary_shards: i32,
+    /// Shards rolling at once in the waves after the canary (default 1; 1-1024).
+    #[serde(default = "d_one")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub max_shards_in_flight: i32,
+    /// How long every shard of a wave must stay fully updated and Ready before the next wave
+    /// starts (default 30s; 0s to 1h).
+    #[serde(default = "d_bake_time")]
+    pub bake_time: DurationString,
+    /// How long a wave may take to get all its shards updated and Ready before the rollout
+    /// halts (default 10m; 10s to 24h). A new pod that crash-loops or cannot start halts it
+    /// at once.
+    #[serde(default = "d_progress_deadline")]
+    pub progress_deadline: DurationString,
+    /// Pause a `ShardByShard` rollout between waves: the wave in progress finishes, no new
+    /// wave starts until this is false again (default false).
+    #[serde(default)]
+    pub paused: bool,
+}
+
+fn d_one() -> i32 {
+    1
+}
+
+fn d_bake_time() -> DurationString {
+    "30s".into()
+}
+
+fn d_progress_deadline() -> DurationString {
+    "10m".into()
+}
+
+/// How a template change reaches the shards.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RolloutStrategy {
+    /// Wave by wave, halting on a failing revision.
+    #[default]
+    ShardByShard,
+    /// Every shard at once (each shard still replaces its pods one by one).
+    AllAtOnce,
 }
 
 fn d_max_unavailable() -> i32 {
@@ -480,6 +542,12 @@ impl Default for Rollout {
             max_unavailable: d_max_unavailable(),
             pod_management_policy: PodManagementPolicy::default(),
             allow_shard_removal: false,
+            strategy: RolloutStrategy::default(),
+            canary_shards: d_one(),
+            max_shards_in_flight: d_one(),
+            bake_time: d_bake_time(),
+            progress_deadline: d_progress_deadline(),
+            paused: false,
         }
     }
 }
@@ -573,6 +641,9 @@ pub struct ShardedServiceStatus {
     /// A change of the shard count in progress (absent when none is).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resharding: Option<ReshardingStatus>,
+    /// The rollout of the current pod template (absent before the first reconcile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
     /// `Ready`, `Progressing`, `Degraded`, `Invalid` and `Resharding`, each with a reason and
     /// message.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -597,6 +668,33 @@ pub struct ReshardingStatus {
     pub until: Option<String>,
 }
 
+/// Progress of the current pod template across the shards.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// Hash of the pod template being rolled out (the same for every shard).
+    pub revision: String,
+    /// `Complete`, `Rolling`, `Baking` (the wave is updated and must stay Ready for
+    /// `bakeTime`), `Paused` or `Halted`.
+    pub phase: String,
+    /// Wave in progress (1 is the canary wave); 0 when nothing had to roll.
+    #[serde(default)]
+    pub wave: i32,
+    /// Shards whose pods all run the current template, e.g. `2/4`.
+    pub updated: String,
+    /// Shards of the wave in progress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards_in_flight: Vec<i32>,
+    /// When the wave in progress started, or when its shards were all updated while baking
+    /// (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Why the rollout halted: the shard and its pod's reason. Cleared by a new template
+    /// (reverting the template, or fixing it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halted: Option<String>,
+}
+
 /// State of one shard.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -617,6 +715,15 @@ pub struct ShardStatus {
     /// enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader_epoch: Option<i64>,
+    /// StatefulSet revision most of the shard's pods run (`currentRevision`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_revision: Option<String>,
+    /// StatefulSet revision of the current pod template (`updateRevision`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_revision: Option<String>,
+    /// Every pod of the shard runs the current template and is Ready.
+    #[serde(default)]
+    pub updated: bool,
 }
 
 /// Condition types set on a ShardedService.

@@ -191,6 +191,26 @@ fn check_spec(c: &mut Check, spec: &ShardedServiceSpec) {
         1,
         100,
     );
+    let r = &spec.rollout;
+    c.range("spec.rollout.canaryShards", r.canary_shards.into(), 1, 1024);
+    c.range(
+        "spec.rollout.maxShardsInFlight",
+        r.max_shards_in_flight.into(),
+        1,
+        1024,
+    );
+    c.duration(
+        "spec.rollout.bakeTime",
+        &r.bake_time,
+        Duration::ZERO,
+        Duration::from_secs(3600),
+    );
+    c.duration(
+        "spec.rollout.progressDeadline",
+        &r.progress_deadline,
+        Duration::from_secs(10),
+        Duration::from_secs(24 * 3600),
+    );
 }
 
 fn check_header(c: &mut Check, path: &str, header: &str, example: &str) {
@@ -512,6 +532,22 @@ mod tests {
             (
                 json!({"resharding": {"handoffWindow": "48h"}}),
                 "spec.resharding.handoffWindow",
+            ),
+            (
+                json!({"rollout": {"canaryShards": 0}}),
+                "spec.rollout.canaryShards",
+            ),
+            (
+                json!({"rollout": {"maxShardsInFlight": 2000}}),
+                "spec.rollout.maxShardsInFlight",
+            ),
+            (
+                json!({"rollout": {"bakeTime": "2h"}}),
+                "spec.rollout.bakeTime",
+            ),
+            (
+                json!({"rollout": {"progressDeadline": "1s"}}),
+                "spec.rollout.progressDeadline",
             ),
             (
                 json!({"resharding": {"missStatuses": []}}),
