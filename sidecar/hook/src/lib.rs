@@ -53,7 +53,10 @@ pub enum Command {
     /// Copy the running executable into this directory.
     Install(PathBuf),
     /// Ask the sidecar at `admin` to drain and wait up to `timeout`.
-    WaitDrained { admin: SocketAddr, timeout: Duration },
+    WaitDrained {
+        admin: SocketAddr,
+        timeout: Duration,
+    },
     /// Print the usage.
     Help,
 }
@@ -83,7 +86,9 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
             [dir] if !dir.is_empty() && !dir.starts_with('-') => {
                 Ok(Command::Install(PathBuf::from(dir)))
             }
-            [] => Err(usage("install: missing DIR (the shared volume's mount path)")),
+            [] => Err(usage(
+                "install: missing DIR (the shared volume's mount path)",
+            )),
             _ => Err(usage(format!(
                 "install: expected exactly one DIR, got {rest:?}"
             ))),
@@ -367,7 +372,10 @@ mod tests {
     }
 
     /// A one-shot admin server: reads the request, waits `hold`, answers `response`.
-    fn admin(response: &'static str, hold: Duration) -> (SocketAddr, std::thread::JoinHandle<String>) {
+    fn admin(
+        response: &'static str,
+        hold: Duration,
+    ) -> (SocketAddr, std::thread::JoinHandle<String>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let t = std::thread::spawn(move || {
@@ -395,8 +403,14 @@ mod tests {
             Duration::from_millis(300),
         );
         let started = Instant::now();
-        assert_eq!(wait_drained(addr, Duration::from_secs(10)), Outcome::Drained);
-        assert!(started.elapsed() >= Duration::from_millis(300), "held until the answer");
+        assert_eq!(
+            wait_drained(addr, Duration::from_secs(10)),
+            Outcome::Drained
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "held until the answer"
+        );
         let request = server.join().unwrap();
         assert!(request.starts_with("POST /drain HTTP/1.0\r\n"), "{request}");
     }
@@ -404,8 +418,14 @@ mod tests {
     #[test]
     fn never_wedges_termination() {
         // No sidecar.
-        let refused = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        assert_eq!(wait_drained(refused, Duration::from_secs(5)), Outcome::NoSidecar);
+        let refused = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        assert_eq!(
+            wait_drained(refused, Duration::from_secs(5)),
+            Outcome::NoSidecar
+        );
         // A sidecar that does not answer in time.
         let (addr, _server) = admin("HTTP/1.0 200 OK\r\n\r\n", Duration::from_secs(2));
         let started = Instant::now();
@@ -417,7 +437,10 @@ mod tests {
         // Another answer.
         let (addr, _server) = admin("HTTP/1.0 503 Service Unavailable\r\n\r\n", Duration::ZERO);
         let out = wait_drained(addr, Duration::from_secs(5));
-        assert!(matches!(&out, Outcome::Unexpected(m) if m.contains("503")), "{out:?}");
+        assert!(
+            matches!(&out, Outcome::Unexpected(m) if m.contains("503")),
+            "{out:?}"
+        );
         assert!(out
             .message(addr, Duration::from_secs(5))
             .is_some_and(|m| m.starts_with("shardmesh-hook: ") && !m.contains('\n')));
