@@ -13,9 +13,11 @@
 # <version> is the workspace version (Cargo.toml), which is also the Helm chart's appVersion, so
 # the chart's default image tags name exactly these images. Images: one layer with the binary,
 # the shared libraries it links (glibc from this Debian), /etc/passwd with user nonroot (65532),
-# run as 65532:65532, no shell. Labels: org.opencontainers.image.{title,version,revision,created,
-# source,licenses}; revision is the git commit (suffix -dirty for uncommitted changes), created
-# its commit time, so one commit built in one environment gives the same digests.
+# run as 65532:65532, no shell. The sidecar image also carries /shardmesh-hook, statically linked:
+# the injector's init container copies it into the pod for the application's preStop hook, so it
+# must run in any application image. Labels: org.opencontainers.image.{title,version,revision,
+# created,source,licenses}; revision is the git commit (suffix -dirty for uncommitted changes),
+# created its commit time, so one commit built in one environment gives the same digests.
 # images.txt lists each image with its config id, manifest digest and size, for verification.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -30,7 +32,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=${2:?--out needs a directory}; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --check) CHECK=1; shift ;;
-    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "release.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -56,18 +58,26 @@ fi
 SOURCE=$(sed -n 's/^repository *= *"\(.*\)"/\1/p' Cargo.toml | head -1)
 LICENSE=$(sed -n '/^\[workspace.package\]/,/^\[/s/^license *= *"\(.*\)"/\1/p' Cargo.toml)
 
+HOOK=$TARGET/release/shardmesh-hook
 if [ "$BUILD" = 1 ]; then
-  echo "release.sh: cargo build --release (operator, sidecar, demo) into $TARGET" >&2
+  echo "release.sh: cargo build --release (operator, sidecar, demo, static hook) into $TARGET" >&2
   cargo build --release --locked -p shardmesh-operator -p shardmesh-sidecar -p shardmesh-demo --bins
+  # crt-static: the hook runs inside application images, whose libc (if any) is unknown.
+  cargo rustc --release --locked -p shardmesh-hook --bin shardmesh-hook -- -C target-feature=+crt-static
 fi
+[ -x "$HOOK" ] || { echo "release.sh: $HOOK not built (run without --no-build)" >&2; exit 1; }
+ldd "$HOOK" 2>&1 | grep -qE 'not a dynamic executable|statically linked' \
+  || { echo "release.sh: $HOOK is dynamically linked; build it with: cargo rustc --release -p shardmesh-hook --bin shardmesh-hook -- -C target-feature=+crt-static" >&2; exit 1; }
 mkdir -p "$OUT"
 
 # image NAME BINARY DIR: writes DIR/shardmesh-NAME-VERSION.oci.tar, prints mkimage's JSON line.
 image() {
-  local name=$1 binary=$TARGET/release/$2 dir=$3
+  local name=$1 binary=$TARGET/release/$2 dir=$3 extra=()
   [ -x "$binary" ] || { echo "release.sh: $binary not built (run without --no-build)" >&2; exit 1; }
+  if [ "$name" = sidecar ]; then extra=(--file "$HOOK:/shardmesh-hook"); fi
   python3 "$HERE/scripts/mkimage.py" --tag "$REPOSITORY/$name:$VERSION" \
     --out "$dir/shardmesh-$name-$VERSION.oci.tar" --binary "$binary" --nonroot --created "$CREATED" \
+    "${extra[@]}" \
     --label "org.opencontainers.image.title=shardmesh-$name" \
     --label "org.opencontainers.image.version=$VERSION" \
     --label "org.opencontainers.image.revision=$REVISION" \

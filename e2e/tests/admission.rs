@@ -168,11 +168,32 @@ async fn labelled_workloads_run_with_the_sidecar_and_others_are_untouched() {
         assert_eq!(caps.add, None);
         // 1.20: a regular container, never a native sidecar (the field would be dropped).
         assert_eq!(s.restart_policy, None);
-        assert!(p
-            .spec
+        // The only init container installs the preStop helper, and the app waits for the
+        // sidecar's inbound drain before its SIGTERM.
+        let spec = p.spec.as_ref().expect("spec");
+        let init: Vec<_> = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .map(|c| (c.name.as_str(), c.restart_policy.as_deref()))
+            .collect();
+        assert_eq!(init, vec![("shardmesh-hook", None)]);
+        let prestop = spec.containers[0]
+            .lifecycle
             .as_ref()
-            .and_then(|s| s.init_containers.as_ref())
-            .is_none());
+            .and_then(|l| l.pre_stop.as_ref())
+            .and_then(|h| h.exec.as_ref())
+            .and_then(|e| e.command.clone())
+            .unwrap_or_default();
+        assert_eq!(
+            prestop.get(..2),
+            Some(
+                &[
+                    "/var/run/shardmesh/shardmesh-hook".to_string(),
+                    "wait-drained".into()
+                ][..]
+            )
+        );
         let version = p
             .annotations()
             .get("shardmesh.io/injected-version")

@@ -1,6 +1,7 @@
-//! Admin server: `/live`, `/ready`, `/metrics` for the kubelet and Prometheus; `/shutdown` and
-//! `/log-level` only for clients on the loopback interface (containers of the same pod), since
-//! anyone who can reach the pod IP could otherwise stop the sidecar.
+//! Admin server: `/live`, `/ready`, `/metrics` for the kubelet and Prometheus, `GET /drain` for
+//! the drain phase; `POST /drain`, `/shutdown` and `/log-level` only for clients on the loopback
+//! interface (containers of the same pod), since anyone who can reach the pod IP could otherwise
+//! stop the sidecar.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -14,7 +15,11 @@ use hyper_util::{
 };
 use tokio::net::TcpListener;
 
-use crate::{drain::Drain, log::LevelControl, metrics::Metrics};
+use crate::{
+    drain::{Drain, Phase},
+    log::LevelControl,
+    metrics::Metrics,
+};
 
 /// How long `/ready` waits for the application to accept a TCP connection.
 pub const APP_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -81,6 +86,9 @@ pub struct Admin {
     pub level: Option<LevelControl>,
     /// Registry start-up steps still pending.
     pub gates: StartupGates,
+    /// How long `POST /drain` holds the request for the inbound drain before answering 503
+    /// (drain delay + grace period + slack: the drain itself is bounded by those).
+    pub drain_answer_within: Duration,
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -116,6 +124,13 @@ impl Admin {
                 );
                 r
             }
+            (&Method::GET, "/drain") => text(StatusCode::OK, format!("{}\n", self.drain.phase().name())),
+            (&Method::POST, "/drain") => {
+                if !peer.ip().is_loopback() {
+                    return local_only("/drain");
+                }
+                self.drain_and_wait(peer).await
+            }
             (&Method::POST, "/shutdown") => {
                 if !peer.ip().is_loopback() {
                     return local_only("/shutdown");
@@ -144,13 +159,45 @@ impl Admin {
                     Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
                 }
             }
-            (_, "/live" | "/ready" | "/metrics" | "/shutdown" | "/log-level") => text(
+            (_, "/live" | "/ready" | "/metrics" | "/drain" | "/shutdown" | "/log-level") => text(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "use GET /live, GET /ready, GET /metrics, POST /shutdown, PUT /log-level\n",
+                "use GET /live, GET /ready, GET /metrics, GET|POST /drain, POST /shutdown, PUT /log-level\n",
             ),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; endpoints: GET /live, GET /ready, GET /metrics, POST /shutdown, PUT /log-level\n",
+                "not found; endpoints: GET /live, GET /ready, GET /metrics, GET|POST /drain, POST /shutdown, PUT /log-level\n",
+            ),
+        }
+    }
+
+    /// `POST /drain`, the application's preStop hook: begins the drain as SIGTERM does
+    /// (idempotent; with native sidecars SIGTERM only comes after the application exited) and
+    /// answers once inbound traffic is drained, so the kubelet stops the application only then.
+    async fn drain_and_wait(&self, peer: SocketAddr) -> Response<Full<Bytes>> {
+        if !self.drain.is_draining() {
+            tracing::info!(%peer, "drain requested over the admin API (preStop hook)");
+        }
+        self.drain.begin(false);
+        let drained = tokio::time::timeout(
+            self.drain_answer_within,
+            self.drain.reached(Phase::InboundDrained),
+        )
+        .await;
+        match drained {
+            Ok(()) => text(
+                StatusCode::OK,
+                format!(
+                    "drained: no inbound request left (phase {})\n",
+                    self.drain.phase().name()
+                ),
+            ),
+            Err(_) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "still draining after {:?} (phase {}); stop the application anyway\n",
+                    self.drain_answer_within,
+                    self.drain.phase().name()
+                ),
             ),
         }
     }
@@ -230,13 +277,7 @@ mod tests {
 
     #[tokio::test]
     async fn ready_waits_for_the_registry_to_start_then_stays_ready() {
-        let admin = Admin {
-            drain: Drain::new(),
-            metrics: Arc::new(Metrics::default()),
-            app: None,
-            level: None,
-            gates: StartupGates::default(),
-        };
+        let admin = admin();
         assert_eq!(ready_text(&admin).await.0, StatusCode::OK);
         let lease = admin.gates.add("the registration of this pod's Lease");
         let map = admin.gates.add("the first sync of the shard map of orders");
@@ -256,5 +297,45 @@ mod tests {
             (status, body.as_str()),
             (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
         );
+    }
+
+    fn admin() -> Admin {
+        Admin {
+            drain: Drain::new(),
+            metrics: Arc::new(Metrics::default()),
+            app: None,
+            level: None,
+            gates: StartupGates::default(),
+            drain_answer_within: Duration::from_secs(30),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn post_drain_begins_the_drain_and_answers_once_inbound_is_drained() {
+        let admin = admin();
+        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let held = tokio::spawn({
+            let admin = admin.clone();
+            async move { admin.drain_and_wait(peer).await.status() }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(admin.drain.phase(), Phase::Draining, "begun like SIGTERM");
+        admin.drain.advance(Phase::InboundClosed);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!held.is_finished(), "inbound requests still finishing");
+        admin.drain.advance(Phase::InboundDrained);
+        assert_eq!(held.await.unwrap(), StatusCode::OK);
+        // A second call (the hook retried, or another container's hook) answers at once.
+        assert_eq!(admin.drain_and_wait(peer).await.status(), StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn post_drain_gives_up_after_its_bound() {
+        let admin = admin();
+        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let started = tokio::time::Instant::now();
+        let r = admin.drain_and_wait(peer).await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
     }
 }

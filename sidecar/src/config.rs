@@ -101,11 +101,13 @@ pub struct Args {
     #[arg(long, env = "SHARDMESH_PASSTHROUGH", default_value_t = true, action = ArgAction::Set)]
     pub passthrough: bool,
 
-    /// After SIGTERM: how long to keep accepting connections while readiness fails.
+    /// After SIGTERM or `POST /drain`: how long to keep accepting connections while readiness
+    /// fails (the pod's removal from endpoints and shard maps propagates meanwhile).
     #[arg(long, env = "SHARDMESH_DRAIN_DELAY", default_value = "5s", value_parser = duration_arg)]
     pub drain_delay: Duration,
 
-    /// After the drain delay: how long in-flight requests may take before exiting anyway.
+    /// After the drain delay: how long in-flight inbound requests and then the application's exit
+    /// may take before outbound closes and the sidecar exits anyway.
     #[arg(long, env = "SHARDMESH_GRACE_PERIOD", default_value = "20s", value_parser = duration_arg)]
     pub grace_period: Duration,
 

@@ -21,8 +21,8 @@
 //! | [`access_log`] | one JSON line per request |
 //! | [`log`] | non-blocking JSON logging, run-time level |
 //! | [`metrics`] | Prometheus counters and histograms |
-//! | [`admin`] | /live, /ready, /metrics, /shutdown, /log-level |
-//! | [`drain`] | graceful shutdown |
+//! | [`admin`] | /live, /ready, /metrics, /drain, /shutdown, /log-level |
+//! | [`drain`] | graceful shutdown, ordered inbound → app → outbound |
 //! | [`server`] | accept loop shared by the proxies |
 
 pub mod access_log;
@@ -52,14 +52,14 @@ pub mod timeout;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, task::JoinHandle, time::Instant};
 
 use crate::{
     admin::Admin,
     balance::Endpoints,
     budget::RetryBudget,
     config::{ConfigError, Settings},
-    drain::{Connections, Drain, Phase},
+    drain::{Connections, Drain, Phase, APP_POLL_INTERVAL},
     log::LevelControl,
     metrics::Metrics,
 };
@@ -76,14 +76,33 @@ pub struct Running {
     pub drain: Drain,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    connections: Connections,
-    servers: Vec<JoinHandle<()>>,
+    /// The inbound proxy, its connections and the application behind it (None without
+    /// `--app-port`).
+    inbound_side: Option<InboundSide>,
+    outbound_server: JoinHandle<()>,
+    /// Outbound connections, counted apart from inbound ones: they close after the app exits.
+    outbound_connections: Connections,
     admin_task: JoinHandle<()>,
     drain_delay: Duration,
     grace_period: Duration,
     /// Membership and leader election: they release their Leases when the drain begins.
     registry_tasks: Vec<JoinHandle<()>>,
 }
+
+/// What the ordered drain needs of the inbound side.
+struct InboundSide {
+    server: JoinHandle<()>,
+    connections: Connections,
+    app: SocketAddr,
+}
+
+/// Least time outbound connections get to finish once the application exited, even when the
+/// grace period is used up (an in-flight call of the application's last moments).
+const OUTBOUND_FINISH_MIN: Duration = Duration::from_secs(1);
+
+/// How much longer than drain delay + grace period `POST /drain` may wait for the inbound
+/// drain before answering 503 (scheduling slack; the drain itself is bounded by those two).
+const DRAIN_ANSWER_SLACK: Duration = Duration::from_secs(1);
 
 /// How long the exit waits for the Leases to be released after the listeners closed (it was
 /// started when the drain began, so this is only reached with a slow API server).
@@ -127,7 +146,7 @@ pub async fn start_with(
     } = settings;
     let drain = Drain::new();
     let gates = admin::StartupGates::default();
-    let connections = Connections::new();
+    let outbound_connections = Connections::new();
 
     let admin_l = bind(args.admin_addr, "--admin-addr (SHARDMESH_ADMIN_ADDR)").await?;
     let outbound_l = bind(
@@ -220,12 +239,14 @@ pub async fn start_with(
         access_log,
         policy: policy.clone(),
     };
-    let mut servers = vec![tokio::spawn(server::serve(
+    let outbound_server = tokio::spawn(server::serve(
         outbound_l,
         server::HttpService::new(outbound::stack(&outbound)),
         drain.clone(),
-        connections.token(),
-    ))];
+        Phase::Stopped,
+        outbound_connections.token(),
+    ));
+    let mut inbound_side = None;
     if let (Some(l), Some(app)) = (inbound_l, app) {
         let inbound = inbound::Inbound {
             app,
@@ -244,12 +265,19 @@ pub async fn start_with(
                 metrics: metrics.clone(),
             }),
         };
-        servers.push(tokio::spawn(server::serve(
+        let connections = Connections::new();
+        let server = tokio::spawn(server::serve(
             l,
             server::HttpService::new(inbound::stack(&inbound)),
             drain.clone(),
+            Phase::InboundClosed,
             connections.token(),
-        )));
+        ));
+        inbound_side = Some(InboundSide {
+            server,
+            connections,
+            app,
+        });
     }
     let admin_task = tokio::spawn(admin::serve(
         admin_l,
@@ -259,6 +287,7 @@ pub async fn start_with(
             app,
             level,
             gates,
+            drain_answer_within: args.drain_delay + args.grace_period + DRAIN_ANSWER_SLACK,
         },
     ));
     tracing::info!(
@@ -274,8 +303,9 @@ pub async fn start_with(
         admin: admin_addr,
         drain,
         metrics,
-        connections,
-        servers,
+        inbound_side,
+        outbound_server,
+        outbound_connections,
         admin_task,
         drain_delay: args.drain_delay,
         grace_period: args.grace_period,
@@ -284,31 +314,143 @@ pub async fn start_with(
 }
 
 impl Running {
-    /// Runs the shutdown sequence once a drain has begun (SIGTERM or `/shutdown`): keep
-    /// accepting for the drain delay, stop the listeners, wait for in-flight requests up to the
-    /// grace period. Returns whether every connection finished in time.
+    /// Runs the shutdown sequence once a drain has begun (SIGTERM, `POST /drain` or
+    /// `/shutdown`), as described in [`drain`]: keep accepting for the drain delay, then close
+    /// inbound, wait for its requests, keep outbound until the application exited, close it.
+    /// Returns whether every connection finished in time.
     pub async fn drained(self) -> bool {
-        self.drain.reached(Phase::Draining).await;
-        if !self.drain.is_immediate() {
-            tracing::info!(delay = ?self.drain_delay, "draining: readiness fails; still accepting during the drain delay");
-            tokio::time::sleep(self.drain_delay).await;
+        let Running {
+            drain,
+            inbound_side,
+            outbound_server,
+            outbound_connections,
+            admin_task,
+            drain_delay,
+            grace_period,
+            registry_tasks,
+            ..
+        } = self;
+        drain.reached(Phase::Draining).await;
+        if !drain.is_immediate() {
+            tracing::info!(delay = ?drain_delay, "draining: readiness fails; still accepting during the drain delay");
+            tokio::select! {
+                _ = tokio::time::sleep(drain_delay) => {}
+                _ = drain.immediate_requested() => {
+                    tracing::info!("shutdown requested during the drain delay; closing now");
+                }
+            }
         }
-        self.drain.stop();
-        for s in self.servers {
-            let _ = s.await;
-        }
-        tracing::info!(grace = ?self.grace_period, "listeners closed; waiting for in-flight requests");
-        let clean = self.connections.wait(self.grace_period).await;
-        if clean {
-            tracing::info!("all in-flight requests finished");
-        } else {
-            tracing::warn!("grace period over with requests still in flight; exiting anyway");
-        }
-        let release = futures::future::join_all(self.registry_tasks);
+        let clean = match inbound_side {
+            Some(inbound) if !drain.is_immediate() => {
+                ordered(
+                    &drain,
+                    inbound,
+                    outbound_server,
+                    outbound_connections,
+                    grace_period,
+                )
+                .await
+            }
+            inbound => {
+                all_at_once(
+                    &drain,
+                    inbound,
+                    outbound_server,
+                    outbound_connections,
+                    grace_period,
+                )
+                .await
+            }
+        };
+        let release = futures::future::join_all(registry_tasks);
         if tokio::time::timeout(RELEASE_WAIT, release).await.is_err() {
             tracing::warn!("leases not released in time; they expire by themselves");
         }
-        self.admin_task.abort();
+        admin_task.abort();
         clean
     }
+}
+
+/// Inbound first, then the application, then outbound (see [`drain`]); one grace period covers
+/// the inbound requests and the application's exit.
+async fn ordered(
+    drain: &Drain,
+    inbound: InboundSide,
+    outbound_server: JoinHandle<()>,
+    outbound_connections: Connections,
+    grace: Duration,
+) -> bool {
+    let deadline = Instant::now() + grace;
+    drain.advance(Phase::InboundClosed);
+    let _ = inbound.server.await;
+    tracing::info!(grace = ?grace, "inbound listener closed; waiting for in-flight inbound requests (outbound stays open)");
+    let inbound_clean = inbound.connections.wait(grace).await;
+    if inbound_clean {
+        tracing::info!("inbound drained: every inbound request finished");
+    } else {
+        tracing::warn!("grace period over with inbound requests still in flight; going on");
+    }
+    drain.advance(Phase::InboundDrained);
+    let left = deadline.saturating_duration_since(Instant::now());
+    tracing::info!(app = %inbound.app, within = ?left, "outbound stays open until the application exits");
+    let app = inbound.app;
+    let exited = tokio::select! {
+        exited = drain::app_exited(|| drain::app_refuses(app), APP_POLL_INTERVAL, left) => exited,
+        // The application said it is done.
+        _ = drain.immediate_requested() => true,
+    };
+    if exited {
+        tracing::info!("the application exited; closing outbound");
+    } else {
+        tracing::warn!(
+            "grace period over with the application still running; closing outbound anyway"
+        );
+    }
+    drain.stop();
+    let _ = outbound_server.await;
+    let within = deadline
+        .saturating_duration_since(Instant::now())
+        .max(OUTBOUND_FINISH_MIN);
+    let outbound_clean = outbound_connections.wait(within).await;
+    if outbound_clean {
+        tracing::info!("all outbound requests finished");
+    } else {
+        tracing::warn!("outbound requests still in flight; exiting anyway");
+    }
+    inbound_clean && outbound_clean
+}
+
+/// Every listener at once (no inbound proxy, or `/shutdown`): nothing to order.
+async fn all_at_once(
+    drain: &Drain,
+    inbound: Option<InboundSide>,
+    outbound_server: JoinHandle<()>,
+    outbound_connections: Connections,
+    grace: Duration,
+) -> bool {
+    drain.stop();
+    let inbound_connections = match inbound {
+        Some(i) => {
+            let _ = i.server.await;
+            Some(i.connections)
+        }
+        None => None,
+    };
+    let _ = outbound_server.await;
+    tracing::info!(grace = ?grace, "listeners closed; waiting for in-flight requests");
+    let inbound_done = async {
+        match inbound_connections {
+            Some(c) => c.wait(grace).await,
+            None => true,
+        }
+    };
+    let (inbound_clean, outbound_clean) =
+        tokio::join!(inbound_done, outbound_connections.wait(grace));
+    let clean = inbound_clean && outbound_clean;
+    if clean {
+        tracing::info!("all in-flight requests finished");
+    } else {
+        tracing::warn!("grace period over with requests still in flight; exiting anyway");
+    }
+    clean
 }

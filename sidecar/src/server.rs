@@ -1,5 +1,6 @@
 //! Accept loop shared by the inbound and outbound listeners: HTTP/1 and HTTP/2 per connection,
-//! graceful connection shutdown when the drain stops the listeners.
+//! graceful connection shutdown when the drain reaches the listener's closing phase (inbound
+//! closes before outbound, see [`crate::drain`]).
 
 use std::{convert::Infallible, net::SocketAddr};
 
@@ -22,13 +23,19 @@ use crate::{
 /// A proxy stack, type-erased so the accept loop is not generic.
 pub type HttpService = BoxCloneService<Request<ProxyBody>, Response<LoggedBody>, Infallible>;
 
-/// Serves `svc` on `listener` until the drain reaches [`Phase::Stopped`]; then the listener is
-/// closed and each connection finishes its in-flight requests before closing.
-pub async fn serve(listener: TcpListener, svc: HttpService, drain: Drain, token: ConnToken) {
+/// Serves `svc` on `listener` until the drain reaches `close_at`; then the listener is closed and
+/// each connection finishes its in-flight requests before closing.
+pub async fn serve(
+    listener: TcpListener,
+    svc: HttpService,
+    drain: Drain,
+    close_at: Phase,
+    token: ConnToken,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             biased;
-            _ = drain.reached(Phase::Stopped) => break,
+            _ = drain.reached(close_at) => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -45,6 +52,7 @@ pub async fn serve(listener: TcpListener, svc: HttpService, drain: Drain, token:
             peer,
             svc.clone(),
             drain.clone(),
+            close_at,
             token.clone(),
         ));
     }
@@ -56,6 +64,7 @@ async fn connection(
     peer: SocketAddr,
     svc: HttpService,
     drain: Drain,
+    close_at: Phase,
     _token: ConnToken,
 ) {
     // Boxing here keeps the tower future type out of this task's state, which the compiler
@@ -70,7 +79,7 @@ async fn connection(
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = drain.reached(Phase::Stopped) => {
+        _ = drain.reached(close_at) => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }

@@ -230,6 +230,8 @@ async fn access_log_lines_and_sigterm_drain() {
         (Some("/slow"), Some(200))
     );
     assert_eq!(line["response_complete"], true);
+    // The outbound proxy stays open until the application exits: stop it.
+    drop(app);
     let mut p = p;
     let end = Instant::now() + Duration::from_secs(30);
     let code = loop {

@@ -37,3 +37,12 @@ pub const SIDECAR_RESOURCES: &str = "shardmesh.io/sidecar-resources";
 
 /// Pod annotation recording the injected sidecar version.
 pub const INJECTED_VERSION: &str = shardmesh_api::labels::INJECTED_VERSION;
+
+/// Pod annotation written by the injector when an application container kept its own `preStop`
+/// hook (value [`PRESTOP_KEPT`] followed by the container names, comma-separated): that
+/// container is not held until the sidecar's inbound drain, so it may stop while requests still
+/// arrive; call `/var/run/shardmesh/shardmesh-hook wait-drained` from that hook to get the order.
+pub const PRESTOP: &str = "shardmesh.io/prestop";
+
+/// Prefix of the [`PRESTOP`] value.
+pub const PRESTOP_KEPT: &str = "kept-user-hook:";

@@ -6,6 +6,9 @@
 //! [`SIDECAR_CONTAINER`] (in `containers` or `initContainers`) gets no patch at all. The API
 //! server re-invokes mutating webhooks (`reinvocationPolicy: IfNeeded`), so a second call must
 //! add nothing; appending blindly is what produced `Duplicate value` in a trial.
+//!
+//! Pods with an inbound (app) port also get the ordered-termination helper ([`super::hook`]):
+//! an init container, a shared volume and a preStop hook on each application container.
 
 use std::collections::BTreeMap;
 
@@ -25,7 +28,7 @@ use shardmesh_api::{
     validate::{validate, SIDECAR_CONTAINER},
 };
 
-use super::annotations;
+use super::{annotations, hook};
 
 /// User and group the sidecar runs as: the images are built `--nonroot` with this id, and an
 /// explicit numeric id lets the kubelet verify `runAsNonRoot` whatever the image metadata says.
@@ -152,6 +155,11 @@ fn plan(pod: &Pod, spec: &PodSpec, cfg: &InjectorConfig) -> Result<Patch, String
     let notes = pod.metadata.annotations.as_ref();
     let note = |k: &str| notes.and_then(|n| n.get(k)).map(String::as_str);
     let app_port = app_port(note(annotations::APP_PORT), &spec.containers)?;
+    // Only inbound traffic needs ordering against the application's exit.
+    let ordered_termination = app_port.is_some();
+    if ordered_termination {
+        hook::check_clashes(spec)?;
+    }
     let policy = note(annotations::RESILIENCE)
         .map(check_policy)
         .transpose()?;
@@ -190,26 +198,56 @@ fn plan(pod: &Pod, spec: &PodSpec, cfg: &InjectorConfig) -> Result<Patch, String
     let sidecar = serde_json::to_value(&sidecar).unwrap_or(Value::Null);
 
     let mut ops = Vec::new();
-    if cfg.native_sidecars {
-        match &spec.init_containers {
-            None => ops.push(add(&["spec", "initContainers"], json!([sidecar]))),
-            Some(_) => ops.push(add(&["spec", "initContainers", "-"], sidecar)),
+    // Serializing a k8s-openapi struct of plain data cannot fail.
+    let hook_init = ordered_termination
+        .then(|| serde_json::to_value(hook::init_container(cfg)).unwrap_or(Value::Null));
+    // The helper's init container goes first, so the binary is in place whatever the user's
+    // init containers do; a native sidecar goes last, as before.
+    let native = cfg.native_sidecars.then_some(sidecar.clone());
+    match &spec.init_containers {
+        None => {
+            let list: Vec<Value> = hook_init.into_iter().chain(native).collect();
+            if !list.is_empty() {
+                ops.push(add(&["spec", "initContainers"], Value::Array(list)));
+            }
         }
-    } else {
+        Some(_) => {
+            if let Some(h) = hook_init {
+                ops.push(add(&["spec", "initContainers", "0"], h));
+            }
+            if let Some(n) = native {
+                ops.push(add(&["spec", "initContainers", "-"], n));
+            }
+        }
+    }
+    if !cfg.native_sidecars {
         ops.push(add(&["spec", "containers", "-"], sidecar));
+    }
+    let mut notes = vec![(annotations::INJECTED_VERSION, cfg.version.clone())];
+    if ordered_termination {
+        match &spec.volumes {
+            None => ops.push(add(&["spec", "volumes"], json!([hook::volume()]))),
+            Some(_) => ops.push(add(&["spec", "volumes", "-"], hook::volume())),
+        }
+        let kept = hook::application_ops(&spec.containers, &mut ops);
+        notes.extend(hook::kept_note(&kept));
     }
     if note(annotations::OUTBOUND_PROXY).is_some_and(is_true) {
         proxy_env(&spec.containers, &mut ops);
     }
     match &pod.metadata.annotations {
-        None => ops.push(add(
-            &["metadata", "annotations"],
-            json!({ annotations::INJECTED_VERSION: cfg.version }),
-        )),
-        Some(_) => ops.push(add(
-            &["metadata", "annotations", annotations::INJECTED_VERSION],
-            json!(cfg.version),
-        )),
+        None => {
+            let map: serde_json::Map<String, Value> = notes
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            ops.push(add(&["metadata", "annotations"], Value::Object(map)));
+        }
+        Some(_) => {
+            for (k, v) in notes {
+                ops.push(add(&["metadata", "annotations", k], json!(v)));
+            }
+        }
     }
     Ok(Patch(ops))
 }
@@ -218,7 +256,8 @@ fn is_true(v: &str) -> bool {
     matches!(v.to_ascii_lowercase().as_str(), "true" | "enabled" | "yes")
 }
 
-fn add(path: &[&str], value: Value) -> PatchOperation {
+/// One JSON-patch `add` at `path` (tokens, escaped as needed).
+pub(super) fn add(path: &[&str], value: Value) -> PatchOperation {
     PatchOperation::Add(AddOperation {
         path: PointerBuf::from_tokens(path.iter().copied()),
         value,
@@ -435,24 +474,31 @@ fn sidecar_container(input: &SidecarInput<'_>) -> Container {
         resources: Some(input.resources.clone()),
         restart_policy: cfg.native_sidecars.then(|| "Always".to_string()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        security_context: Some(SecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(SIDECAR_UID),
-            run_as_group: Some(SIDECAR_UID),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            privileged: Some(false),
-            capabilities: Some(LinuxCapabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: None,
-            }),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                localhost_profile: None,
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(hardened_security_context()),
         ..Container::default()
+    }
+}
+
+/// The sidecar's security context, also used by the hook's init container: non-root with a
+/// numeric id, read-only root, no privilege escalation, no capabilities, the runtime's seccomp
+/// profile (what the `restricted` Pod Security Standard asks for).
+pub(super) fn hardened_security_context() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(SIDECAR_UID),
+        run_as_group: Some(SIDECAR_UID),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        privileged: Some(false),
+        capabilities: Some(LinuxCapabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..SecurityContext::default()
     }
 }
 
@@ -582,13 +628,135 @@ mod tests {
         let (doc, _) = apply(&plain(), &cfg);
         assert_eq!(doc["spec"]["containers"].as_array().map(Vec::len), Some(1));
         assert_eq!(sidecar(&doc, "initContainers")["restartPolicy"], "Always");
+        let names = |doc: &Value| -> Vec<String> {
+            doc["spec"]["initContainers"]
+                .as_array()
+                .expect("init")
+                .iter()
+                .filter_map(|c| c["name"].as_str().map(String::from))
+                .collect()
+        };
+        // The helper's installer first, the native sidecar last.
+        assert_eq!(names(&doc), ["shardmesh-hook", SIDECAR_CONTAINER]);
+        assert!(doc["spec"]["containers"][0]["lifecycle"]["preStop"].is_object());
         let mut v = plain();
         v["spec"]["initContainers"] = json!([{"name": "migrate", "image": "m:1"}]);
         let (doc, _) = apply(&v, &cfg);
-        let init = doc["spec"]["initContainers"].as_array().expect("init");
-        assert_eq!(init.len(), 2);
-        assert_eq!(init[0]["name"], "migrate");
-        assert_eq!(init[1]["restartPolicy"], "Always");
+        assert_eq!(
+            names(&doc),
+            ["shardmesh-hook", "migrate", SIDECAR_CONTAINER]
+        );
+        assert_eq!(doc["spec"]["initContainers"][2]["restartPolicy"], "Always");
+        assert!(doc["spec"]["initContainers"][0]
+            .get("restartPolicy")
+            .is_none());
+    }
+
+    const PRESTOP: [&str; 4] = [
+        "/var/run/shardmesh/shardmesh-hook",
+        "wait-drained",
+        "--admin",
+        "127.0.0.1:4191",
+    ];
+
+    #[test]
+    fn app_containers_wait_for_the_inbound_drain_before_sigterm() {
+        let cfg = InjectorConfig::example();
+        let mut v = plain();
+        v["spec"]["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
+        v["spec"]["containers"][0]["volumeMounts"] =
+            json!([{"name": "data", "mountPath": "/data"}]);
+        v["spec"]["containers"]
+            .as_array_mut()
+            .expect("containers")
+            .push(json!({"name": "worker", "image": "w:1",
+                         "lifecycle": {"postStart": {"exec": {"command": ["true"]}}}}));
+        let (doc, _) = apply(&v, &cfg);
+        let vols = doc["spec"]["volumes"].as_array().expect("volumes");
+        assert_eq!(vols.len(), 2);
+        assert_eq!(
+            vols[1],
+            json!({"name": "shardmesh-hook", "emptyDir": {"medium": "Memory", "sizeLimit": "4Mi"}})
+        );
+        let init = &doc["spec"]["initContainers"][0];
+        assert_eq!(init["name"], "shardmesh-hook");
+        assert_eq!(init["image"], "shardmesh.local/sidecar:dev");
+        assert_eq!(
+            init["command"],
+            json!(["/shardmesh-hook", "install", "/var/run/shardmesh"])
+        );
+        assert_eq!(
+            init["securityContext"],
+            sidecar(&doc, "containers")["securityContext"]
+        );
+        assert_eq!(
+            init["volumeMounts"],
+            json!([{"name": "shardmesh-hook", "mountPath": "/var/run/shardmesh"}])
+        );
+        assert_eq!(init["resources"]["limits"]["memory"], "32Mi");
+        let containers = doc["spec"]["containers"].as_array().expect("containers");
+        for c in &containers[..2] {
+            assert_eq!(
+                c["lifecycle"]["preStop"]["exec"]["command"],
+                json!(PRESTOP),
+                "{c}"
+            );
+            let mounts = c["volumeMounts"].as_array().expect("mounts");
+            assert_eq!(
+                mounts.last(),
+                Some(
+                    &json!({"name": "shardmesh-hook", "mountPath": "/var/run/shardmesh", "readOnly": true})
+                )
+            );
+        }
+        assert_eq!(containers[0]["volumeMounts"][0]["name"], "data");
+        assert_eq!(
+            containers[1]["lifecycle"]["postStart"]["exec"]["command"],
+            json!(["true"])
+        );
+        let s = sidecar(&doc, "containers");
+        assert!(s.get("lifecycle").is_none() && s.get("volumeMounts").is_none());
+        assert!(doc["metadata"]["annotations"]
+            .get("shardmesh.io/prestop")
+            .is_none());
+    }
+
+    #[test]
+    fn a_users_own_prestop_is_kept_and_noted() {
+        let mut v = plain();
+        v["metadata"]["annotations"] = json!({"team": "a"});
+        v["spec"]["containers"][0]["lifecycle"] =
+            json!({"preStop": {"httpGet": {"path": "/quit", "port": 8080}}});
+        v["spec"]["containers"]
+            .as_array_mut()
+            .expect("containers")
+            .extend([
+                json!({"name": "worker", "image": "w:1"}),
+                json!({"name": "cron", "image": "c:1",
+                       "lifecycle": {"preStop": {"exec": {"command": ["/bin/stop"]}}}}),
+            ]);
+        let (doc, _) = apply(&v, &InjectorConfig::example());
+        let c = &doc["spec"]["containers"];
+        assert_eq!(c[0]["lifecycle"]["preStop"]["httpGet"]["path"], "/quit");
+        assert_eq!(
+            c[1]["lifecycle"]["preStop"]["exec"]["command"],
+            json!(PRESTOP)
+        );
+        assert_eq!(
+            c[2]["lifecycle"]["preStop"]["exec"]["command"],
+            json!(["/bin/stop"])
+        );
+        let notes = &doc["metadata"]["annotations"];
+        assert_eq!(notes["shardmesh.io/prestop"], "kept-user-hook:app,cron");
+        assert_eq!(notes["team"], "a");
+        // Without annotations at all, the note comes in the new map.
+        let mut v = plain();
+        v["spec"]["containers"][0]["lifecycle"] = json!({"preStop": {"exec": {"command": ["x"]}}});
+        let (doc, _) = apply(&v, &InjectorConfig::example());
+        assert_eq!(
+            doc["metadata"]["annotations"]["shardmesh.io/prestop"],
+            "kept-user-hook:app"
+        );
     }
 
     #[test]
@@ -621,6 +789,11 @@ mod tests {
         let (doc, _) = apply(&v, &InjectorConfig::example());
         let s = sidecar(&doc, "containers");
         assert!(env(s, "SHARDMESH_APP_PORT").is_none());
+        // No inbound traffic, nothing to order: no helper, volume or preStop hook.
+        let spec = &doc["spec"];
+        assert!(spec.get("initContainers").is_none() && spec.get("volumes").is_none());
+        assert!(spec["containers"][0].get("lifecycle").is_none());
+        assert!(spec["containers"][0].get("volumeMounts").is_none());
         assert_eq!(
             s["ports"],
             json!([{"name": "shardmesh-admin", "containerPort": 4191, "protocol": "TCP"}])
@@ -749,6 +922,19 @@ mod tests {
                 "metadata.annotations[shardmesh.io/leader-lease-duration]",
             ),
             (json!({"spec": {"hostNetwork": true}}), "spec.hostNetwork"),
+            (
+                json!({"spec": {"volumes": [{"name": "x", "emptyDir": {}}, {"name": "shardmesh-hook", "emptyDir": {}}]}}),
+                "spec.volumes[1].name",
+            ),
+            (
+                json!({"spec": {"initContainers": [{"name": "shardmesh-hook", "image": "x"}]}}),
+                "spec.initContainers[0].name",
+            ),
+            (
+                json!({"spec": {"containers": [{"name": "app", "image": "x", "ports": [{"containerPort": 8080}],
+                       "volumeMounts": [{"name": "v", "mountPath": "/var/run/shardmesh/"}]}]}}),
+                "spec.containers[0].volumeMounts[0].mountPath",
+            ),
             (
                 json!({"spec": {"containers": [{"name": "app", "image": "x", "ports": [{"containerPort": 4191}]}]}}),
                 "spec.containers[0].ports[0].containerPort",

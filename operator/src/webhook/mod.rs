@@ -6,6 +6,7 @@
 //! I/O, so it is what the unit tests and the latency benchmark exercise.
 
 pub mod annotations;
+pub mod hook;
 pub mod inject;
 pub mod server;
 pub mod tls;
