@@ -184,7 +184,12 @@ async fn sample(pods: &Api<Pod>, svcs: &Api<ShardedService>, at: f64) -> anyhow:
     s.rollout = svc
         .status
         .and_then(|st| st.rollout)
-        .map(|r| format!("{} wave {} {:?} {}", r.phase, r.wave, r.shards_in_flight, r.updated))
+        .map(|r| {
+            format!(
+                "{} wave {} {:?} {}",
+                r.phase, r.wave, r.shards_in_flight, r.updated
+            )
+        })
         .unwrap_or_default();
     Ok(s)
 }
@@ -254,7 +259,11 @@ async fn wait_complete(svcs: &Api<ShardedService>, what: &str, not: Option<&str>
         if done {
             Ok(rollout_of(&s).map(|r| r.0))
         } else {
-            Err(anyhow::anyhow!("{}; rollout {:?}", show(&s), rollout_of(&s)))
+            Err(anyhow::anyhow!(
+                "{}; rollout {:?}",
+                show(&s),
+                rollout_of(&s)
+            ))
         }
     })
     .await
@@ -321,8 +330,15 @@ async fn rollout_goes_shard_by_shard_halts_on_a_bad_revision_and_reverts() {
     let next_image = format!("{DEMO_IMAGE}-next");
     set_image(&mut body, &next_image, None);
     let t_apply = t0.elapsed().as_secs_f64();
-    apply_service(&svcs, &body).await.expect("apply the new image tag");
-    let good = wait_complete(&svcs, "the new image tag rolled out to every shard", Some(&first)).await;
+    apply_service(&svcs, &body)
+        .await
+        .expect("apply the new image tag");
+    let good = wait_complete(
+        &svcs,
+        "the new image tag rolled out to every shard",
+        Some(&first),
+    )
+    .await;
     let t_done = t0.elapsed().as_secs_f64();
     let after_good = sample(&pods, &svcs, t_done).await.expect("sample pods");
     let (sent_good, failed_good) = load.snapshot();
@@ -331,7 +347,9 @@ async fn rollout_goes_shard_by_shard_halts_on_a_bad_revision_and_reverts() {
     let mut broken = body.clone();
     set_image(&mut broken, &next_image, Some(&["--no-such-flag"]));
     let t_broken = t0.elapsed().as_secs_f64();
-    apply_service(&svcs, &broken).await.expect("apply the broken revision");
+    apply_service(&svcs, &broken)
+        .await
+        .expect("apply the broken revision");
     let halted = wait_for(
         "the rollout of the broken revision halts",
         ROLLOUT_WAIT,
@@ -389,7 +407,9 @@ async fn rollout_goes_shard_by_shard_halts_on_a_bad_revision_and_reverts() {
 
     // 3. Revert: the canary shard rolls back; Ready again on the good revision.
     let t_revert = t0.elapsed().as_secs_f64();
-    apply_service(&svcs, &body).await.expect("revert the template");
+    apply_service(&svcs, &body)
+        .await
+        .expect("revert the template");
     let reverted = wait_complete(&svcs, "the revert rolled out and cleared the halt", None).await;
     if reverted != good {
         problems.push(format!(
@@ -452,15 +472,16 @@ async fn rollout_goes_shard_by_shard_halts_on_a_bad_revision_and_reverts() {
             ));
         }
     }
-    let phases: Vec<String> = samples
-        .iter()
-        .map(|s| s.rollout.clone())
-        .fold(Vec::new(), |mut v, r| {
-            if v.last() != Some(&r) {
-                v.push(r);
-            }
-            v
-        });
+    let phases: Vec<String> =
+        samples
+            .iter()
+            .map(|s| s.rollout.clone())
+            .fold(Vec::new(), |mut v, r| {
+                if v.last() != Some(&r) {
+                    v.push(r);
+                }
+                v
+            });
     let _ = writeln!(summary, "rollout: status trail {phases:?}");
     let _ = writeln!(
         summary,
@@ -484,7 +505,11 @@ async fn rollout_goes_shard_by_shard_halts_on_a_bad_revision_and_reverts() {
     }
     let _ = writeln!(summary, "rollout: failures per shard {by_shard:?}");
     for f in counts.failures.iter().take(20) {
-        let _ = writeln!(summary, "rollout:   +{:.1}s shard {}: {}", f.at, f.shard, f.what);
+        let _ = writeln!(
+            summary,
+            "rollout:   +{:.1}s shard {}: {}",
+            f.at, f.shard, f.what
+        );
     }
     eprint!("{summary}");
     let _ = write_artifact("rollout-summary.txt", &summary);
@@ -497,7 +522,18 @@ async fn rollout_goes_shard_by_shard_halts_on_a_bad_revision_and_reverts() {
             counts.failures.first()
         ));
     }
-    assert!(problems.is_empty(), "rollout problems:\n{}", problems.join("\n"));
-    let _ = wait_obj(&svcs, NAME, "roll still Ready", |s| is_true(s, condition::READY), show).await;
+    assert!(
+        problems.is_empty(),
+        "rollout problems:\n{}",
+        problems.join("\n")
+    );
+    let _ = wait_obj(
+        &svcs,
+        NAME,
+        "roll still Ready",
+        |s| is_true(s, condition::READY),
+        show,
+    )
+    .await;
     ns.delete().await;
 }

@@ -148,9 +148,9 @@ pub fn build_with(
         ..Desired::default()
     };
     for i in 0..shards {
-        desired
-            .stateful_sets
-            .push(stateful_set(svc, &name, &ns, &owner, i, workloads, &revision));
+        desired.stateful_sets.push(stateful_set(
+            svc, &name, &ns, &owner, i, workloads, &revision,
+        ));
         desired
             .shard_services
             .push(shard_service(svc, &name, &ns, &owner, i, opts));
@@ -659,7 +659,11 @@ mod tests {
     }
 
     fn note<'a>(s: &'a StatefulSet, key: &str) -> Option<&'a str> {
-        s.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+        s.metadata
+            .annotations
+            .as_ref()?
+            .get(key)
+            .map(String::as_str)
     }
 
     #[test]
@@ -667,7 +671,11 @@ mod tests {
         let base = svc(3, 2);
         let rev = template_revision(&base);
         assert_eq!(rev.len(), 10);
-        assert_eq!(template_revision(&svc(5, 3)), rev, "counts are not the template");
+        assert_eq!(
+            template_revision(&svc(5, 3)),
+            rev,
+            "counts are not the template"
+        );
         let mut image = svc(3, 2);
         if let Some(c) = image
             .spec
@@ -681,7 +689,11 @@ mod tests {
         assert_ne!(template_revision(&image), rev);
         let mut policy = svc(3, 2);
         policy.spec.resilience.concurrency.max_in_flight = 7;
-        assert_ne!(template_revision(&policy), rev, "the sidecar policy restarts pods too");
+        assert_ne!(
+            template_revision(&policy),
+            rev,
+            "the sidecar policy restarts pods too"
+        );
     }
 
     #[test]
@@ -698,7 +710,11 @@ mod tests {
         let sts = &d.stateful_sets;
         assert_eq!(partition(&sts[0]), Some(0));
         assert_eq!(note(&sts[0], rollout::RELEASED), Some(rev.as_str()));
-        assert_eq!(partition(&sts[1]), Some(2), "partition = replicas holds every pod");
+        assert_eq!(
+            partition(&sts[1]),
+            Some(2),
+            "partition = replicas holds every pod"
+        );
         assert_eq!(note(&sts[1], rollout::RELEASED), Some("0123456789"));
         assert_eq!(note(&sts[2], rollout::RELEASED), None);
         for s in sts {

@@ -294,7 +294,9 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     write_status(&ctx, &svc, st).await?;
     ctx.failures().remove(&ObjectRef::from_obj(&*svc));
     let resync = if ready { RESYNC } else { RESYNC_NOT_READY };
-    Ok(Action::requeue(plan.requeue.map_or(resync, |d| d.min(resync))))
+    Ok(Action::requeue(
+        plan.requeue.map_or(resync, |d| d.min(resync)),
+    ))
 }
 
 /// The rollout decision from the StatefulSets as they were before this reconcile's apply.

@@ -68,7 +68,16 @@ mod tests {
             .collect();
         assert_eq!(
             cols,
-            ["Shards", "Replicas", "Ready", "Epoch", "Updated", "Rollout", "Resharding", "Age"]
+            [
+                "Shards",
+                "Replicas",
+                "Ready",
+                "Epoch",
+                "Updated",
+                "Rollout",
+                "Resharding",
+                "Age"
+            ]
         );
         // Every property documented, so `kubectl explain` is useful.
         fn undocumented(path: &str, s: &serde_json::Value, out: &mut Vec<String>) {

@@ -146,7 +146,9 @@ fn first_failure(pods: &[&Pod], rev: &str) -> Option<String> {
                     .as_ref()
                     .and_then(|s| s.terminated.as_ref())
                     .map(|t| t.exit_code);
-                let exit_note = exit.map(|e| format!(" (exit code {e})")).unwrap_or_default();
+                let exit_note = exit
+                    .map(|e| format!(" (exit code {e})"))
+                    .unwrap_or_default();
                 let waiting = c.state.as_ref().and_then(|s| s.waiting.as_ref());
                 if let Some(reason) = waiting
                     .and_then(|w| w.reason.as_deref())
@@ -350,8 +352,9 @@ pub fn plan(
         };
     }
 
-    // The last wave is done: it bakes before the next one starts.
-    if let Some(p) = prev.filter(|p| !p.shards_in_flight.is_empty()) {
+    // The last wave is done: it bakes before the next one starts. (Wave 0 is no wave: shards
+    // that were already on the target and only had to be observed again, e.g. after a revert.)
+    if let Some(p) = prev.filter(|p| p.wave > 0 && !p.shards_in_flight.is_empty()) {
         let baking_since = if p.phase == phase::BAKING {
             since(p).unwrap_or(now)
         } else {
@@ -525,7 +528,11 @@ mod tests {
                 .filter(|&i| !obs[i as usize].converged)
                 .collect();
             let limit = if plan.status.wave <= 1 { 1 } else { 2 };
-            assert!(moving.len() <= limit, "{moving:?} at wave {}", plan.status.wave);
+            assert!(
+                moving.len() <= limit,
+                "{moving:?} at wave {}",
+                plan.status.wave
+            );
             if plan.status.phase == phase::COMPLETE {
                 prev = Some(plan.status);
                 break;
@@ -557,7 +564,10 @@ mod tests {
         assert_eq!(halted.status.phase, phase::HALTED);
         assert_eq!(halted.released, set(&[0]));
         let why = halted.status.halted.clone().unwrap_or_default();
-        assert!(why.contains("shard 0") && why.contains("CrashLoopBackOff"), "{why}");
+        assert!(
+            why.contains("shard 0") && why.contains("CrashLoopBackOff"),
+            "{why}"
+        );
         assert!(message(&halted.status).contains("revert"));
 
         // Halted stays halted even once the pod looks fine for a moment.
@@ -580,7 +590,17 @@ mod tests {
             converged: true,
             ..ShardObs::default()
         }));
-        let revert = plan(&p, "old", &back, Some(&later.status), at(620));
+        // First look after the revert: the untouched shards' StatefulSets still carry the
+        // broken template until this apply, so they are released but not yet seen converged.
+        let mut unseen = back.clone();
+        for s in &mut unseen[1..] {
+            s.converged = false;
+        }
+        let settling = plan(&p, "old", &unseen, Some(&later.status), at(619));
+        assert_eq!(settling.status.wave, 0);
+        assert_eq!(settling.released, set(&[1, 2, 3]));
+        // Seen converged a moment later: no bake for them, the canary wave starts at once.
+        let revert = plan(&p, "old", &back, Some(&settling.status), at(620));
         assert_eq!(revert.status.halted, None);
         assert_eq!(revert.status.phase, phase::ROLLING);
         assert_eq!(revert.released, set(&[0, 1, 2, 3]));
@@ -650,7 +670,14 @@ mod tests {
         assert_eq!(p.requeue, None);
     }
 
-    fn sts(template: &str, observed: i64, current: &str, update: &str, ready: i32, updated: i32) -> StatefulSet {
+    fn sts(
+        template: &str,
+        observed: i64,
+        current: &str,
+        update: &str,
+        ready: i32,
+        updated: i32,
+    ) -> StatefulSet {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": "s-0", "generation": 3,
                          "annotations": {TEMPLATE: template, RELEASED: "new"}},
@@ -675,7 +702,10 @@ mod tests {
         // Converged only on the target template, seen by the controller, all pods updated.
         let done = sts("new", 3, "r2", "r2", 2, 2);
         assert!(ShardObs::of(&done, &[], "new", 2).converged);
-        assert!(!ShardObs::of(&done, &[], "other", 2).converged, "another template");
+        assert!(
+            !ShardObs::of(&done, &[], "other", 2).converged,
+            "another template"
+        );
         assert!(!ShardObs::of(&sts("new", 2, "r2", "r2", 2, 2), &[], "new", 2).converged);
         assert!(!ShardObs::of(&sts("new", 3, "r1", "r2", 2, 1), &[], "new", 2).converged);
 

@@ -265,8 +265,8 @@ pub fn applied(
                 | crate::rollout::phase::BAKING
                 | crate::rollout::phase::PAUSED
         ) && svc.spec.rollout.strategy == RolloutStrategy::ShardByShard;
-        let overdue = !waves
-            && progressing_since.is_some_and(|t| now.duration_since(t) > PROGRESS_DEADLINE);
+        let overdue =
+            !waves && progressing_since.is_some_and(|t| now.duration_since(t) > PROGRESS_DEADLINE);
         let msg = match rollout.as_ref().filter(|_| waves) {
             Some(r) if lag.is_empty() => crate::rollout::message(r),
             Some(r) => format!("{}; {lag}", crate::rollout::message(r)),
@@ -445,7 +445,10 @@ pub fn transitions(prev: &ShardedServiceStatus, next: &ShardedServiceStatus) -> 
             },
         });
     }
-    out.extend(rollout_transitions(prev.rollout.as_ref(), next.rollout.as_ref()));
+    out.extend(rollout_transitions(
+        prev.rollout.as_ref(),
+        next.rollout.as_ref(),
+    ));
     let replicas = |s: &ShardedServiceStatus| s.shards.first().map(|x| x.replicas);
     if let (Some(a), Some(b)) = (replicas(prev), replicas(next)) {
         if a != b {
@@ -461,7 +464,10 @@ pub fn transitions(prev: &ShardedServiceStatus, next: &ShardedServiceStatus) -> 
 
 /// Events of a rollout: each wave started, a halt (naming the shard and the pod's reason), and
 /// completion.
-fn rollout_transitions(prev: Option<&RolloutStatus>, next: Option<&RolloutStatus>) -> Vec<Transition> {
+fn rollout_transitions(
+    prev: Option<&RolloutStatus>,
+    next: Option<&RolloutStatus>,
+) -> Vec<Transition> {
     use crate::rollout::{message, phase};
     let Some(n) = next else {
         return Vec::new();
@@ -749,11 +755,19 @@ mod tests {
             ..rolling
         };
         o.rollout = Some(halted);
-        let after = applied(&svc(2, Some(before.clone())), &o, vec![], Timestamp::UNIX_EPOCH);
+        let after = applied(
+            &svc(2, Some(before.clone())),
+            &o,
+            vec![],
+            Timestamp::UNIX_EPOCH,
+        );
         assert_eq!(cond(&after, "Progressing"), ("False", "RolloutHalted"));
         assert_eq!(cond(&after, "Degraded"), ("True", "RolloutHalted"));
         let told = transitions(&before, &after);
-        let halt: Vec<_> = told.iter().filter(|t| t.reason == "RolloutHalted").collect();
+        let halt: Vec<_> = told
+            .iter()
+            .filter(|t| t.reason == "RolloutHalted")
+            .collect();
         assert_eq!(halt.len(), 1, "{told:?}");
         assert!(halt[0].warning && halt[0].note.contains("orders-0-1"));
         // Unchanged: nothing more to tell.
