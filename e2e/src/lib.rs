@@ -6,7 +6,7 @@
 use std::{fmt::Debug, future::Future, time::Duration};
 
 use k8s_openapi::{
-    api::core::v1::{Namespace, ServiceAccount},
+    api::core::v1::{Namespace, Pod, ServiceAccount},
     NamespaceResourceScope,
 };
 use kube::{
@@ -229,6 +229,45 @@ pub fn show(svc: &ShardedService) -> String {
                 .collect::<Vec<_>>()
         ),
     }
+}
+
+/// The pods matching `labels` once every one of them that is not terminating is Ready (at
+/// least one): a scenario that restarted pods before (the webhook's) leaves a replacement
+/// starting, and a starting pod has neither image ID nor a serving port yet.
+pub async fn settled_pods(api: &Api<Pod>, labels: &str) -> Vec<Pod> {
+    wait_for(
+        &format!("every pod with labels {labels:?} Ready"),
+        WAIT,
+        || async {
+            let pods: Vec<Pod> = api
+                .list(&ListParams::default().labels(labels))
+                .await?
+                .items
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .collect();
+            let ready = |p: &Pod| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            };
+            let waiting: Vec<String> = pods
+                .iter()
+                .filter(|p| !ready(p))
+                .map(|p| p.name_any())
+                .collect();
+            if !pods.is_empty() && waiting.is_empty() {
+                Ok(Some(pods))
+            } else {
+                Err(anyhow::anyhow!(
+                    "{} pods, not Ready yet: {waiting:?}",
+                    pods.len()
+                ))
+            }
+        },
+    )
+    .await
 }
 
 /// Names of the objects of kind `K` labelled for service `svc` in `api`'s namespace, sorted.

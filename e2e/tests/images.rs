@@ -11,7 +11,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{api::ListParams, Api};
 use shardmesh_api::{v1alpha1::condition, ShardedService};
 use shardmesh_e2e::{
-    apply_service, client, demo_service, is_true, show, wait_obj, TestNamespace, OPERATOR_NAMESPACE,
+    apply_service, client, demo_service, is_true, settled_pods, show, wait_obj, TestNamespace,
+    OPERATOR_NAMESPACE,
 };
 
 /// One line of images.txt.
@@ -141,7 +142,7 @@ async fn release_images_are_loaded_from_their_archives_and_run_as_nonroot() {
     // The pods run these images (by the chart's default tags).
     let ops: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-    let mut all = ops.list(&ListParams::default()).await.expect("pods").items;
+    let mut all = settled_pods(&ops, "app.kubernetes.io/name=shardmesh").await;
     all.extend(
         app_pods
             .list(&ListParams::default())

@@ -333,11 +333,7 @@ async fn operator_and_webhook_export_prometheus_metrics() {
     // A dry-run apply is validated by the webhook: its admissions counter moves.
     let ns = TestNamespace::create(&client, "metrics").await;
     let svcs: Api<ShardedService> = ns.api();
-    let webhook_pods = pods
-        .list(&ListParams::default().labels("app.kubernetes.io/component=webhook"))
-        .await
-        .expect("webhook pods")
-        .items;
+    let webhook_pods = settled_pods(&pods, "app.kubernetes.io/component=webhook").await;
     let series = "shardmesh_webhook_admissions_total{webhook=\"validate\",outcome=\"answered\"}";
     let total = || async {
         let mut sum = 0.0;

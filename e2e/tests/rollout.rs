@@ -9,6 +9,9 @@
 //!    while shards 1-3 keep their pods and answer every request for their keys;
 //! 3. reverting the template rolls the canary shard back and the service is Ready again.
 //!
+//! The leading operator is SIGKILLed during the second wave: the standby continues the rollout
+//! from what the StatefulSets record, leaving no orphaned or duplicated object.
+//!
 //! Prints its timeline as `rollout:` lines and writes `$SHARDMESH_E2E_LOGS/rollout-summary.txt`.
 
 mod mesh;
@@ -24,14 +27,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::{
+    apps::v1::StatefulSet,
+    coordination::v1::Lease,
+    core::v1::{Event, Pod, Service},
+};
 use kube::{api::ListParams, Api, ResourceExt};
 use mesh::{keyed_value, Http};
 use serde_json::json;
 use shardmesh_api::{labels, routing::shard_for_key, v1alpha1::condition, ShardedService};
 use shardmesh_e2e::{
     apply_service, client, condition as cond, demo_service, is_true, show, wait_for, wait_obj,
-    write_artifact, TestNamespace, DEMO_IMAGE,
+    write_artifact, TestNamespace, DEMO_IMAGE, OPERATOR_NAMESPACE,
 };
 
 const NAME: &str = "roll";
@@ -269,6 +276,32 @@ async fn wait_complete(svcs: &Api<ShardedService>, what: &str, not: Option<&str>
     .await
 }
 
+/// SIGKILLs the process of the operator replica holding the controller Lease; returns its pod.
+async fn kill_operator_leader(client: &kube::Client) -> String {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let holder = leases
+        .get("shardmesh-operator-leader")
+        .await
+        .expect("the operator's Lease")
+        .spec
+        .and_then(|s| s.holder_identity)
+        .expect("an operator leads");
+    let pids = mesh::pids_of("shardmesh-operator", &holder);
+    assert!(
+        !pids.is_empty(),
+        "no shardmesh-operator process of pod {holder}"
+    );
+    for pid in pids {
+        let status = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -KILL {pid} failed");
+    }
+    eprintln!("[e2e] SIGKILLed the leading operator {holder}");
+    holder
+}
+
 fn set_image(body: &mut serde_json::Value, image: &str, args: Option<&[&str]>) {
     let c = &mut body["spec"]["template"]["spec"]["containers"][0];
     c["image"] = json!(image);
@@ -333,6 +366,16 @@ async fn rollout_goes_shard_by_shard_halts_on_a_bad_revision_and_reverts() {
     apply_service(&svcs, &body)
         .await
         .expect("apply the new image tag");
+    // Mid-rollout, the leading operator is SIGKILLed (no release): the standby takes over after
+    // the Lease expires and continues from what the StatefulSets record.
+    wait_for("the rollout's second wave starts", ROLLOUT_WAIT, || async {
+        let s = svcs.get(NAME).await?;
+        let r = s.status.and_then(|st| st.rollout);
+        Ok(r.filter(|r| r.revision != first && r.wave >= 2).map(|_| ()))
+    })
+    .await;
+    let killed_operator = kill_operator_leader(&client).await;
+    let t_killed = t0.elapsed().as_secs_f64();
     let good = wait_complete(
         &svcs,
         "the new image tag rolled out to every shard",
@@ -483,6 +526,60 @@ async fn rollout_goes_shard_by_shard_halts_on_a_bad_revision_and_reverts() {
                 v
             });
     let _ = writeln!(summary, "rollout: status trail {phases:?}");
+    let _ = writeln!(
+        summary,
+        "rollout: the leading operator {killed_operator} was SIGKILLed at +{t_killed:.1}s, \
+         during wave 2"
+    );
+    // No orphaned or duplicated objects after the operator's crash: exactly the shards'
+    // StatefulSets and Services, every shard released for the good revision.
+    let sts: Api<StatefulSet> = ns.api();
+    let sets = sts
+        .list(&ListParams::default().labels(&labels::service_selector_string(NAME)))
+        .await
+        .expect("list StatefulSets")
+        .items;
+    let names: BTreeSet<String> = sets.iter().map(|s| s.name_any()).collect();
+    let want: BTreeSet<String> = (0..SHARDS).map(|i| format!("{NAME}-{i}")).collect();
+    if names != want || sets.len() != want.len() {
+        problems.push(format!(
+            "StatefulSets after the rollout: {names:?}, want {want:?}"
+        ));
+    }
+    for s in &sets {
+        let released = s
+            .annotations()
+            .get("shardmesh.io/released-revision")
+            .cloned();
+        let partition = s
+            .spec
+            .as_ref()
+            .and_then(|sp| sp.update_strategy.as_ref())
+            .and_then(|u| u.rolling_update.as_ref())
+            .and_then(|r| r.partition);
+        if released.as_deref() != Some(good.as_str()) || partition != Some(0) {
+            problems.push(format!(
+                "{}: released for {released:?} with partition {partition:?}, want {good} and 0",
+                s.name_any()
+            ));
+        }
+    }
+    let services: Api<Service> = ns.api();
+    let svc_names: BTreeSet<String> = services
+        .list(&ListParams::default().labels(&labels::service_selector_string(NAME)))
+        .await
+        .expect("list Services")
+        .items
+        .iter()
+        .map(|s| s.name_any())
+        .collect();
+    let mut want_svcs = want.clone();
+    want_svcs.insert(NAME.to_string());
+    if svc_names != want_svcs {
+        problems.push(format!(
+            "Services after the rollout: {svc_names:?}, want {want_svcs:?}"
+        ));
+    }
     let _ = writeln!(
         summary,
         "rollout: broken revision applied at +{t_broken:.1}s, halted at +{t_halted:.1}s: {why}"

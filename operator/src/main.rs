@@ -135,14 +135,14 @@ async fn controller(
             renew: leader.leader_renew,
         },
     );
-    tokio::select! {
-        _ = elector.acquire() => {}
+    let until = tokio::select! {
+        until = elector.acquire() => until,
         _ = shutdown_signal() => return Ok(()),
-    }
+    };
     metrics.set_leader(true);
     let result = tokio::select! {
         r = run(client, instance, options, metrics.clone()) => r,
-        _ = elector.hold() => Err(anyhow::anyhow!(
+        _ = elector.hold(until) => Err(anyhow::anyhow!(
             "lost leadership; exiting so this replica restarts as a standby"
         )),
     };

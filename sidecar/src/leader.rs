@@ -11,9 +11,15 @@
 //! The rules, as in client-go's leader election:
 //! - a candidate takes the Lease when it has no holder, or when its record has not changed for a
 //!   whole lease duration **as measured on this pod's clock** (no clock agreement needed);
-//! - the leader renews every third of the duration, and **steps down locally** when it has not
-//!   renewed for two thirds of it, before any candidate can consider the Lease expired — so two
-//!   pods never both tell their applications they lead;
+//! - the leader renews every third of the duration, and its claim **lapses on a local timer**
+//!   two thirds of the duration after the start of its last successful renewal, whatever API
+//!   calls are pending (a black-holed API server cannot keep it leading): a candidate cannot
+//!   consider the Lease expired before a whole duration after that start, so two pods never
+//!   both tell their applications they lead, with a third of the duration as margin for the
+//!   application to finish a write it accepted (see `shardmesh_api::lease`);
+//! - every API call is bounded by a quarter of the duration;
+//! - when this pod is not sure it leads (before the first renewal, after a failed one past the
+//!   deadline), its application hears `follower`;
 //! - holder identities carry a per-process suffix, so a restarted sidecar is a new candidate
 //!   (it waits like the others and gets a new epoch);
 //! - only a pod whose application accepts connections contends or keeps the role;
@@ -23,12 +29,13 @@
 //! plus one retry period after the dead leader's last renewal.
 
 use std::{
+    future::Future,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, AtomicI64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
         Arc,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use k8s_openapi::{
@@ -37,7 +44,11 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::{api::PostParams, Api, Client};
-use shardmesh_api::headers;
+use shardmesh_api::{
+    headers,
+    lease::{self, Observer, Timing},
+};
+use tokio::time::Instant;
 
 use crate::{
     drain::{Drain, Phase},
@@ -60,20 +71,9 @@ pub struct LeaderConfig {
 }
 
 impl LeaderConfig {
-    /// Interval between the leader's renewals: a third of the duration.
-    pub fn renew_interval(&self) -> Duration {
-        self.duration / 3
-    }
-
-    /// How long the leader may fail to renew before it stops claiming the role: two thirds of
-    /// the duration, so it steps down well before a candidate may take over.
-    pub fn renew_deadline(&self) -> Duration {
-        self.duration * 2 / 3
-    }
-
-    /// How often candidates look at the Lease: a tenth of the duration, 500 ms to 2 s.
-    pub fn retry_period(&self) -> Duration {
-        (self.duration / 10).clamp(Duration::from_millis(500), Duration::from_secs(2))
+    /// The shared Lease timings of this duration.
+    pub fn timing(&self) -> Timing {
+        Timing::new(self.duration)
     }
 }
 
@@ -83,7 +83,10 @@ pub struct RoleState(Arc<RoleInner>);
 
 #[derive(Debug)]
 struct RoleInner {
-    leader: AtomicBool,
+    /// The claim: nanoseconds after `base` until which this pod leads (0: it does not). Read
+    /// against the clock on every request, so the role lapses even if no task runs.
+    until: AtomicU64,
+    base: Instant,
     /// Leader epoch as last seen; -1 before the Lease was first read.
     epoch: AtomicI64,
 }
@@ -91,27 +94,47 @@ struct RoleInner {
 impl Default for RoleState {
     fn default() -> Self {
         RoleState(Arc::new(RoleInner {
-            leader: AtomicBool::new(false),
+            until: AtomicU64::new(0),
+            base: Instant::now(),
             epoch: AtomicI64::new(-1),
         }))
     }
 }
 
 impl RoleState {
-    /// Whether this pod leads, and the leader epoch it knows (`None` before the first read).
+    /// Whether this pod leads now, and the leader epoch it knows (`None` before the first
+    /// read).
     pub fn get(&self) -> (bool, Option<i64>) {
         let epoch = self.0.epoch.load(Ordering::Acquire);
-        (
-            self.0.leader.load(Ordering::Acquire),
-            (epoch >= 0).then_some(epoch),
-        )
+        let until = self.0.until.load(Ordering::Acquire);
+        let now = Instant::now()
+            .saturating_duration_since(self.0.base)
+            .as_nanos();
+        (u128::from(until) > now, (epoch >= 0).then_some(epoch))
     }
 
-    fn set(&self, leader: bool, epoch: Option<i64>) {
+    /// Leads at `epoch` until `until` (then lapses by itself).
+    fn lead_until(&self, until: Instant, epoch: i64) {
+        let nanos = until.saturating_duration_since(self.0.base).as_nanos();
+        self.0.epoch.store(epoch, Ordering::Release);
+        self.0
+            .until
+            .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Release);
+    }
+
+    /// Does not lead; the epoch, when known, is the Lease's current one.
+    fn follow(&self, epoch: Option<i64>) {
+        self.0.until.store(0, Ordering::Release);
         if let Some(e) = epoch {
             self.0.epoch.store(e, Ordering::Release);
         }
-        self.0.leader.store(leader, Ordering::Release);
+    }
+
+    /// When the current claim lapses, if this pod leads.
+    fn claim_left(&self) -> Option<Duration> {
+        let until = self.0.base + Duration::from_nanos(self.0.until.load(Ordering::Acquire));
+        let left = until.saturating_duration_since(Instant::now());
+        (!left.is_zero()).then_some(left)
     }
 
     /// Puts `x-shardmesh-role` and `x-shardmesh-leader-epoch` on a request to the application,
@@ -147,23 +170,34 @@ pub enum Decision {
 }
 
 /// The election rule. `unchanged_for` is how long the Lease's record (holder, renew time,
-/// transitions) has been the same on this pod's clock.
-pub fn decide(me: &str, spec: Option<&LeaseSpec>, unchanged_for: Duration) -> Decision {
-    let holder = spec
-        .and_then(|s| s.holder_identity.as_deref())
-        .filter(|h| !h.is_empty());
-    match holder {
+/// transitions) has been the same on this pod's clock (see [`shardmesh_api::lease`]).
+pub fn decide(me: &str, current: &Lease, unchanged_for: Duration) -> Decision {
+    match lease::holder(current) {
         Some(h) if h == me => Decision::Renew,
-        None => Decision::Acquire,
-        Some(_) => {
-            let secs = spec.and_then(|s| s.lease_duration_seconds).unwrap_or(0);
-            let duration = Duration::from_secs(u64::try_from(secs.max(1)).unwrap_or(1));
-            if unchanged_for >= duration {
-                Decision::Acquire
-            } else {
-                Decision::Follow
-            }
-        }
+        _ if lease::expired(current, unchanged_for) => Decision::Acquire,
+        _ => Decision::Follow,
+    }
+}
+
+/// Why a Lease call did not return a Lease.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The API answered with an error.
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+    /// No answer within the call timeout.
+    #[error("no answer from the API server within {0:?}")]
+    TimedOut(Duration),
+}
+
+/// `call` bounded by `limit`.
+pub async fn bounded<T>(
+    limit: Duration,
+    call: impl Future<Output = kube::Result<T>>,
+) -> Result<T, CallError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(r) => r.map_err(CallError::Api),
+        Err(_) => Err(CallError::TimedOut(limit)),
     }
 }
 
@@ -207,86 +241,76 @@ pub fn released(current: &Lease, now: Timestamp) -> Lease {
     next
 }
 
-/// Record identity for "has the Lease changed": holder, renew time, transitions.
-type Record = (Option<String>, Option<Timestamp>, i64);
-
-fn record(lease: &Lease) -> Record {
-    let spec = lease.spec.as_ref();
-    (
-        spec.and_then(|s| s.holder_identity.clone()),
-        spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0),
-        epoch_of(lease),
-    )
-}
-
 /// Runs the election until the sidecar drains; releases the role first if held.
 pub async fn run(client: Client, cfg: LeaderConfig, role: RoleState, drain: Drain) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let pp = PostParams::default();
-    // The Lease's record as last seen, and since when (on this pod's clock) it is unchanged.
-    let mut seen: Option<(Record, Instant)> = None;
-    let mut renewed_at: Option<Instant> = None;
+    let timing = cfg.timing();
+    let limit = timing.call_timeout();
+    let mut observer = Observer::default();
     let mut last: Option<Lease> = None;
     let mut failures = 0u32;
     let mut missing_logged = false;
+    // Whether the role was claimed at the last look, to log a lapse once.
+    let mut claimed = false;
     tracing::info!(lease = %cfg.lease, holder = %cfg.holder, duration = ?cfg.duration,
-                   "leader election started");
+                   margin = ?timing.margin(), "leader election started");
     loop {
         if drain.is_draining() {
             break;
         }
         let eligible = crate::membership::app_ready(cfg.app).await;
-        let mut wait = cfg.retry_period();
-        match api.get_opt(&cfg.lease).await {
+        let mut wait = timing.retry_period();
+        match bounded(limit, api.get_opt(&cfg.lease)).await {
             Ok(None) => {
                 if !missing_logged {
                     tracing::warn!(lease = %cfg.lease, "leader lease not created yet; waiting for the operator");
                     missing_logged = true;
                 }
+                observer.reset();
                 failures = 0;
             }
-            Ok(Some(lease)) => {
+            Ok(Some(current)) => {
                 failures = 0;
-                let rec = record(&lease);
-                let since = match &seen {
-                    Some((r, at)) if *r == rec => *at,
-                    _ => Instant::now(),
-                };
-                seen = Some((rec, since));
-                let decision = decide(&cfg.holder, lease.spec.as_ref(), since.elapsed());
-                let was_leader = role.get().0;
+                let unchanged = observer.observe(&current, Instant::now().into_std());
+                let decision = decide(&cfg.holder, &current, unchanged);
+                let epoch = epoch_of(&current);
                 match decision {
                     Decision::Renew if !eligible => {
-                        tracing::warn!(
-                            epoch = epoch_of(&lease),
-                            "application not ready: giving up the leader role"
-                        );
-                        role.set(false, None);
-                        renewed_at = None;
-                        if let Err(e) = api
-                            .replace(&cfg.lease, &pp, &released(&lease, Timestamp::now()))
-                            .await
+                        tracing::warn!(epoch, "application not ready: giving up the leader role");
+                        role.follow(None);
+                        if let Err(e) = bounded(
+                            limit,
+                            api.replace(&cfg.lease, &pp, &released(&current, Timestamp::now())),
+                        )
+                        .await
                         {
                             tracing::warn!(error = %e, "could not release the leader lease; it expires by itself");
                         }
                     }
-                    Decision::Acquire if !eligible => role.set(false, Some(epoch_of(&lease))),
+                    Decision::Acquire if !eligible => role.follow(Some(epoch)),
                     Decision::Renew | Decision::Acquire => {
-                        let next = next_lease(&cfg, &lease, decision, Timestamp::now());
-                        match api.replace(&cfg.lease, &pp, &next).await {
+                        // The claim counts from before the write: no observer can see the new
+                        // record earlier than this.
+                        let started = Instant::now();
+                        let next = next_lease(&cfg, &current, decision, Timestamp::now());
+                        match bounded(limit, api.replace(&cfg.lease, &pp, &next)).await {
                             Ok(written) => {
                                 let epoch = epoch_of(&written);
-                                if !was_leader {
+                                if !role.get().0 {
                                     tracing::info!(lease = %cfg.lease, epoch, "became the shard leader");
                                 }
-                                role.set(true, Some(epoch));
-                                renewed_at = Some(Instant::now());
-                                seen = Some((record(&written), Instant::now()));
+                                role.lead_until(
+                                    Instant::from_std(timing.claim_until(started.into_std())),
+                                    epoch,
+                                );
+                                observer.reset();
+                                observer.observe(&written, Instant::now().into_std());
                                 last = Some(written);
-                                wait = cfg.renew_interval();
+                                wait = timing.renew_interval();
                             }
                             // Someone else wrote first: look again at once.
-                            Err(e) if is_status(&e, 409) => {
+                            Err(CallError::Api(e)) if is_status(&e, 409) => {
                                 tracing::debug!("leader lease changed under us; re-reading");
                                 wait = Duration::ZERO;
                             }
@@ -297,14 +321,13 @@ pub async fn run(client: Client, cfg: LeaderConfig, role: RoleState, drain: Drai
                         }
                     }
                     Decision::Follow => {
-                        if was_leader {
+                        if role.get().0 {
                             tracing::warn!(
-                                epoch = epoch_of(&lease),
+                                epoch,
                                 "another pod holds the leader lease: now a follower"
                             );
                         }
-                        role.set(false, Some(epoch_of(&lease)));
-                        renewed_at = None;
+                        role.follow(Some(epoch));
                     }
                 }
             }
@@ -313,19 +336,18 @@ pub async fn run(client: Client, cfg: LeaderConfig, role: RoleState, drain: Drai
                 tracing::warn!(error = %e, failures, "cannot read the leader lease; retrying");
             }
         }
-        // Fencing on our side: a leader that could not renew for the renew deadline stops
-        // claiming the role before anyone else may take it.
-        if role.get().0 && renewed_at.is_none_or(|t| t.elapsed() >= cfg.renew_deadline()) {
-            tracing::warn!(deadline = ?cfg.renew_deadline(), "could not renew the leader lease in time: stepping down");
-            role.set(false, None);
-            renewed_at = None;
+        let leads = role.get().0;
+        if claimed && !leads {
+            tracing::warn!(deadline = ?timing.renew_deadline(),
+                           "leader claim lapsed (not renewed in time, or given up): a follower now");
         }
+        claimed = leads;
         if failures > 0 {
-            wait = crate::membership::retry_delay(failures, cfg.retry_period());
+            wait = crate::membership::retry_delay(failures, timing.retry_period());
         }
-        if let Some(t) = renewed_at {
-            // Never sleep past the step-down point.
-            wait = wait.min(cfg.renew_deadline().saturating_sub(t.elapsed()));
+        if let Some(left) = role.claim_left() {
+            // Try again before the claim lapses.
+            wait = wait.min(left);
         }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -333,17 +355,19 @@ pub async fn run(client: Client, cfg: LeaderConfig, role: RoleState, drain: Drai
         }
     }
     if role.get().0 {
-        role.set(false, None);
+        role.follow(None);
         let current = match last {
             Some(l) => Some(l),
-            None => api.get_opt(&cfg.lease).await.ok().flatten(),
+            None => bounded(limit, api.get_opt(&cfg.lease)).await.ok().flatten(),
         };
         // Clearing the holder hands over within one retry period; a conflict means the Lease
         // moved on already.
         if let Some(l) = current {
-            match api
-                .replace(&cfg.lease, &pp, &released(&l, Timestamp::now()))
-                .await
+            match bounded(
+                limit,
+                api.replace(&cfg.lease, &pp, &released(&l, Timestamp::now())),
+            )
+            .await
             {
                 Ok(_) => tracing::info!(lease = %cfg.lease, "leader role released"),
                 Err(e) => {
@@ -368,6 +392,13 @@ mod tests {
         }
     }
 
+    fn lease_of(spec: LeaseSpec) -> Lease {
+        Lease {
+            spec: Some(spec),
+            ..Lease::default()
+        }
+    }
+
     fn spec(holder: Option<&str>, transitions: i32) -> LeaseSpec {
         LeaseSpec {
             holder_identity: holder.map(str::to_string),
@@ -378,48 +409,33 @@ mod tests {
     }
 
     #[test]
-    fn timings_keep_step_down_before_takeover() {
-        let c = cfg();
-        assert_eq!(c.renew_interval(), Duration::from_secs(5));
-        assert_eq!(c.renew_deadline(), Duration::from_secs(10));
-        assert_eq!(c.retry_period(), Duration::from_millis(1500));
-        assert!(c.renew_deadline() < c.duration);
-        let long = LeaderConfig {
-            duration: Duration::from_secs(300),
-            ..cfg()
-        };
-        assert_eq!(long.retry_period(), Duration::from_secs(2));
-    }
-
-    #[test]
     fn decide_follows_until_the_record_is_stale_on_our_clock() {
         let me = "orders-1-0_ab12";
         let other = spec(Some("orders-1-1_cd34"), 3);
         assert_eq!(
-            decide(me, Some(&other), Duration::from_secs(14)),
+            decide(me, &lease_of(other.clone()), Duration::from_secs(14)),
             Decision::Follow
         );
         assert_eq!(
-            decide(me, Some(&other), Duration::from_secs(15)),
+            decide(me, &lease_of(other), Duration::from_secs(15)),
             Decision::Acquire
         );
         assert_eq!(
-            decide(me, Some(&spec(Some(me), 3)), Duration::ZERO),
+            decide(me, &lease_of(spec(Some(me), 3)), Duration::ZERO),
             Decision::Renew
         );
         assert_eq!(
-            decide(me, Some(&spec(None, 3)), Duration::ZERO),
+            decide(me, &lease_of(spec(None, 3)), Duration::ZERO),
             Decision::Acquire
         );
         assert_eq!(
-            decide(me, Some(&spec(Some(""), 3)), Duration::ZERO),
+            decide(me, &lease_of(spec(Some(""), 3)), Duration::ZERO),
             Decision::Acquire
         );
-        assert_eq!(decide(me, None, Duration::ZERO), Decision::Acquire);
         // The same pod restarted is another candidate (different suffix).
         let old_me = spec(Some("orders-1-0_0000"), 3);
         assert_eq!(
-            decide(me, Some(&old_me), Duration::from_secs(1)),
+            decide(me, &lease_of(old_me), Duration::from_secs(1)),
             Decision::Follow
         );
     }
@@ -467,7 +483,7 @@ mod tests {
             h.get(headers::LEADER_EPOCH).is_none(),
             "unknown epoch: none claimed"
         );
-        role.set(false, Some(3));
+        role.follow(Some(3));
         role.annotate(&mut h);
         assert_eq!(
             (
@@ -476,7 +492,7 @@ mod tests {
             ),
             ("follower", "3")
         );
-        role.set(true, Some(4));
+        role.lead_until(Instant::now() + Duration::from_secs(60), 4);
         role.annotate(&mut h);
         assert_eq!(
             (
@@ -486,7 +502,59 @@ mod tests {
             ("leader", "4")
         );
         // Stepping down keeps the last known epoch.
-        role.set(false, None);
+        role.follow(None);
         assert_eq!(role.get(), (false, Some(4)));
+    }
+
+    /// A Lease API that answers the first read and write, then never again (a black-holed API
+    /// server): the claim lapses on its own timer two thirds of the duration after the renewal
+    /// started, although every call is still pending.
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_cut_off_from_the_api_stops_claiming_on_its_own_timer() {
+        use http_body_util::BodyExt;
+        use kube::client::Body;
+        let (svc, mut handle) =
+            tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
+        let client = Client::new(svc, "shop");
+        let role = RoleState::default();
+        let drain = Drain::new();
+        let t0 = Instant::now();
+        let task = tokio::spawn(run(client, cfg(), role.clone(), drain.clone()));
+        let free = serde_json::json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "orders-1-leader", "namespace": "shop", "resourceVersion": "1"},
+            "spec": {"leaseTransitions": 2},
+        });
+        let (req, send) = handle.next_request().await.expect("the first read");
+        assert_eq!(req.method(), http::Method::GET);
+        send.send_response(http::Response::new(Body::from(
+            serde_json::to_vec(&free).expect("json"),
+        )));
+        let (req, send) = handle.next_request().await.expect("the acquiring write");
+        assert_eq!(req.method(), http::Method::PUT);
+        let written = req.into_body().collect().await.expect("body").to_bytes();
+        let lease: Lease = serde_json::from_slice(&written).expect("a Lease was written");
+        assert_eq!(epoch_of(&lease), 3, "acquiring bumps the epoch");
+        send.send_response(http::Response::new(Body::from(written.to_vec())));
+        tokio::task::yield_now().await;
+        assert_eq!(role.get(), (true, Some(3)));
+
+        // From now on nothing answers; the pending calls are kept open.
+        let held = tokio::spawn(async move {
+            let mut pending = Vec::new();
+            while let Some((_, send)) = handle.next_request().await {
+                pending.push(send);
+            }
+        });
+        let deadline = cfg().timing().renew_deadline();
+        tokio::time::sleep_until(t0 + deadline - Duration::from_millis(100)).await;
+        assert!(role.get().0, "still within the claim");
+        tokio::time::sleep_until(t0 + deadline + Duration::from_millis(1)).await;
+        assert!(!role.get().0, "the claim lapsed although no call returned");
+        // Well before anyone may take over: a whole duration after the renewal started.
+        assert!(deadline + cfg().timing().margin() <= cfg().duration);
+        drain.begin(true);
+        task.abort();
+        held.abort();
     }
 }

@@ -248,6 +248,7 @@ pub async fn run(client: Client, cfg: MembershipConfig, drain: Drain, registered
     let mut current = None;
     let mut failures = 0u32;
     let mut last_step = None;
+    let limit = shardmesh_api::lease::Timing::new(cfg.lease_duration).call_timeout();
     tracing::info!(lease = %cfg.identity.pod, service = %cfg.identity.service,
                    shard = cfg.identity.shard, address = %cfg.identity.address,
                    renew = ?cfg.renew_interval, duration = ?cfg.lease_duration,
@@ -269,18 +270,25 @@ pub async fn run(client: Client, cfg: MembershipConfig, drain: Drain, registered
         match step {
             Step::Release => return release(&api, &cfg.identity.pod).await,
             Step::Pause => {}
-            Step::Renew => match renew(&api, &cfg, &mut current).await {
-                Ok(()) => {
+            // Bounded like every Lease call (shardmesh_api::lease): a black-holed API server
+            // costs one attempt, and the member simply expires for the observers.
+            Step::Renew => match tokio::time::timeout(limit, renew(&api, &cfg, &mut current)).await
+            {
+                Ok(Ok(())) => {
                     registered.open();
                     if failures > 0 {
                         tracing::info!(failures, "lease renewed again after API errors");
                     }
                     failures = 0;
                 }
-                Err(e) => {
+                outcome => {
+                    let error = match outcome {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no answer from the API server within {limit:?}"),
+                    };
                     failures = failures.saturating_add(1);
                     current = None;
-                    tracing::warn!(error = %e, failures, "lease renewal failed; retrying with backoff");
+                    tracing::warn!(%error, failures, "lease renewal failed; retrying with backoff");
                 }
             },
         }

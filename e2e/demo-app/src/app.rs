@@ -21,6 +21,8 @@ pub const POD_HEADER: &str = "x-demo-pod";
 pub const SHARD_HEADER: &str = "x-demo-shard";
 /// Echo of the role the sidecar told this pod (when its service elects leaders).
 pub const ROLE_HEADER: &str = "x-demo-role";
+/// Echo of the leader epoch the sidecar told this pod.
+pub const EPOCH_HEADER: &str = "x-demo-leader-epoch";
 
 /// The fencing rule for writes when the sidecar reports a leader role: accept only on the
 /// leader, and only when the caller's fencing epoch is the epoch this pod leads in. `None`:
@@ -224,10 +226,17 @@ impl App {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let role = req.headers().get(shardmesh_api::headers::ROLE).cloned();
+        let epoch = req
+            .headers()
+            .get(shardmesh_api::headers::LEADER_EPOCH)
+            .cloned();
         let mut resp = self.route(req).await;
         let h = resp.headers_mut();
         if let Some(role) = role {
             h.insert(ROLE_HEADER, role);
+        }
+        if let Some(epoch) = epoch {
+            h.insert(EPOCH_HEADER, epoch);
         }
         h.insert(POD_HEADER, self.pod_header.clone());
         h.insert(SHARD_HEADER, self.shard_header.clone());
@@ -509,6 +518,7 @@ mod tests {
         let r = a.handle(put).await;
         assert_eq!(r.status(), StatusCode::CONFLICT);
         assert_eq!(r.headers()[ROLE_HEADER], "follower");
+        assert_eq!(r.headers()[EPOCH_HEADER], "2");
         assert!(a.is_empty(), "nothing written");
         let mut get = req(Method::GET, "/kv/k", b"");
         get.headers_mut()

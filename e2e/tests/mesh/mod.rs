@@ -187,6 +187,8 @@ pub struct Reply {
     pub shard: String,
     /// `x-demo-role`: the role the answering pod's sidecar told it.
     pub role: String,
+    /// `x-demo-leader-epoch`: the leader epoch the answering pod's sidecar told it.
+    pub epoch: String,
     /// Body.
     pub body: String,
     /// `x-shardmesh-handoff-from`: the previous owner that served a read during a handoff
@@ -257,11 +259,12 @@ async fn send(
             .unwrap_or("-")
             .to_string()
     };
-    let (status, pod, shard, role) = (
+    let (status, pod, shard, role, epoch) = (
         resp.status().as_u16(),
         h("x-demo-pod"),
         h("x-demo-shard"),
         h("x-demo-role"),
+        h("x-demo-leader-epoch"),
     );
     let handoff_from = resp
         .headers()
@@ -273,6 +276,7 @@ async fn send(
         pod,
         shard,
         role,
+        epoch,
         body: String::from_utf8_lossy(&body).into_owned(),
         handoff_from,
     })
@@ -367,6 +371,12 @@ impl Load {
 /// PIDs of the sidecar processes of pod `pod` on this node (the harness runs the kubelet here):
 /// processes named shardmesh-sidecar whose environment has `POD_NAME=<pod>`.
 pub fn sidecar_pids(pod: &str) -> Vec<i32> {
+    pids_of("shardmesh-sidecar", pod)
+}
+
+/// PIDs of processes whose executable name starts with `exe` and whose environment has
+/// `POD_NAME=<pod>` (the sidecar's and the operator's are set from the downward API).
+pub fn pids_of(exe: &str, pod: &str) -> Vec<i32> {
     let want = format!("POD_NAME={pod}");
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -374,11 +384,11 @@ pub fn sidecar_pids(pod: &str) -> Vec<i32> {
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
-            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-            let is_sidecar = exe
+            let path = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+            let named = path
                 .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("shardmesh-sidecar"));
-            is_sidecar
+                .is_some_and(|n| n.to_string_lossy().starts_with(exe));
+            named
                 && std::fs::read(format!("/proc/{pid}/environ"))
                     .map(|env| env.split(|b| *b == 0).any(|v| v == want.as_bytes()))
                     .unwrap_or(false)

@@ -6,6 +6,7 @@
 pub mod duration;
 pub mod headers;
 pub mod labels;
+pub mod lease;
 pub mod ports;
 pub mod routing;
 pub mod shardmap;
