@@ -1,9 +1,12 @@
 //! The shard-map controller: turns the membership Leases of each ShardedService into one small
 //! ConfigMap `<name>-shardmap` that every calling sidecar watches.
 //!
-//! - A Lease is a live member while `renewTime + leaseDurationSeconds` is in the future; an
-//!   expired one is a dead member (the sidecar stopped renewing: app not ready, pod frozen or cut
-//!   off). Sidecars delete their Lease on graceful shutdown, so departures are usually instant.
+//! - A Lease is a live member until its record has stayed unchanged for `leaseDurationSeconds`
+//!   on this operator's own monotonic clock (the rule of `shardmesh_api::lease`, shared with the
+//!   elections; [`Sightings`] turns it into the `renewTime` the pure computation reads, so the
+//!   holder's wall clock is never compared with ours); an expired one is a dead member (the
+//!   sidecar stopped renewing: app not ready, pod frozen or cut off). Sidecars delete their
+//!   Lease on graceful shutdown, so departures are usually instant.
 //! - The map's `epoch` increases on every membership change and never otherwise; it is read back
 //!   from the published ConfigMap, so it survives operator restarts and never goes backwards.
 //! - Reconciles come from Lease and ShardedService events and from a requeue at the next expiry
@@ -37,7 +40,7 @@ use kube::{
 };
 use serde::{de::DeserializeOwned, Serialize};
 use shardmesh_api::{
-    labels,
+    labels, lease,
     shardmap::{Leader, Member, Shard, ShardMap},
     ShardedService,
 };
@@ -65,7 +68,8 @@ pub struct Computed {
 }
 
 /// When a Lease stops being live, if it names a holder: `leaseDurationSeconds` after its
-/// `renewTime`, or after `grace_from` when that is later. `grace_from` is when this operator
+/// `renewTime` (as this operator saw it, see [`Sightings`]), or after `grace_from` when that is
+/// later. `grace_from` is when this operator
 /// last (re)gained a complete view of the Leases (start, or the end of an API outage): holders
 /// could not renew while nobody could reach the API server, so each gets a full lease duration
 /// from then before counting as dead, and an outage longer than a lease never empties the map.
@@ -137,6 +141,37 @@ fn vouched(
     owned && pod.shard == Some(shard) && pod.ip == Some(address.ip())
 }
 
+/// Whether the published map `prev` lists what `lease` stands for: its pod as a member, or
+/// (a leader Lease) its holder as a leader. Without a readable map nothing is known, so
+/// everything counts as listed.
+pub fn listed(prev: Option<&ShardMap>, lease: &Lease) -> bool {
+    let Some(map) = prev else {
+        return true;
+    };
+    if is_leader_lease(lease) {
+        let holder = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.as_deref())
+            .map(labels::leader_holder_pod);
+        return map
+            .shards
+            .iter()
+            .any(|s| s.leader.as_ref().map(|l| l.pod.as_str()) == holder);
+    }
+    let pod = lease.name_any();
+    map.shards
+        .iter()
+        .any(|s| s.members.iter().any(|m| m.pod == pod))
+}
+
+/// The grace start for `lease`: only what the published map still lists gets a full lease
+/// duration after a restart or an outage; a member already dropped (expired, paused) stays out
+/// until it renews.
+fn grace_for(lease: &Lease, input: &Inputs<'_>) -> Option<Timestamp> {
+    input.grace_from.filter(|_| listed(input.prev, lease))
+}
+
 /// The member a live Lease of a service with `shards` shards stands for, with its shard and
 /// expiry; `None` for Leases that are expired, being deleted, out of range, malformed or not
 /// vouched for by a pod of the service.
@@ -148,7 +183,7 @@ fn live_member(
     if lease.metadata.deletion_timestamp.is_some() || is_leader_lease(lease) {
         return None;
     }
-    let expiry = lease_expiry(lease, input.grace_from).filter(|e| *e > now)?;
+    let expiry = lease_expiry(lease, grace_for(lease, input)).filter(|e| *e > now)?;
     let shard = lease_shard(lease, input.shards)?;
     let address = lease.annotations().get(labels::LEASE_ADDRESS)?;
     let addr = address.parse::<SocketAddr>().ok()?;
@@ -221,7 +256,6 @@ pub fn compute(input: Inputs<'_>, leases: &[Lease], now: Timestamp) -> Computed 
     let Inputs {
         shards: spec_shards,
         leaders,
-        grace_from,
         prev,
         window,
         floor,
@@ -253,7 +287,12 @@ pub fn compute(input: Inputs<'_>, leases: &[Lease], now: Timestamp) -> Computed 
             let Some(shard) = lease_shard(lease, collect) else {
                 continue;
             };
-            let found = live_leader(lease, &members[shard as usize], now, grace_from);
+            let found = live_leader(
+                lease,
+                &members[shard as usize],
+                now,
+                grace_for(lease, &input),
+            );
             if let Some((leader, expiry)) = found {
                 elected[shard as usize] = Some(leader);
                 note(expiry);
@@ -535,12 +574,101 @@ impl LeaseView {
     }
 }
 
+/// When this operator first saw each Lease's current record, on its own monotonic clock, per
+/// service. Bounded: a service's entry holds only its current Leases, and services not
+/// reconciled for two [`RESYNC`] periods (deleted ones) are dropped.
+#[derive(Debug, Default)]
+pub struct Sightings {
+    services: std::sync::Mutex<std::collections::HashMap<(String, String), ServiceSightings>>,
+}
+
+/// The sightings of one service's Leases, by name, and when the service was last looked at.
+type ServiceSightings = (
+    std::collections::HashMap<String, Sighting>,
+    std::time::Instant,
+);
+
+/// What this operator saw of one Lease.
+#[derive(Clone, Debug, Default)]
+struct Sighting {
+    observer: lease::Observer,
+    /// First seen while the published map did not list it: judged by the holder's own
+    /// `renewTime` until its record changes.
+    by_stamp: bool,
+}
+
+impl Sightings {
+    /// `leases` of service `ns/svc` with `renewTime` replaced by when this operator first saw
+    /// their current record (as a wall-clock time: `now_wall` minus how long it has been
+    /// unchanged on the monotonic clock). A holder whose clock is skewed, or whose renewal
+    /// reaches us late, is then judged by how long it has been silent, never by its timestamp.
+    ///
+    /// A Lease seen for the first time (a new member, or every Lease after an operator
+    /// restart) counts as just renewed when the published map `prev` lists it (it gets a full
+    /// duration, as after an outage) — otherwise its own `renewTime` is kept, the one place the
+    /// holder's clock is trusted: a member that was dropped (expired, app not ready) is not
+    /// brought back by a restart, and a new member joins at once when its clock is sane (or at
+    /// its next renewal when not).
+    pub fn as_seen(
+        &self,
+        ns: &str,
+        svc: &str,
+        leases: Vec<Lease>,
+        prev: Option<&ShardMap>,
+        now_wall: Timestamp,
+        now: std::time::Instant,
+    ) -> Vec<Lease> {
+        let mut all = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        // Twice the resync: a service is looked at at least once per resync, so its sightings
+        // are never dropped while it exists.
+        all.retain(|_, (_, at)| now.saturating_duration_since(*at) < RESYNC * 2);
+        let seen = all
+            .remove(&(ns.to_string(), svc.to_string()))
+            .map(|(p, _)| p)
+            .unwrap_or_default();
+        let mut next = std::collections::HashMap::with_capacity(leases.len());
+        let out = leases
+            .into_iter()
+            .map(|mut l| {
+                let name = l.name_any();
+                let mut sighting = match seen.get(&name) {
+                    Some(known) => {
+                        let mut s = known.clone();
+                        if s.observer.record() != Some(&lease::Record::of(&l)) {
+                            s.by_stamp = false;
+                        }
+                        s
+                    }
+                    None => Sighting {
+                        by_stamp: !listed(prev, &l),
+                        ..Sighting::default()
+                    },
+                };
+                let unchanged = sighting.observer.observe(&l, now);
+                let by_stamp = sighting.by_stamp;
+                next.insert(name, sighting);
+                if by_stamp {
+                    return l;
+                }
+                if let Some(t) = l.spec.as_mut().and_then(|s| s.renew_time.as_mut()) {
+                    let silent = SignedDuration::try_from(unchanged).unwrap_or(SignedDuration::MAX);
+                    t.0 = now_wall.checked_sub(silent).unwrap_or(Timestamp::MIN);
+                }
+                l
+            })
+            .collect();
+        all.insert((ns.to_string(), svc.to_string()), (next, now));
+        out
+    }
+}
+
 /// State shared by the reconciles.
 pub struct Context {
     client: Client,
     leases: Store<Lease>,
     pods: Store<Pod>,
     view: Arc<LeaseView>,
+    sightings: Sightings,
     failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<ShardedService>, u32>>,
     /// Per service: (uid, generation) whose access objects were applied, and when.
     access_applied:
@@ -639,6 +767,14 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         .map(|l| (**l).clone())
         .collect();
     let now = Timestamp::now();
+    let leases = ctx.sightings.as_seen(
+        &ns,
+        &name,
+        leases,
+        prev.as_ref(),
+        now,
+        std::time::Instant::now(),
+    );
     let pods: BTreeMap<String, PodFacts> = ctx
         .pods
         .state()
@@ -769,6 +905,7 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
         leases: lease_reader.clone(),
         pods: pod_reader.clone(),
         view,
+        sightings: Sightings::default(),
         failures: Default::default(),
         access_applied: Default::default(),
     });
@@ -1355,5 +1492,208 @@ mod tests {
             (subject.name.as_str(), subject.namespace.as_deref()),
             ("orders-shardmesh-member", Some("shop"))
         );
+    }
+
+    #[test]
+    fn sightings_judge_silence_on_our_clock_not_the_holders_timestamp() {
+        let sightings = Sightings::default();
+        let base = std::time::Instant::now();
+        let at = |s: u64| base + Duration::from_secs(s);
+        // The holder's clock is an hour behind: its renewTime looks long expired.
+        let skewed = lease("o-0-0", "0", "10.0.0.1", -3600, 30);
+        let facts = pods_of(std::slice::from_ref(&skewed));
+        let look = |l: &Lease, now_s: u64| {
+            let seen = sightings.as_seen(
+                "shop",
+                "orders",
+                vec![l.clone()],
+                None,
+                t(now_s as i64),
+                at(now_s),
+            );
+            pods(&compute(inputs(1, &facts), &seen, t(now_s as i64)).map)
+                .concat()
+                .join(",")
+        };
+        assert_eq!(
+            look(&skewed, 0),
+            "o-0-0",
+            "first sight: live for a whole duration"
+        );
+        assert_eq!(look(&skewed, 29), "o-0-0");
+        assert_eq!(look(&skewed, 30), "", "silent for a duration on our clock");
+        // A renewal (any timestamp, even older) is news: live again.
+        let renewed = lease("o-0-0", "0", "10.0.0.1", -7200, 30);
+        assert_eq!(look(&renewed, 31), "o-0-0");
+        // Only current Leases are remembered.
+        let other = lease("o-0-1", "0", "10.0.0.2", 0, 30);
+        sightings.as_seen("shop", "orders", vec![other], None, t(32), at(32));
+        let all = sightings.services.lock().unwrap();
+        let names: Vec<&String> = all[&("shop".to_string(), "orders".to_string())]
+            .0
+            .keys()
+            .collect();
+        assert_eq!(names, vec!["o-0-1"]);
+    }
+
+    /// One step of a history the shard-map controller may live through.
+    #[derive(Clone, Debug)]
+    enum Step {
+        /// Model time passes (seconds).
+        Advance(u64),
+        /// Member `i` renews, writing a renewTime from its own (skewed) clock.
+        Renew(usize, i64),
+        /// The Lease watch fails (nothing may be published) or recovers.
+        Watch(bool),
+        /// The operator restarts: everything it observed is forgotten.
+        Restart,
+        /// The published ConfigMap is deleted or replaced by something unreadable.
+        LoseMap,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (1u64..8).prop_map(Step::Advance),
+            4 => (0usize..3, -7200i64..7200).prop_map(|(i, skew)| Step::Renew(i, skew)),
+            1 => any::<bool>().prop_map(Step::Watch),
+            1 => Just(Step::Restart),
+            1 => Just(Step::LoseMap),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Model-based: over random histories of renewals (from skewed clocks), silence, watch
+        /// failures, operator restarts and lost maps:
+        /// - the published epoch never decreases, and grows with every change;
+        /// - a member dropped from the map (expired, or its app paused) is never published
+        ///   again until it renews — restarts and outages included — unless the map itself was
+        ///   lost (then nothing is known) or, after a restart, its holder's clock runs ahead of
+        ///   the operator's (a first sight of an unlisted Lease trusts the holder's stamp);
+        /// - a member is published exactly while the model says it is live: less than a lease
+        ///   duration since the operator first saw its latest renewal (or since its view began,
+        ///   for what the map listed), on the operator's clock; only a Lease first seen while
+        ///   unlisted is judged by its holder's own timestamp.
+        #[test]
+        fn published_maps_follow_liveness_and_the_epoch_never_decreases(
+            steps in proptest::collection::vec(step(), 1..80)
+        ) {
+            const D: i64 = 10;
+            let base = std::time::Instant::now();
+            let names = ["o-0-0", "o-0-1", "o-0-2"];
+            let mut now = 0i64;
+            let mut leases: Vec<Option<Lease>> = vec![None, None, None];
+            // The model of the operator's knowledge: per member, the record it last saw (a
+            // renewal counter), when it first saw it, and whether that first sight was of an
+            // unlisted Lease (judged by the holder's stamp).
+            let mut record = [0u32; 3];
+            let mut stamp = [0i64; 3];
+            let mut renewed_at = [0i64; 3];
+            let mut seen: [Option<u32>; 3] = [None; 3];
+            let mut seen_at = [0i64; 3];
+            let mut by_stamp = [false; 3];
+            let mut view_from = 0i64;
+            let mut sightings = Sightings::default();
+            let mut view = LeaseView::default();
+            view.observe(true, t(0));
+            let mut published: Option<ShardMap> = None;
+            let mut floor = 0i64;
+            let mut last_epoch = 0i64;
+            // The record each member had when a published map left it out.
+            let mut dropped: [Option<u32>; 3] = [None; 3];
+            for s in steps {
+                match s {
+                    Step::Advance(d) => now += d as i64,
+                    Step::Renew(i, skew) => {
+                        record[i] += 1;
+                        stamp[i] = now + skew;
+                        renewed_at[i] = now;
+                        let mut l = lease(names[i], "0", &format!("10.0.0.{i}"), stamp[i], D as i32);
+                        if let Some(spec) = l.spec.as_mut() {
+                            spec.lease_transitions = Some(record[i] as i32);
+                        }
+                        leases[i] = Some(l);
+                    }
+                    Step::Watch(ok) => {
+                        let was_disrupted = view.grace_from().is_none();
+                        view.observe(ok, t(now));
+                        if ok && was_disrupted {
+                            view_from = now;
+                        }
+                    }
+                    Step::Restart => {
+                        sightings = Sightings::default();
+                        seen = [None; 3];
+                        view = LeaseView::default();
+                        view.observe(true, t(now));
+                        view_from = now;
+                    }
+                    Step::LoseMap => published = None,
+                }
+                // One reconcile after every step, as the watch events would cause; nothing is
+                // looked at or published while the watch fails.
+                let Some(grace_from) = view.grace_from() else {
+                    continue;
+                };
+                let current: Vec<Lease> = leases.iter().flatten().cloned().collect();
+                let listed_now: Vec<bool> = (0..3)
+                    .map(|i| published.as_ref().is_none_or(|m| pods(m).concat().contains(&names[i])))
+                    .collect();
+                for i in 0..3 {
+                    if leases[i].is_some() && seen[i] != Some(record[i]) {
+                        by_stamp[i] = seen[i].is_none() && !listed_now[i];
+                        seen[i] = Some(record[i]);
+                        seen_at[i] = now;
+                    }
+                }
+                let as_seen = sightings.as_seen(
+                    "shop",
+                    "orders",
+                    current.clone(),
+                    published.as_ref(),
+                    t(now),
+                    base + Duration::from_secs(now as u64),
+                );
+                let facts = pods_of(&current);
+                let input = Inputs {
+                    grace_from,
+                    prev: published.as_ref(),
+                    floor,
+                    ..inputs(1, &facts)
+                };
+                let map = compute(input, &as_seen, t(now)).map;
+                let changed = published.as_ref().map(pods) != Some(pods(&map));
+                proptest::prop_assert!(map.epoch >= last_epoch, "epoch went back: {} < {last_epoch}", map.epoch);
+                if changed && published.is_some() {
+                    proptest::prop_assert!(map.epoch > last_epoch, "a change without a new epoch");
+                }
+                let members = pods(&map).concat();
+                for i in 0..3 {
+                    let on = members.contains(&names[i]);
+                    // Grace from the view's start only for what the map lists (everything
+                    // when the map is lost).
+                    let grace = if listed_now[i] { view_from } else { i64::MIN };
+                    let since = if by_stamp[i] { stamp[i] } else { seen_at[i] };
+                    let live = leases[i].is_some() && now < since.max(grace) + D;
+                    proptest::prop_assert_eq!(on, live, "{} at {}s: seen {}s by stamp {}, view from {}s",
+                        names[i], now, seen_at[i], by_stamp[i], view_from);
+                    // The one exception, documented: a Lease first seen (after a restart)
+                    // while unlisted is judged by its holder's clock, which may run ahead.
+                    let ahead = by_stamp[i] && stamp[i] > renewed_at[i];
+                    if on && published.is_some() && !ahead {
+                        proptest::prop_assert!(dropped[i] != Some(record[i]),
+                            "{} republished at {}s without renewing", names[i], now);
+                    }
+                    if on {
+                        dropped[i] = None;
+                    } else if leases[i].is_some() {
+                        dropped[i] = Some(record[i]);
+                    }
+                }
+                last_epoch = map.epoch;
+                floor = map.epoch;
+                published = Some(map);
+            }
+        }
     }
 }

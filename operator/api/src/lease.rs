@@ -133,6 +133,11 @@ impl Observer {
         now.saturating_duration_since(since)
     }
 
+    /// The record last observed, if any.
+    pub fn record(&self) -> Option<&Record> {
+        self.seen.as_ref().map(|(r, _)| r)
+    }
+
     /// Forgets what was seen (a deleted Lease, or one we wrote ourselves).
     pub fn reset(&mut self) {
         self.seen = None;
