@@ -166,7 +166,7 @@ in_ns "${E2E_ENV[@]}" cargo test -p shardmesh-e2e --locked --offline --no-fail-f
 
 # Alone: restarts the API server and the operator, which would disturb concurrent scenarios.
 phase control-plane
-in_ns "${E2E_ENV[@]}" cargo test -p shardmesh-e2e --locked --offline --test control_plane -- --ignored
+in_ns "${E2E_ENV[@]}" cargo test -p shardmesh-e2e --locked --offline --test control_plane -- --ignored --test-threads=1
 
 # The operator and webhook benchmarks in smoke mode (proves the harness runs; never judges
 # timing): BENCHMARKS.md, e2e/bench/run.sh.

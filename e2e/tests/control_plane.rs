@@ -9,6 +9,11 @@
 //! - Both operator replicas are deleted: the map is left as it is, and the new operator
 //!   publishes the next membership change (which the client, whose watch survived the API
 //!   outage, follows).
+//! - The leading operator replica is cut off from the API server (its packets dropped in its
+//!   pod's network namespace): it stops acting on its own timer before the standby takes over,
+//!   sampled every 100 ms on both replicas' `shardmesh_operator_leader`.
+//!
+//! The scenarios run one at a time (`--test-threads=1`): each disturbs the control plane.
 
 mod mesh;
 
@@ -187,4 +192,183 @@ async fn control_plane_restarts_keep_membership_and_routing() {
         "requests failed across the operator restart: {failed:?}, last: {last:?}"
     );
     ns.delete().await;
+}
+
+/// `shardmesh_operator_leader` of the operator at `ip`, or `None` when it does not answer (a
+/// process that exited or is starting acts on nothing).
+async fn leads(http: &mesh::Http, ip: &str) -> Option<bool> {
+    use http_body_util::BodyExt as _;
+    let req = http::Request::get(format!("http://{ip}:8080/metrics"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(1), http.request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let body = tokio::time::timeout(Duration::from_secs(1), resp.into_body().collect())
+        .await
+        .ok()?
+        .ok()?
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    let v = text
+        .lines()
+        .find_map(|l| l.strip_prefix("shardmesh_operator_leader "))?;
+    Some(v.trim() == "1")
+}
+
+/// `ip netns` commands (the harness runs as root).
+fn ip_netns(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .arg("netns")
+        .args(args)
+        .output()
+        .expect("run ip netns");
+    assert!(
+        out.status.success(),
+        "ip netns {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The leading operator replica cut off from the API server (its packets dropped in its pod's
+/// network namespace): it stops acting on its own timer before the standby may take over, so
+/// the two never act at once; after the drop is lifted both replicas run again, one leading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "e2e: needs the real cluster; run e2e/test.sh"]
+async fn a_cut_off_operator_stops_before_the_standby_acts() {
+    let client = client().await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let available = || async {
+        let d = deployments.get("shardmesh-operator").await?;
+        let s = d.status.unwrap_or_default();
+        Ok((s.available_replicas == Some(2) && s.updated_replicas == Some(2)).then_some(()))
+    };
+    wait_for("both operator replicas available", WAIT, available).await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let holder = |l: &Lease| {
+        l.spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.clone())
+            .unwrap_or_default()
+    };
+    let old = wait_for("an operator leads", WAIT, || async {
+        let h = holder(&leases.get("shardmesh-operator-leader").await?);
+        Ok((!h.is_empty()).then_some(h))
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let list = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=controller"))
+        .await
+        .expect("operator pods")
+        .items;
+    let ip = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .unwrap_or_default()
+    };
+    let leader_ip = list
+        .iter()
+        .find(|p| p.name_any() == old)
+        .map(ip)
+        .expect("the leader's pod");
+    let standby = list
+        .iter()
+        .find(|p| p.name_any() != old && p.metadata.deletion_timestamp.is_none())
+        .expect("a standby pod");
+    let (standby_name, standby_ip) = (standby.name_any(), ip(standby));
+    let api_ip = Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), "default")
+        .get("kubernetes")
+        .await
+        .expect("the kubernetes Service")
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("its cluster IP");
+
+    // Sample both replicas every 100 ms: (sent, answered, leads?) per replica.
+    let http = mesh::http();
+    let t0 = Instant::now();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, http, ips) = (
+            stop.clone(),
+            http.clone(),
+            [leader_ip.clone(), standby_ip.clone()],
+        );
+        tokio::spawn(async move {
+            let mut out: [Vec<(f64, f64, Option<bool>)>; 2] = [Vec::new(), Vec::new()];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (i, ip) in ips.iter().enumerate() {
+                    let sent = t0.elapsed().as_secs_f64();
+                    let v = leads(&http, ip).await;
+                    out[i].push((sent, t0.elapsed().as_secs_f64(), v));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            out
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Hold the leader pod's network namespace by name (its process may exit and restart).
+    let pid = mesh::pids_of("shardmesh-operator", &old)
+        .into_iter()
+        .next()
+        .expect("the leading operator's process");
+    let netns = "e2e-operator-cut";
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "delete", netns])
+        .output();
+    ip_netns(&["attach", netns, &pid.to_string()]);
+    let rule = ["-d", api_ip.as_str(), "-p", "tcp", "-j", "DROP"];
+    ip_netns(&[&["exec", netns, "iptables", "-I", "OUTPUT"][..], &rule[..]].concat());
+    let cut_at = t0.elapsed().as_secs_f64();
+    eprintln!("[e2e] dropping {old}'s packets to the API server at +{cut_at:.1}s");
+    wait_for("the standby takes the controller Lease", WAIT, || async {
+        let l = leases.get("shardmesh-operator-leader").await?;
+        Ok((holder(&l) == standby_name).then_some(()))
+    })
+    .await;
+    wait_for("the standby reports leading", WAIT, || async {
+        Ok(leads(&http, &standby_ip).await.filter(|l| *l))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ip_netns(&[&["exec", netns, "iptables", "-D", "OUTPUT"][..], &rule[..]].concat());
+    ip_netns(&["delete", netns]);
+    let healed_at = t0.elapsed().as_secs_f64();
+    eprintln!("[e2e] drop lifted at +{healed_at:.1}s");
+    wait_for("both operator replicas available again", WAIT, available).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let samples = sampler.await.expect("sampler");
+
+    let old_last = samples[0]
+        .iter()
+        .filter(|(sent, _, v)| *sent >= cut_at && *v == Some(true))
+        .map(|(_, answered, _)| *answered)
+        .fold(f64::NAN, f64::max);
+    let new_first = samples[1]
+        .iter()
+        .filter(|(sent, _, v)| *sent >= cut_at && *v == Some(true))
+        .map(|(sent, _, _)| *sent)
+        .fold(f64::NAN, f64::min);
+    let lease_secs = leases
+        .get("shardmesh-operator-leader")
+        .await
+        .expect("lease")
+        .spec
+        .and_then(|s| s.lease_duration_seconds)
+        .unwrap_or(0);
+    eprintln!(
+        "[e2e] operator cut off at +{cut_at:.1}s: {old} last reported leading at +{old_last:.2}s, \
+         {standby_name} first at +{new_first:.2}s (lease {lease_secs}s)"
+    );
+    assert!(new_first.is_finite(), "the standby never reported leading");
+    assert!(
+        old_last.is_nan() || old_last < new_first,
+        "two controllers acted at once: the cut-off leader reported leading at +{old_last:.2}s, \
+         the standby from +{new_first:.2}s"
+    );
 }
