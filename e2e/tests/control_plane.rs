@@ -217,20 +217,6 @@ async fn leads(http: &mesh::Http, ip: &str) -> Option<bool> {
     Some(v.trim() == "1")
 }
 
-/// `ip netns` commands (the harness runs as root).
-fn ip_netns(args: &[&str]) {
-    let out = std::process::Command::new("ip")
-        .arg("netns")
-        .args(args)
-        .output()
-        .expect("run ip netns");
-    assert!(
-        out.status.success(),
-        "ip netns {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The leading operator replica cut off from the API server (its packets dropped in its pod's
 /// network namespace): it stops acting on its own timer before the standby may take over, so
 /// the two never act at once; after the drop is lifted both replicas run again, one leading.
@@ -279,13 +265,7 @@ async fn a_cut_off_operator_stops_before_the_standby_acts() {
         .find(|p| p.name_any() != old && p.metadata.deletion_timestamp.is_none())
         .expect("a standby pod");
     let (standby_name, standby_ip) = (standby.name_any(), ip(standby));
-    let api_ip = Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), "default")
-        .get("kubernetes")
-        .await
-        .expect("the kubernetes Service")
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .expect("its cluster IP");
+    let api_ip = mesh::api_server_ip(&client).await;
 
     // Sample both replicas every 100 ms: (sent, answered, leads?) per replica.
     let http = mesh::http();
@@ -312,20 +292,8 @@ async fn a_cut_off_operator_stops_before_the_standby_acts() {
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    // Hold the leader pod's network namespace by name (its process may exit and restart).
-    let pid = mesh::pids_of("shardmesh-operator", &old)
-        .into_iter()
-        .next()
-        .expect("the leading operator's process");
-    let netns = "e2e-operator-cut";
-    let _ = std::process::Command::new("ip")
-        .args(["netns", "delete", netns])
-        .output();
-    ip_netns(&["attach", netns, &pid.to_string()]);
-    let rule = ["-d", api_ip.as_str(), "-p", "tcp", "-j", "DROP"];
-    ip_netns(&[&["exec", netns, "iptables", "-I", "OUTPUT"][..], &rule[..]].concat());
+    let cut = mesh::ApiCut::start("shardmesh-operator", &old, &api_ip);
     let cut_at = t0.elapsed().as_secs_f64();
-    eprintln!("[e2e] dropping {old}'s packets to the API server at +{cut_at:.1}s");
     wait_for("the standby takes the controller Lease", WAIT, || async {
         let l = leases.get("shardmesh-operator-leader").await?;
         Ok((holder(&l) == standby_name).then_some(()))
@@ -336,8 +304,7 @@ async fn a_cut_off_operator_stops_before_the_standby_acts() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    ip_netns(&[&["exec", netns, "iptables", "-D", "OUTPUT"][..], &rule[..]].concat());
-    ip_netns(&["delete", netns]);
+    cut.heal();
     let healed_at = t0.elapsed().as_secs_f64();
     eprintln!("[e2e] drop lifted at +{healed_at:.1}s");
     wait_for("both operator replicas available again", WAIT, available).await;

@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use mesh::{keyed, shard_map};
 use serde_json::json;
@@ -64,24 +64,6 @@ struct Write {
     status: u16,
     pod: String,
     epoch: String,
-}
-
-/// Runs `iptables` in the network namespace of `pod` (entered through its sidecar process).
-fn pod_iptables(pod: &str, args: &[&str]) {
-    let pid = mesh::sidecar_pids(pod)
-        .into_iter()
-        .next()
-        .unwrap_or_else(|| panic!("no sidecar process of pod {pod}"));
-    let out = std::process::Command::new("nsenter")
-        .args(["-t", &pid.to_string(), "-n", "iptables"])
-        .args(args)
-        .output()
-        .expect("run nsenter iptables");
-    assert!(
-        out.status.success(),
-        "iptables {args:?} in the netns of {pod} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,14 +111,7 @@ async fn a_cut_off_leader_steps_down_before_anyone_takes_over() {
             other.address.parse().expect("member address"),
         ),
     ];
-    let services: Api<Service> = Api::namespaced(client.clone(), "default");
-    let api_ip = services
-        .get("kubernetes")
-        .await
-        .expect("the kubernetes Service")
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .expect("its cluster IP");
+    let api_ip = mesh::api_server_ip(&client).await;
 
     let http = mesh::http();
     let proxy = mesh::start_client(&ns, NAME, &http).await;
@@ -210,9 +185,7 @@ async fn a_cut_off_leader_steps_down_before_anyone_takes_over() {
 
     tokio::time::sleep(Duration::from_secs(5)).await;
     let cut_at = t0.elapsed().as_secs_f64();
-    let rule = ["-d", api_ip.as_str(), "-p", "tcp", "-j", "DROP"];
-    pod_iptables(&old_leader, &[&["-I", "OUTPUT"][..], &rule[..]].concat());
-    eprintln!("[e2e] dropping {old_leader}'s packets to the API server {api_ip} at +{cut_at:.1}s");
+    let cut = mesh::ApiCut::start("shardmesh-sidecar", &old_leader, &api_ip);
     let new = wait_for(
         "the other pod leads with a higher epoch in the shard map",
         WAIT,
@@ -226,7 +199,7 @@ async fn a_cut_off_leader_steps_down_before_anyone_takes_over() {
         CUT.saturating_sub(Duration::from_secs_f64(t0.elapsed().as_secs_f64() - cut_at));
     tokio::time::sleep(remaining).await;
     let healed_at = t0.elapsed().as_secs_f64();
-    pod_iptables(&old_leader, &[&["-D", "OUTPUT"][..], &rule[..]].concat());
+    cut.heal();
     eprintln!("[e2e] drop lifted at +{healed_at:.1}s");
 
     // After healing: the old leader follows at the new epoch; writes succeed.

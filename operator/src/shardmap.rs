@@ -1543,6 +1543,8 @@ mod tests {
         Advance(u64),
         /// Member `i` renews, writing a renewTime from its own (skewed) clock.
         Renew(usize, i64),
+        /// Member `i` takes or renews the shard's leader Lease (from its skewed clock).
+        Lead(usize, i64),
         /// The Lease watch fails (nothing may be published) or recovers.
         Watch(bool),
         /// The operator restarts: everything it observed is forgotten.
@@ -1551,11 +1553,17 @@ mod tests {
         LoseMap,
     }
 
+    fn skew() -> impl proptest::strategy::Strategy<Value = i64> {
+        use proptest::prelude::*;
+        prop_oneof![3 => -20i64..20, 1 => -7200i64..7200]
+    }
+
     fn step() -> impl proptest::strategy::Strategy<Value = Step> {
         use proptest::prelude::*;
         prop_oneof![
             4 => (1u64..8).prop_map(Step::Advance),
-            4 => (0usize..3, -7200i64..7200).prop_map(|(i, skew)| Step::Renew(i, skew)),
+            4 => (0usize..3, skew()).prop_map(|(i, s)| Step::Renew(i, s)),
+            2 => (0usize..3, skew()).prop_map(|(i, s)| Step::Lead(i, s)),
             1 => any::<bool>().prop_map(Step::Watch),
             1 => Just(Step::Restart),
             1 => Just(Step::LoseMap),
@@ -1563,35 +1571,40 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Model-based: over random histories of renewals (from skewed clocks), silence, watch
-        /// failures, operator restarts and lost maps:
+        /// Model-based: over random histories of renewals and leader changes (from skewed
+        /// clocks), silence, watch failures, operator restarts and lost maps:
         /// - the published epoch never decreases, and grows with every change;
         /// - a member dropped from the map (expired, or its app paused) is never published
         ///   again until it renews — restarts and outages included — unless the map itself was
         ///   lost (then nothing is known) or, after a restart, its holder's clock runs ahead of
         ///   the operator's (a first sight of an unlisted Lease trusts the holder's stamp);
-        /// - a member is published exactly while the model says it is live: less than a lease
-        ///   duration since the operator first saw its latest renewal (or since its view began,
-        ///   for what the map listed), on the operator's clock; only a Lease first seen while
-        ///   unlisted is judged by its holder's own timestamp.
+        /// - a member (and the leader) is published exactly while the model says it is live:
+        ///   less than a lease duration since the operator first saw its latest renewal (or
+        ///   since its view began, for what the map listed), on the operator's clock; only a
+        ///   Lease first seen while unlisted is judged by its holder's own timestamp;
+        /// - a leader is published only while its leader Lease is live and it is a published
+        ///   member.
         #[test]
         fn published_maps_follow_liveness_and_the_epoch_never_decreases(
             steps in proptest::collection::vec(step(), 1..80)
         ) {
             const D: i64 = 10;
+            // Leases 0-2 are the members' (o-0-0 .. o-0-2), 3 is the shard's leader Lease.
+            const LEADER: usize = 3;
             let base = std::time::Instant::now();
             let names = ["o-0-0", "o-0-1", "o-0-2"];
             let mut now = 0i64;
-            let mut leases: Vec<Option<Lease>> = vec![None, None, None];
-            // The model of the operator's knowledge: per member, the record it last saw (a
-            // renewal counter), when it first saw it, and whether that first sight was of an
-            // unlisted Lease (judged by the holder's stamp).
-            let mut record = [0u32; 3];
-            let mut stamp = [0i64; 3];
-            let mut renewed_at = [0i64; 3];
-            let mut seen: [Option<u32>; 3] = [None; 3];
-            let mut seen_at = [0i64; 3];
-            let mut by_stamp = [false; 3];
+            let mut leases: Vec<Option<Lease>> = vec![None; 4];
+            let mut holder: Option<usize> = None;
+            // The model of the operator's knowledge: per Lease, the record it last saw (a
+            // write counter), when it first saw it, and whether that first sight was of an
+            // unlisted Lease (then judged by the holder's stamp).
+            let mut record = [0u32; 4];
+            let mut stamp = [0i64; 4];
+            let mut renewed_at = [0i64; 4];
+            let mut seen: [Option<u32>; 4] = [None; 4];
+            let mut seen_at = [0i64; 4];
+            let mut by_stamp = [false; 4];
             let mut view_from = 0i64;
             let mut sightings = Sightings::default();
             let mut view = LeaseView::default();
@@ -1614,6 +1627,17 @@ mod tests {
                         }
                         leases[i] = Some(l);
                     }
+                    Step::Lead(i, skew) => {
+                        record[LEADER] += 1;
+                        stamp[LEADER] = now + skew;
+                        renewed_at[LEADER] = now;
+                        holder = Some(i);
+                        let mut l = leader_lease("0", Some(&format!("{}_x", names[i])), stamp[LEADER], record[LEADER] as i32);
+                        if let Some(spec) = l.spec.as_mut() {
+                            spec.lease_duration_seconds = Some(D as i32);
+                        }
+                        leases[LEADER] = Some(l);
+                    }
                     Step::Watch(ok) => {
                         let was_disrupted = view.grace_from().is_none();
                         view.observe(ok, t(now));
@@ -1623,7 +1647,7 @@ mod tests {
                     }
                     Step::Restart => {
                         sightings = Sightings::default();
-                        seen = [None; 3];
+                        seen = [None; 4];
                         view = LeaseView::default();
                         view.observe(true, t(now));
                         view_from = now;
@@ -1636,10 +1660,19 @@ mod tests {
                     continue;
                 };
                 let current: Vec<Lease> = leases.iter().flatten().cloned().collect();
-                let listed_now: Vec<bool> = (0..3)
-                    .map(|i| published.as_ref().is_none_or(|m| pods(m).concat().contains(&names[i])))
+                let published_leader = published
+                    .as_ref()
+                    .and_then(|m| m.shards.first()?.leader.as_ref().map(|l| l.pod.clone()));
+                let listed_now: Vec<bool> = (0..4)
+                    .map(|i| match &published {
+                        None => true,
+                        Some(_) if i == LEADER => {
+                            holder.is_some_and(|h| published_leader.as_deref() == Some(names[h]))
+                        }
+                        Some(m) => pods(m).concat().contains(&names[i]),
+                    })
                     .collect();
-                for i in 0..3 {
+                for i in 0..4 {
                     if leases[i].is_some() && seen[i] != Some(record[i]) {
                         by_stamp[i] = seen[i].is_none() && !listed_now[i];
                         seen[i] = Some(record[i]);
@@ -1659,23 +1692,27 @@ mod tests {
                     grace_from,
                     prev: published.as_ref(),
                     floor,
+                    leaders: true,
                     ..inputs(1, &facts)
                 };
                 let map = compute(input, &as_seen, t(now)).map;
-                let changed = published.as_ref().map(pods) != Some(pods(&map));
+                let changed = published.as_ref().map(|p| (pods(p), leaders(p)))
+                    != Some((pods(&map), leaders(&map)));
                 proptest::prop_assert!(map.epoch >= last_epoch, "epoch went back: {} < {last_epoch}", map.epoch);
                 if changed && published.is_some() {
                     proptest::prop_assert!(map.epoch > last_epoch, "a change without a new epoch");
                 }
-                let members = pods(&map).concat();
-                for i in 0..3 {
-                    let on = members.contains(&names[i]);
+                let live = |i: usize| {
                     // Grace from the view's start only for what the map lists (everything
                     // when the map is lost).
                     let grace = if listed_now[i] { view_from } else { i64::MIN };
                     let since = if by_stamp[i] { stamp[i] } else { seen_at[i] };
-                    let live = leases[i].is_some() && now < since.max(grace) + D;
-                    proptest::prop_assert_eq!(on, live, "{} at {}s: seen {}s by stamp {}, view from {}s",
+                    leases[i].is_some() && now < since.max(grace) + D
+                };
+                let members = pods(&map).concat();
+                for i in 0..3 {
+                    let on = members.contains(&names[i]);
+                    proptest::prop_assert_eq!(on, live(i), "{} at {}s: seen {}s by stamp {}, view from {}s",
                         names[i], now, seen_at[i], by_stamp[i], view_from);
                     // The one exception, documented: a Lease first seen (after a restart)
                     // while unlisted is judged by its holder's clock, which may run ahead.
@@ -1690,6 +1727,11 @@ mod tests {
                         dropped[i] = Some(record[i]);
                     }
                 }
+                let want_leader = holder
+                    .filter(|h| live(LEADER) && members.contains(&names[*h]))
+                    .map(|h| (names[h], i64::from(record[LEADER])));
+                proptest::prop_assert_eq!(leaders(&map), vec![want_leader],
+                    "leader at {}s: seen {}s by stamp {}", now, seen_at[LEADER], by_stamp[LEADER]);
                 last_epoch = map.epoch;
                 floor = map.epoch;
                 published = Some(map);

@@ -398,10 +398,15 @@ pub fn pids_of(exe: &str, pod: &str) -> Vec<i32> {
 
 /// Kills the sidecar of `pod` with SIGKILL (a crash: no drain, no Lease release).
 pub fn crash_sidecar(pod: &str) {
-    let pids = sidecar_pids(pod);
+    crash("shardmesh-sidecar", pod);
+}
+
+/// Kills the processes named `exe*` of `pod` with SIGKILL (no shutdown, no release).
+pub fn crash(exe: &str, pod: &str) {
+    let pids = pids_of(exe, pod);
     assert!(
         !pids.is_empty(),
-        "no shardmesh-sidecar process of pod {pod} found in /proc"
+        "no {exe} process of pod {pod} found in /proc"
     );
     for pid in pids {
         let status = std::process::Command::new("kill")
@@ -409,8 +414,77 @@ pub fn crash_sidecar(pod: &str) {
             .status()
             .expect("run kill");
         assert!(status.success(), "kill -KILL {pid} failed");
-        eprintln!("[e2e] killed the sidecar of {pod} (pid {pid}) with SIGKILL");
+        eprintln!("[e2e] killed {exe} of {pod} (pid {pid}) with SIGKILL");
     }
+}
+
+/// The cluster IP of the API server's Service (what in-cluster clients dial).
+pub async fn api_server_ip(client: &kube::Client) -> String {
+    Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), "default")
+        .get("kubernetes")
+        .await
+        .expect("the kubernetes Service")
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("its cluster IP")
+}
+
+/// A pod cut off from the API server: its packets to `api_ip` dropped (no reset, no answer) in
+/// its network namespace, which is held by name (`ip netns attach`), so the cut outlives the
+/// process it was found through (a process that exits and restarts stays cut off).
+pub struct ApiCut {
+    netns: String,
+    rule: Vec<String>,
+}
+
+impl ApiCut {
+    /// Cuts off the pod whose `exe*` process runs with `POD_NAME=<pod>`.
+    pub fn start(exe: &str, pod: &str, api_ip: &str) -> ApiCut {
+        let pid = pids_of(exe, pod)
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("no {exe} process of pod {pod} found in /proc"));
+        let netns = format!("e2e-cut-{pod}");
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &netns])
+            .output();
+        ip_netns(&["attach", &netns, &pid.to_string()]);
+        let cut = ApiCut {
+            netns,
+            rule: ["OUTPUT", "-d", api_ip, "-p", "tcp", "-j", "DROP"]
+                .map(String::from)
+                .to_vec(),
+        };
+        cut.iptables("-I");
+        eprintln!("[e2e] {pod}: packets to the API server {api_ip} dropped");
+        cut
+    }
+
+    fn iptables(&self, op: &str) {
+        let mut args = vec!["exec", self.netns.as_str(), "iptables", op];
+        args.extend(self.rule.iter().map(String::as_str));
+        ip_netns(&args);
+    }
+
+    /// Lifts the cut.
+    pub fn heal(self) {
+        self.iptables("-D");
+        ip_netns(&["delete", &self.netns]);
+    }
+}
+
+/// `ip netns <args>` (the harness runs as root).
+fn ip_netns(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .arg("netns")
+        .args(args)
+        .output()
+        .expect("run ip netns");
+    assert!(
+        out.status.success(),
+        "ip netns {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Restarts the API server through the harness, down for `down`; returns the wall-clock
