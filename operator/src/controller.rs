@@ -102,9 +102,7 @@ impl Context {
 
 /// Delay before retrying an object that failed `n` times in a row (n ≥ 1).
 pub fn backoff(n: u32) -> Duration {
-    BACKOFF_BASE
-        .saturating_mul(1u32 << n.saturating_sub(1).min(16))
-        .min(BACKOFF_MAX)
+    shardmesh_api::backoff::ceiling(BACKOFF_BASE, BACKOFF_MAX, n)
 }
 
 /// Runs the controller until SIGTERM/SIGINT.

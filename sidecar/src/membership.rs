@@ -91,11 +91,12 @@ pub fn decide(draining: bool, app_ready: bool) -> Step {
 /// Delay after `failures` consecutive API errors (≥ 1): 500 ms doubling, capped at `cap`, minus
 /// up to half as jitter so a fleet of sidecars does not hit a recovering API server together.
 pub fn retry_delay(failures: u32, cap: Duration) -> Duration {
-    let base =
-        Duration::from_millis(500).saturating_mul(1u32 << failures.saturating_sub(1).min(10));
-    let d = base.min(cap);
-    let jitter = rand::random::<f64>() * 0.5;
-    d.mul_f64(1.0 - jitter)
+    shardmesh_api::backoff::half_jitter(
+        Duration::from_millis(500),
+        cap,
+        failures,
+        rand::random::<f64>(),
+    )
 }
 
 /// Whole seconds for `leaseDurationSeconds` (at least 1).

@@ -172,9 +172,7 @@ pub fn is_idempotent(method: &Method, headers: &HeaderMap) -> bool {
 /// Full-jitter backoff before retry number `retry` (1 for the first retry): uniform in
 /// [0, min(max, base · 2^(retry-1))]. `unit` is a uniform sample in [0, 1).
 pub fn backoff(base: Duration, max: Duration, retry: u32, unit: f64) -> Duration {
-    let exp = retry.saturating_sub(1).min(30);
-    let ceiling = base.saturating_mul(1u32 << exp).min(max);
-    ceiling.mul_f64(unit.clamp(0.0, 1.0))
+    shardmesh_api::backoff::full_jitter(base, max, retry, unit)
 }
 
 /// `Retry-After` as delta-seconds. HTTP-date values are ignored (the backoff applies): clocks

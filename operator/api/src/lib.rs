@@ -3,6 +3,7 @@
 //!
 //! This crate has no client and no runtime so the sidecar can depend on it cheaply.
 
+pub mod backoff;
 pub mod duration;
 pub mod headers;
 pub mod labels;
