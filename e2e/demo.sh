@@ -39,7 +39,7 @@ install_build_deps
 HELM=$("$HERE/scripts/install-helm.sh")
 if [ "$BUILD" = 1 ]; then
   log "building the release binaries (the images users run)"
-  cargo build --release --locked -p shardmesh-operator -p shardmesh-sidecar -p shardmesh-demo --bins
+  build_release
 fi
 
 if [ -e "/run/netns/$E2E_NS" ] && kc get --raw /readyz --request-timeout=5s >/dev/null 2>&1; then

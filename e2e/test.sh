@@ -138,9 +138,7 @@ fi
 
 # The cluster runs the release images, as users would.
 phase release-build
-cargo build --release --locked -p shardmesh-operator -p shardmesh-sidecar -p shardmesh-demo --bins
-# The preStop helper in the sidecar image: static, it runs inside any application image.
-cargo rustc --release --locked -p shardmesh-hook --bin shardmesh-hook -- -C target-feature=+crt-static
+build_release
 
 phase cluster-up
 CLUSTER_STARTED=1

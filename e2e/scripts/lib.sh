@@ -74,6 +74,13 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
 # Run a command inside the cluster's network namespace (nsenter, not `ip netns exec`, which
 # remounts /sys and hides the cgroup mounts from the kubelet).
+# The release binaries the images are made of (e2e/release.sh packs them): operator, sidecar,
+# demo app, and the preStop helper, static because it runs inside any application image.
+build_release() {
+  cargo build --release --locked -p shardmesh-operator -p shardmesh-sidecar -p shardmesh-demo --bins
+  cargo rustc --release --locked -p shardmesh-hook --bin shardmesh-hook -- -C target-feature=+crt-static
+}
+
 in_ns() { nsenter --net="/run/netns/$E2E_NS" "$@"; }
 kc() { in_ns kubectl --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 ctr_k8s() { ctr --address "$CTR_SOCK" -n k8s.io "$@"; }
