@@ -83,8 +83,6 @@ pub struct ShardObs {
     pub ready: i32,
     /// Pods on the update revision.
     pub updated: i32,
-    /// `currentRevision` / `updateRevision` of the StatefulSet.
-    pub revisions: (Option<String>, Option<String>),
 }
 
 impl ShardObs {
@@ -93,7 +91,13 @@ impl ShardObs {
     pub fn of(sts: &StatefulSet, pods: &[&Pod], target: &str, desired: i32) -> ShardObs {
         let notes = sts.metadata.annotations.as_ref();
         let note = |k: &str| notes.and_then(|a| a.get(k)).cloned();
-        let st = sts.status.clone().unwrap_or_default();
+        let Some(st) = sts.status.as_ref() else {
+            // Not yet seen by the StatefulSet controller: nothing converged, nothing failing.
+            return ShardObs {
+                released_for: note(RELEASED),
+                ..ShardObs::default()
+            };
+        };
         let seen = st.observed_generation.unwrap_or(0) >= sts.metadata.generation.unwrap_or(1);
         let ready = st.ready_replicas.unwrap_or(0);
         let updated = st.updated_replicas.unwrap_or(0);
@@ -117,7 +121,6 @@ impl ShardObs {
             failure,
             ready,
             updated,
-            revisions: (st.current_revision, st.update_revision),
         }
     }
 }
