@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::{
         apps::v1::{Deployment, StatefulSet},
-        core::v1::{Pod, Service},
+        core::v1::{ConfigMap, Pod, Service},
         events::v1::Event,
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -15,8 +15,10 @@ use kube::{
     Api, ResourceExt,
 };
 use serde_json::json;
-use shardmesh_api::{v1alpha1::condition, ShardedService};
+use shardmesh_api::{shardmap::ShardMap, v1alpha1::condition, ShardedService};
 use shardmesh_e2e::*;
+
+mod mesh;
 
 fn sts_summary(list: &[StatefulSet]) -> BTreeMap<String, (i32, i32)> {
     list.iter()
@@ -277,8 +279,21 @@ async fn pod_loss_is_degraded_then_healed() {
     apply_service(&svcs, &demo_service("carts", 2, 2))
         .await
         .expect("apply");
-    let before = wait_ready(&svcs, "carts", "carts Ready").await;
-    let epoch0 = before.status.as_ref().map_or(0, |s| s.epoch);
+    wait_ready(&svcs, "carts", "carts Ready").await;
+    let cms: Api<ConfigMap> = ns.api();
+    let address_of = |m: &ShardMap| {
+        m.shards
+            .iter()
+            .flat_map(|s| s.members.iter())
+            .find(|x| x.pod == "carts-1-0")
+            .map(|x| x.address.clone())
+    };
+    let map0 = wait_for("carts-1-0 in the shard map", WAIT, || async {
+        let m = mesh::shard_map(&cms, "carts").await?;
+        Ok(address_of(&m).is_some().then_some(m))
+    })
+    .await;
+    let old_addr = address_of(&map0);
     let old_uid = pods.get("carts-1-0").await.expect("pod").uid();
 
     pods.delete(
@@ -326,18 +341,34 @@ async fn pod_loss_is_degraded_then_healed() {
     )
     .await;
     assert_ne!(pods.get("carts-1-0").await.expect("pod").uid(), old_uid);
-    wait_obj(
-        &svcs,
-        "carts",
-        "the epoch bumped on leave and on rejoin",
-        |s| {
-            s.status.as_ref().is_some_and(|st| {
-                st.epoch >= epoch0 + 2 && st.shards.iter().all(|sh| sh.members.len() == 2)
-            })
+    // Whether the map passes through a version without the pod depends on whether the
+    // operator looked between the old pod's Lease going and the new pod's arriving (same name,
+    // recreated within seconds); what must hold is that it ends at the new pod's address, under
+    // a newer epoch, with every shard whole.
+    let new_ip = pods
+        .get("carts-1-0")
+        .await
+        .expect("pod")
+        .status
+        .and_then(|s| s.pod_ip)
+        .expect("the new carts-1-0 has an IP");
+    let healed = wait_for(
+        "the map lists the new carts-1-0 (its IP) and both shards whole",
+        WAIT,
+        || async {
+            let m = mesh::shard_map(&cms, "carts").await?;
+            let whole = m.shards.iter().all(|s| s.members.len() == 2);
+            let moved = address_of(&m).is_some_and(|a| a.starts_with(&format!("{new_ip}:")));
+            Ok((whole && moved).then_some(m))
         },
-        show,
     )
     .await;
+    assert!(
+        address_of(&healed) == old_addr || healed.epoch > map0.epoch,
+        "a member change is published under a newer epoch: {} then {}",
+        map0.epoch,
+        healed.epoch
+    );
 
     // Drift: a deleted owned Service is recreated by the operator.
     services
