@@ -27,6 +27,28 @@ use crate::{
     metrics::{Direction, Metrics},
 };
 
+/// Longest authority (Host) logged; longer ones are cut and marked. A client chooses it, and
+/// hyper accepts headers of tens of KiB.
+pub const MAX_LOGGED_AUTHORITY: usize = 256;
+
+/// Longest path logged; longer ones are cut and marked.
+pub const MAX_LOGGED_PATH: usize = 1024;
+
+/// `s`, cut to at most `max` bytes on a character boundary and marked `…` when cut.
+fn clipped(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = String::with_capacity(end + 3);
+    out.push_str(&s[..end]);
+    out.push('…');
+    out
+}
+
 /// Access-log switches.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AccessLogConfig {
@@ -109,15 +131,15 @@ where
         let authority = req
             .uri()
             .authority()
-            .map(|a| a.to_string())
+            .map(|a| clipped(a.as_str(), MAX_LOGGED_AUTHORITY))
             .or_else(|| {
                 req.headers()
                     .get(http::header::HOST)
                     .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
+                    .map(|h| clipped(h, MAX_LOGGED_AUTHORITY))
             })
             .unwrap_or_default();
-        let path = req.uri().path().to_string();
+        let path = clipped(req.uri().path(), MAX_LOGGED_PATH);
         let layer = self.layer.clone();
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -253,5 +275,20 @@ impl Pending {
             headers_ms = self.headers_after.as_secs_f64() * 1000.0,
             duration_ms = duration.as_secs_f64() * 1000.0,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_fields_are_clipped_on_a_character_boundary() {
+        assert_eq!(clipped("/short", 10), "/short");
+        let long = "é".repeat(600); // 1,200 bytes
+        let c = clipped(&long, MAX_LOGGED_PATH);
+        assert!(c.len() <= MAX_LOGGED_PATH + '…'.len_utf8(), "{}", c.len());
+        assert!(c.ends_with('…'));
+        assert!(c.trim_end_matches('…').chars().all(|ch| ch == 'é'));
     }
 }

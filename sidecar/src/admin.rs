@@ -9,16 +9,13 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
-};
 use tokio::net::TcpListener;
 
 use crate::{
     drain::{Drain, Phase},
     log::LevelControl,
     metrics::Metrics,
+    server::ConnLimits,
 };
 
 /// How long `/ready` waits for the application to accept a TCP connection.
@@ -236,27 +233,20 @@ impl Admin {
 
 /// Serves the admin API until the process exits (it keeps answering while draining so probes
 /// see the failing readiness).
-pub async fn serve(listener: TcpListener, admin: Admin) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let admin = admin.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
+pub async fn serve(listener: TcpListener, admin: Admin, limits: ConnLimits) {
+    crate::server::serve_with(
+        listener,
+        move |peer: SocketAddr| {
+            let admin = admin.clone();
+            move |req: Request<Incoming>| {
                 let admin = admin.clone();
                 async move { Ok::<_, std::convert::Infallible>(admin.handle(req, peer).await) }
-            });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+            }
+        },
+        limits,
+        None,
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -115,6 +115,10 @@ impl EndpointState {
 pub struct Endpoints {
     cfg: BreakerConfig,
     map: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
+    /// Held while a failure decides whether its breaker may open: counting the open breakers
+    /// and opening one is a single step, so concurrent failures cannot together eject more
+    /// than the allowed share.
+    ejecting: Mutex<()>,
 }
 
 impl Endpoints {
@@ -123,6 +127,7 @@ impl Endpoints {
         Endpoints {
             cfg,
             map: Mutex::new(HashMap::new()),
+            ejecting: Mutex::new(()),
         }
     }
 
@@ -371,9 +376,20 @@ where
                 Ok(resp) => !is_failure_status(resp.status()),
                 Err(_) => false,
             };
-            let may_open = !ok && this.may_eject(&states);
             let jitter: f64 = rand::rng().random();
-            let transition = ep.breaker().on_result(end, admission, ok, may_open, jitter);
+            let transition = if ok {
+                ep.breaker().on_result(end, admission, true, false, jitter)
+            } else {
+                let _one_at_a_time = this
+                    .layer
+                    .endpoints
+                    .ejecting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let may_open = this.may_eject(&states);
+                ep.breaker()
+                    .on_result(end, admission, false, may_open, jitter)
+            };
             guard.finished = true;
             drop(guard);
             if let Some(to) = transition {

@@ -25,6 +25,7 @@ use crate::{
     leader::LeaderConfig,
     membership::{Identity, MembershipConfig},
     retry::RetryPolicy,
+    server::ConnLimits,
     shardmap_watch::ShardMapSource,
 };
 
@@ -114,6 +115,21 @@ pub struct Args {
     /// `Retry-After` sent with requests shed by the inbound concurrency limit.
     #[arg(long, env = "SHARDMESH_SHED_RETRY_AFTER", default_value = "1s", value_parser = duration_arg)]
     pub shed_retry_after: Duration,
+
+    /// A connection that sends no complete request head (HTTP/1) or moves no byte either way
+    /// for this long is closed: gracefully, outright at twice it. Keep it above the time
+    /// callers keep idle pooled connections (30s for shardmesh sidecars).
+    #[arg(long, env = "SHARDMESH_IDLE_TIMEOUT", default_value = "60s", value_parser = duration_arg)]
+    pub idle_timeout: Duration,
+
+    /// A response its client stops reading for this long closes the connection.
+    #[arg(long, env = "SHARDMESH_SEND_TIMEOUT", default_value = "30s", value_parser = duration_arg)]
+    pub send_timeout: Duration,
+
+    /// Connections the inbound and the outbound listener each serve at once; more wait in the
+    /// listen backlog.
+    #[arg(long, env = "SHARDMESH_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
 
     /// Log level or tracing filter (e.g. info, debug, info,shardmesh_sidecar=debug).
     #[arg(long, env = "SHARDMESH_LOG_LEVEL", default_value = "info")]
@@ -337,6 +353,8 @@ pub struct Settings {
     pub leader: Option<LeaderConfig>,
     /// This pod's shard of its own sharded service, for key ownership on the inbound side.
     pub own: Option<OwnShard>,
+    /// What every accepted connection lives under.
+    pub conn: ConnLimits,
 }
 
 /// This pod's place in its own sharded service.
@@ -443,6 +461,25 @@ fn leader(
         duration,
         app: m.app,
     }))
+}
+
+/// Connection limits from the flags.
+fn conn_limits(args: &Args) -> Result<ConnLimits, ConfigError> {
+    let at_least_1s = |d: Duration, flag: &str| {
+        if d < Duration::from_secs(1) {
+            Err(ConfigError::new(
+                flag,
+                format!("{d:?} is too short for a network peer; use at least 1s"),
+            ))
+        } else {
+            Ok(d)
+        }
+    };
+    Ok(ConnLimits {
+        idle: at_least_1s(args.idle_timeout, "--idle-timeout (SHARDMESH_IDLE_TIMEOUT)")?,
+        send: at_least_1s(args.send_timeout, "--send-timeout (SHARDMESH_SEND_TIMEOUT)")?,
+        max_connections: args.max_connections as usize,
+    })
 }
 
 const SERVICE_FLAG: &str = "--service (SHARDMESH_SERVICE)";
@@ -580,6 +617,7 @@ impl Settings {
                 }
             }
         }
+        let conn = conn_limits(&args)?;
         let access_log = AccessLogConfig {
             enabled: args.access_log,
             sample: args.access_log_sample,
@@ -626,6 +664,7 @@ impl Settings {
             shardmaps,
             leader,
             own,
+            conn,
         })
     }
 }

@@ -5,6 +5,12 @@
 //! with `Retry-After` at once. A queue would only add latency to requests whose callers are
 //! already timing out, and the caller's sidecar retries a 503 on another replica.
 //! No retries here: the application is the only endpoint, and the caller's sidecar owns retries.
+//!
+//! A slot of the bulkhead is a slot of the application, so a client must not be able to hold
+//! one by being slow: small request bodies are read in full before the request takes a slot
+//! ([`PREREAD_BODY_BYTES`]), and every request has a deadline (the policy's overall timeout:
+//! the caller's sidecar has given up by then anyway). Slow or silent connections themselves are
+//! bounded by [`crate::server`].
 
 use std::{
     convert::Infallible,
@@ -18,9 +24,12 @@ use http::{uri::PathAndQuery, Request, Response, Uri};
 use tokio::sync::Semaphore;
 use tower::{Layer, Service, ServiceBuilder};
 
+use http_body::Body as _;
+use http_body_util::BodyExt as _;
+
 use crate::{
     access_log::{AccessLogConfig, AccessLogLayer, LoggedBody},
-    body::{Guarded, ProxyBody},
+    body::{boxed, Guarded, ProxyBody},
     client::Upstream,
     ctx::RequestCtx,
     errors::{BoxFuture, ErrorResponseLayer, ProxyError},
@@ -28,6 +37,7 @@ use crate::{
     leader::RoleState,
     metrics::{Direction, Metrics},
     ownership::{Ownership, OwnershipLayer},
+    timeout::DeadlineLayer,
 };
 
 /// Settings of the inbound side.
@@ -41,6 +51,8 @@ pub struct Inbound {
     pub shed_retry_after: Duration,
     /// Connect timeout to the application.
     pub connect_timeout: Duration,
+    /// Deadline of a request, from its head arriving to the application's response head.
+    pub deadline: Duration,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Access-log switches.
@@ -72,6 +84,10 @@ pub fn stack(
         ))
         // Proxy errors become responses (503 + Retry-After when shed).
         .layer(ErrorResponseLayer)
+        // The whole request, body reading and the application included (504 after).
+        .layer(DeadlineLayer::new(i.deadline))
+        // Small bodies arrive in full before the request takes a slot of the application.
+        .layer(PrereadLayer)
         // Bulkhead: at most max_in_flight requests reach the application; the rest are shed.
         .layer(ShedLayer::new(
             i.max_in_flight,
@@ -87,6 +103,74 @@ pub fn stack(
             client: Upstream::new(i.connect_timeout),
             role: i.role.clone(),
         })
+}
+
+/// Request bodies declaring at most this many bytes are read in full before the request takes a
+/// bulkhead slot, so a client that declares a body and sends it slowly, or never, holds a
+/// connection (bounded by [`crate::server`]) and not a slot of the application. Larger bodies
+/// stream, as a proxy must.
+pub const PREREAD_BODY_BYTES: u64 = 64 * 1024;
+
+/// See [`PREREAD_BODY_BYTES`].
+#[derive(Clone, Copy, Debug)]
+pub struct PrereadLayer;
+
+impl<S> Layer<S> for PrereadLayer {
+    type Service = Preread<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Preread { inner }
+    }
+}
+
+/// See [`PrereadLayer`].
+#[derive(Clone, Debug)]
+pub struct Preread<S> {
+    inner: S,
+}
+
+impl<S> Service<Request<ProxyBody>> for Preread<S>
+where
+    S: Service<
+            Request<ProxyBody>,
+            Response = Response<ProxyBody>,
+            Error = ProxyError,
+            Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>,
+        > + Clone
+        + Send
+        + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
+        let small = req
+            .body()
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n > 0 && n <= PREREAD_BODY_BYTES);
+        if !small {
+            return self.inner.call(req);
+        }
+        // The instance made ready goes with the request; this one takes its place.
+        let ready = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, ready);
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            // Bounded by the declared length, which hyper enforces.
+            let collected = body
+                .collect()
+                .await
+                .map_err(|e| ProxyError::RequestBody(e.to_string()))?;
+            inner
+                .call(Request::from_parts(parts, boxed(collected)))
+                .await
+        })
+    }
 }
 
 /// Concurrency limit that rejects instead of waiting.

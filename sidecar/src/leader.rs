@@ -28,15 +28,7 @@
 //! Takeover after a crash therefore takes between one lease duration and one lease duration
 //! plus one retry period after the dead leader's last renewal.
 
-use std::{
-    future::Future,
-    net::SocketAddr,
-    sync::{
-        atomic::{AtomicI64, AtomicU64, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
@@ -83,30 +75,42 @@ pub struct RoleState(Arc<RoleInner>);
 
 #[derive(Debug)]
 struct RoleInner {
-    /// The claim: nanoseconds after `base` until which this pod leads (0: it does not). Read
-    /// against the clock on every request, so the role lapses even if no task runs.
-    until: AtomicU64,
+    /// The claim and the epoch, changed and read together: a reader must never see the
+    /// claim of one epoch with the number of another.
+    claim: std::sync::Mutex<Claim>,
     base: Instant,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Claim {
+    /// Nanoseconds after `base` until which this pod leads (0: it does not). Read against the
+    /// clock on every request, so the role lapses even if no task runs.
+    until: u64,
     /// Leader epoch as last seen; -1 before the Lease was first read.
-    epoch: AtomicI64,
+    epoch: i64,
 }
 
 impl Default for RoleState {
     fn default() -> Self {
         RoleState(Arc::new(RoleInner {
-            until: AtomicU64::new(0),
+            claim: std::sync::Mutex::new(Claim {
+                until: 0,
+                epoch: -1,
+            }),
             base: Instant::now(),
-            epoch: AtomicI64::new(-1),
         }))
     }
 }
 
 impl RoleState {
+    fn claim(&self) -> std::sync::MutexGuard<'_, Claim> {
+        self.0.claim.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Whether this pod leads now, and the leader epoch it knows (`None` before the first
     /// read).
     pub fn get(&self) -> (bool, Option<i64>) {
-        let epoch = self.0.epoch.load(Ordering::Acquire);
-        let until = self.0.until.load(Ordering::Acquire);
+        let Claim { until, epoch } = *self.claim();
         let now = Instant::now()
             .saturating_duration_since(self.0.base)
             .as_nanos();
@@ -116,23 +120,24 @@ impl RoleState {
     /// Leads at `epoch` until `until` (then lapses by itself).
     fn lead_until(&self, until: Instant, epoch: i64) {
         let nanos = until.saturating_duration_since(self.0.base).as_nanos();
-        self.0.epoch.store(epoch, Ordering::Release);
-        self.0
-            .until
-            .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Release);
+        *self.claim() = Claim {
+            until: u64::try_from(nanos).unwrap_or(u64::MAX),
+            epoch,
+        };
     }
 
     /// Does not lead; the epoch, when known, is the Lease's current one.
     fn follow(&self, epoch: Option<i64>) {
-        self.0.until.store(0, Ordering::Release);
+        let mut c = self.claim();
+        c.until = 0;
         if let Some(e) = epoch {
-            self.0.epoch.store(e, Ordering::Release);
+            c.epoch = e;
         }
     }
 
     /// When the current claim lapses, if this pod leads.
     fn claim_left(&self) -> Option<Duration> {
-        let until = self.0.base + Duration::from_nanos(self.0.until.load(Ordering::Acquire));
+        let until = self.0.base + Duration::from_nanos(self.claim().until);
         let left = until.saturating_duration_since(Instant::now());
         (!left.is_zero()).then_some(left)
     }
@@ -556,5 +561,31 @@ mod tests {
         drain.begin(true);
         task.abort();
         held.abort();
+    }
+
+    #[test]
+    fn the_role_and_its_epoch_are_read_together() {
+        // A writer alternating between leading at an even epoch and following at the odd one
+        // after it; a reader must never see leadership with an odd epoch.
+        let role = RoleState::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (role, stop) = (role.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut e = 0i64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    role.lead_until(Instant::now() + Duration::from_secs(60), e);
+                    role.follow(Some(e + 1));
+                    e += 2;
+                }
+            })
+        };
+        for _ in 0..200_000 {
+            if let (true, Some(epoch)) = role.get() {
+                assert_eq!(epoch % 2, 0, "read leadership with the epoch of a follower");
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
     }
 }

@@ -143,6 +143,7 @@ pub async fn start_with(
         shardmaps,
         leader,
         own,
+        conn,
     } = settings;
     let drain = Drain::new();
     let gates = admin::StartupGates::default();
@@ -242,9 +243,12 @@ pub async fn start_with(
     let outbound_server = tokio::spawn(server::serve(
         outbound_l,
         server::HttpService::new(outbound::stack(&outbound)),
-        drain.clone(),
-        Phase::Stopped,
-        outbound_connections.token(),
+        conn,
+        Some(server::Closing {
+            drain: drain.clone(),
+            at: Phase::Stopped,
+            token: outbound_connections.token(),
+        }),
     ));
     let mut inbound_side = None;
     if let (Some(l), Some(app)) = (inbound_l, app) {
@@ -253,6 +257,7 @@ pub async fn start_with(
             max_in_flight: policy.max_in_flight,
             shed_retry_after: args.shed_retry_after,
             connect_timeout: policy.connect,
+            deadline: policy.overall,
             metrics: metrics.clone(),
             access_log,
             role,
@@ -269,9 +274,12 @@ pub async fn start_with(
         let server = tokio::spawn(server::serve(
             l,
             server::HttpService::new(inbound::stack(&inbound)),
-            drain.clone(),
-            Phase::InboundClosed,
-            connections.token(),
+            conn,
+            Some(server::Closing {
+                drain: drain.clone(),
+                at: Phase::InboundClosed,
+                token: connections.token(),
+            }),
         ));
         inbound_side = Some(InboundSide {
             server,
@@ -289,6 +297,7 @@ pub async fn start_with(
             gates,
             drain_answer_within: args.drain_delay + args.grace_period + DRAIN_ANSWER_SLACK,
         },
+        conn.admin(),
     ));
     tracing::info!(
         inbound = inbound_addr.map(tracing::field::display),

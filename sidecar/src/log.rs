@@ -1,11 +1,13 @@
 //! Process logging: JSON lines on stdout through a bounded queue and a writer thread, so a slow
 //! or blocked stdout (a full pipe, a stalled log collector) never blocks a request; lines that
-//! do not fit are dropped and counted. The level can be changed at run time from the admin
+//! do not fit are dropped and counted. The queue is bounded in lines and in bytes, and one line
+//! in bytes, so a blocked stdout costs at most [`QUEUE_BYTES`] whatever the lines carry. The level can be changed at run time from the admin
 //! server.
 
 use std::{
     io::{self, Write},
     sync::{
+        atomic::{AtomicUsize, Ordering},
         mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError},
         Arc,
     },
@@ -21,6 +23,15 @@ use crate::metrics::Metrics;
 /// Lines buffered before new ones are dropped.
 pub const QUEUE_LINES: usize = 16 * 1024;
 
+/// Bytes of lines buffered before new ones are dropped: a few seconds of a busy sidecar's
+/// access log (~300 bytes a line).
+pub const QUEUE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Longest line written; longer ones are dropped (and counted), since a cut line is not JSON.
+/// Access-log fields a client controls are clipped well below it
+/// ([`crate::access_log::MAX_LOGGED_PATH`]).
+pub const MAX_LINE_BYTES: usize = 16 * 1024;
+
 enum Msg {
     Line(Vec<u8>),
     Flush(mpsc::Sender<()>),
@@ -30,6 +41,7 @@ enum Msg {
 #[derive(Clone)]
 pub struct NonBlocking {
     tx: SyncSender<Msg>,
+    queued: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
 }
 
@@ -37,6 +49,7 @@ pub struct NonBlocking {
 pub struct LineWriter {
     buf: Vec<u8>,
     tx: SyncSender<Msg>,
+    queued: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
 }
 
@@ -56,9 +69,19 @@ impl Drop for LineWriter {
             return;
         }
         let buf = std::mem::take(&mut self.buf);
+        let len = buf.len();
+        if len > MAX_LINE_BYTES || self.queued.fetch_add(len, Ordering::Relaxed) + len > QUEUE_BYTES
+        {
+            if len <= MAX_LINE_BYTES {
+                self.queued.fetch_sub(len, Ordering::Relaxed);
+            }
+            self.metrics.access_log_dropped();
+            return;
+        }
         match self.tx.try_send(Msg::Line(buf)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.queued.fetch_sub(len, Ordering::Relaxed);
                 self.metrics.access_log_dropped()
             }
         }
@@ -71,6 +94,7 @@ impl<'a> MakeWriter<'a> for NonBlocking {
         LineWriter {
             buf: Vec::with_capacity(512),
             tx: self.tx.clone(),
+            queued: self.queued.clone(),
             metrics: self.metrics.clone(),
         }
     }
@@ -96,7 +120,7 @@ fn write_batch(stdout: &io::Stdout, batch: &mut Vec<u8>) {
     batch.clear();
 }
 
-fn writer_thread(rx: Receiver<Msg>) {
+fn writer_thread(rx: Receiver<Msg>, queued: Arc<AtomicUsize>) {
     let stdout = io::stdout();
     let mut batch = Vec::with_capacity(BATCH_BYTES);
     let mut waiters = Vec::new();
@@ -122,6 +146,7 @@ fn writer_thread(rx: Receiver<Msg>) {
                 got = true;
                 match msg {
                     Msg::Line(line) => {
+                        queued.fetch_sub(line.len(), Ordering::Relaxed);
                         batch.extend_from_slice(&line);
                         if batch.len() >= BATCH_BYTES {
                             write_batch(&stdout, &mut batch);
@@ -178,9 +203,11 @@ pub fn filter(level: &str, access_log: bool) -> Result<EnvFilter, String> {
 /// Installs the global JSON subscriber.
 pub fn init(level: &str, access_log: bool, metrics: Arc<Metrics>) -> Result<Logging, String> {
     let (tx, rx) = mpsc::sync_channel(QUEUE_LINES);
+    let queued = Arc::new(AtomicUsize::new(0));
+    let writer_queued = queued.clone();
     std::thread::Builder::new()
         .name("log-writer".into())
-        .spawn(move || writer_thread(rx))
+        .spawn(move || writer_thread(rx, writer_queued))
         .map_err(|e| format!("cannot start the log writer thread: {e}"))?;
     let (filter_layer, handle) =
         reload::Layer::<EnvFilter, Registry>::new(filter(level, access_log)?);
@@ -191,6 +218,7 @@ pub fn init(level: &str, access_log: bool, metrics: Arc<Metrics>) -> Result<Logg
         .with_span_list(false)
         .with_writer(NonBlocking {
             tx: tx.clone(),
+            queued,
             metrics,
         });
     tracing_subscriber::registry()

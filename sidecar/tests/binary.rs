@@ -246,3 +246,142 @@ async fn access_log_lines_and_sigterm_drain() {
     };
     assert_eq!(code, Some(0));
 }
+
+/// Peak resident memory of process `pid` in KiB (`VmHWM`).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status")
+}
+
+/// The bound stated in README (Security model): a sidecar whose stdout is blocked, serving
+/// request heads at the size limit on 16 connections, stays under this peak RSS.
+const BLOCKED_STDOUT_PEAK_RSS_MIB: u64 = 40;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_heads_with_a_blocked_stdout_keep_memory_bounded() {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+
+    let app = Upstream::start(Fault::Ok).await;
+    let port = app.addr.port().to_string();
+    let mut child = Command::new(BIN)
+        .args([
+            "--app-port",
+            &port,
+            "--inbound-addr",
+            "127.0.0.1:0",
+            "--outbound-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let guard = KillOnDrop(child.id());
+    // Read the startup line, then never read stdout again: once the pipe (64 KiB) is full the
+    // log writer blocks, as with a stalled log collector.
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    loop {
+        first.clear();
+        assert!(stdout.read_line(&mut first).unwrap() > 0, "sidecar exited");
+        if first.contains("shardmesh-sidecar started") {
+            break;
+        }
+    }
+    let started: Value = serde_json::from_str(&first).unwrap();
+    let (inbound, admin) = (addr(&started, "inbound"), addr(&started, "admin"));
+
+    // Heads just under the 64 KiB limit: a 30 KiB path and a 30 KiB Host.
+    let path = format!("/{}", "p".repeat(30 * 1024));
+    let host = "h".repeat(30 * 1024);
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let (path, host) = (path.clone(), host.clone());
+            tokio::spawn(async move {
+                let stream = tokio::net::TcpStream::connect(inbound).await.unwrap();
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .unwrap();
+                tokio::spawn(conn);
+                let mut ok = 0u32;
+                for _ in 0..200 {
+                    let req = http::Request::get(path.as_str())
+                        .header("host", host.as_str())
+                        .body(Full::new(bytes::Bytes::new()))
+                        .unwrap();
+                    let resp = sender.send_request(req).await.unwrap();
+                    ok += u32::from(resp.status() == 200);
+                    let _ = resp.into_body().collect().await;
+                }
+                ok
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap();
+    }
+    assert_eq!(ok, 16 * 200, "every request at the size limit is served");
+
+    // Over the limit: refused (431 when the client reads it before the close), never passed
+    // on to the application.
+    let hits = app.hits();
+    let mut s = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    let head = format!(
+        "GET /{} HTTP/1.1\r\nhost: me\r\n\r\n",
+        "p".repeat(70 * 1024)
+    );
+    let _ = tokio::io::AsyncWriteExt::write_all(&mut s, head.as_bytes()).await;
+    let mut answer = vec![0u8; 64];
+    let n = tokio::io::AsyncReadExt::read(&mut s, &mut answer)
+        .await
+        .unwrap_or(0);
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(
+        n == 0 || answer.starts_with("HTTP/1.1 431"),
+        "an over-limit head got {answer:?}"
+    );
+    assert_eq!(
+        app.hits(),
+        hits,
+        "an over-limit head reached the application"
+    );
+
+    let peak = peak_rss_kib(child.id());
+    let metrics = get(admin, "/metrics").await.body;
+    let dropped = metric(&metrics, "shardmesh_log_lines_dropped_total");
+    eprintln!(
+        "blocked stdout: 3,200 requests with 62 KiB heads, peak RSS {} KiB, {dropped} log lines dropped",
+        peak
+    );
+    assert!(
+        dropped > 0,
+        "stdout was blocked, so lines must have been dropped"
+    );
+    assert!(
+        peak < BLOCKED_STDOUT_PEAK_RSS_MIB * 1024,
+        "peak RSS {peak} KiB over {BLOCKED_STDOUT_PEAK_RSS_MIB} MiB"
+    );
+    drop(stdout);
+    drop(guard);
+    let _ = child.wait();
+}
+
+/// Kills a process when dropped, so a failed assertion leaves no sidecar behind.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .status();
+    }
+}

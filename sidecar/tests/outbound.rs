@@ -486,3 +486,36 @@ async fn writes_go_to_the_shard_leader_with_its_fencing_epoch() {
     .await;
     assert_eq!((r.status, s1.hits()), (200, 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_failures_never_eject_more_than_the_allowed_share() {
+    let ups = [
+        Upstream::start(Fault::Status(500)).await,
+        Upstream::start(Fault::Status(500)).await,
+        Upstream::start(Fault::Status(500)).await,
+        Upstream::start(Fault::Status(500)).await,
+    ];
+    let addrs: Vec<_> = ups.iter().map(|u| u.addr).collect();
+    let policy = r#"{"retries": {"maxAttempts": 1}, "circuitBreaker": {"consecutiveFailures": 1, "openDuration": "1m", "maxEjectionPercent": 50}}"#;
+    let sc = sidecar(&registry(&addrs), policy, &[]).await;
+    let outbound = sc.outbound;
+    // Every endpoint fails at once, many times over.
+    for _ in 0..4 {
+        let burst: Vec<_> = (0..32)
+            .map(|_| tokio::spawn(async move { get(outbound, URI).await.status }))
+            .collect();
+        for b in burst {
+            b.await.unwrap();
+        }
+    }
+    // Half may be ejected, never more (each opened once: the open duration outlasts the test).
+    let opened = metric(
+        &sc.metrics.render(),
+        "shardmesh_breaker_transitions_total{to=\"open\"}",
+    );
+    assert_eq!(
+        opened, 2,
+        "breakers opened with maxEjectionPercent 50 of 4 endpoints"
+    );
+    let _ = ups;
+}

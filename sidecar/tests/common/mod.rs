@@ -42,6 +42,8 @@ pub enum Fault {
     Delay(Duration),
     /// Wait until [`Upstream::release`], then 200.
     Hold,
+    /// 200 with a body of this many bytes.
+    Big(usize),
 }
 
 /// A request the upstream received.
@@ -241,6 +243,21 @@ async fn handle(mut stream: TcpStream, st: Arc<State>, port: u16) {
         Fault::Delay(d) => {
             tokio::time::sleep(d).await;
             respond(&mut stream, 200, "", &ok).await
+        }
+        Fault::Big(n) => {
+            let head =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\nconnection: close\r\n\r\n");
+            let _ = stream.write_all(head.as_bytes()).await;
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(chunk.len());
+                if stream.write_all(&chunk[..k]).await.is_err() {
+                    return;
+                }
+                left -= k;
+            }
+            let _ = stream.shutdown().await;
         }
         Fault::Hold => {
             let mut rx = st.release.subscribe();
