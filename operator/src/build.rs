@@ -344,7 +344,7 @@ fn pod_template(
     initial_shards: &str,
     selector: BTreeMap<String, String>,
 ) -> PodTemplateSpec {
-    let mut tpl = svc.spec.template.clone();
+    let mut tpl = svc.spec.template.pod().clone();
     let meta = tpl.metadata.get_or_insert_with(ObjectMeta::default);
     meta.labels
         .get_or_insert_with(BTreeMap::new)
@@ -677,15 +677,11 @@ mod tests {
             "counts are not the template"
         );
         let mut image = svc(3, 2);
-        if let Some(c) = image
-            .spec
-            .template
-            .spec
-            .as_mut()
-            .and_then(|s| s.containers.first_mut())
-        {
+        let mut pod = image.spec.template.pod().clone();
+        if let Some(c) = pod.spec.as_mut().and_then(|s| s.containers.first_mut()) {
             c.image = Some("example/app:2".into());
         }
+        image.spec.template = pod.into();
         assert_ne!(template_revision(&image), rev);
         let mut policy = svc(3, 2);
         policy.spec.resilience.concurrency.max_in_flight = 7;

@@ -23,7 +23,7 @@ use kube::{
         controller::{Action, Controller},
         events::{Event, EventType, Recorder, Reporter},
         predicates,
-        reflector::{self, ObjectRef},
+        reflector::{self, ObjectRef, Store},
         watcher, WatchStreamExt,
     },
     Api, Client, Resource, ResourceExt,
@@ -35,6 +35,7 @@ use tracing::{info, instrument, warn};
 use crate::{
     build::{build_with, template_revision, BuildOptions, Workloads},
     capabilities::Capabilities,
+    collision,
     metrics::Metrics,
     reshard, rollout,
     status::{self, InvalidReason, Observed},
@@ -61,6 +62,8 @@ pub struct Context {
     pub options: BuildOptions,
     /// Reconcile counters and durations for `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// Every ShardedService (the controller's reflector), for name collisions.
+    services: Store<ShardedService>,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<ShardedService>, u32>>,
 }
@@ -72,14 +75,24 @@ impl Context {
             controller: labels::MANAGED_BY_VALUE.into(),
             instance,
         };
+        // Until `with_services`: a store known to be empty, so a reconcile need not wait.
+        let (services, mut writer) = reflector::store();
+        writer.apply_watcher_event(&watcher::Event::InitDone);
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             caps,
             options: BuildOptions::default(),
             metrics: Arc::default(),
+            services,
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same context judging name collisions against `services`.
+    pub fn with_services(mut self, services: Store<ShardedService>) -> Self {
+        self.services = services;
+        self
     }
 
     /// The same context recording into `metrics`.
@@ -134,6 +147,7 @@ pub async fn run(
             labels::MANAGED_BY_VALUE
         ))
         .any_semantic();
+    let services = reader.clone();
     let mut controller = Controller::for_stream(trigger, reader)
         .owns(Api::<StatefulSet>::all(client.clone()), managed.clone())
         .owns(Api::<Service>::all(client.clone()), managed.clone())
@@ -146,7 +160,8 @@ pub async fn run(
     let ctx = Arc::new(
         Context::new(client, caps, instance)
             .with_options(options)
-            .with_metrics(metrics),
+            .with_metrics(metrics)
+            .with_services(services),
     );
     info!("controller started");
     // Beside it: membership Leases → one shard-map ConfigMap per service (shardmap.rs).
@@ -208,9 +223,19 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     let existing = owned_by_shard::<StatefulSet>(client, &ns, &selector, &uid).await?;
     let current_shards = existing.keys().next_back().map_or(0, |i| i + 1) as i32;
 
-    // 1. validate
+    // 1. validate; a complete view of the ShardedServices is needed to judge collisions (while
+    // the first list is still arriving, a younger object would take an older one's names).
+    ctx.services
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::CacheUnavailable("shardedservices"))?;
     let mut errors = validate::validate(&svc);
     let mut reason = InvalidReason::InvalidSpec;
+    if errors.is_empty() {
+        let all = ctx.services.state();
+        errors = collision::collisions(&svc, all.iter().map(|s| &**s));
+        reason = InvalidReason::NameCollision;
+    }
     if errors.is_empty() {
         if let Some(e) = validate::shard_removal(current_shards, &svc.spec) {
             errors.push(e);
@@ -222,7 +247,12 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         let st = status::invalid(&svc, reason, &errors, notes, Timestamp::now());
         write_status(&ctx, &svc, st).await?;
         ctx.failures().remove(&ObjectRef::from_obj(&*svc));
-        return Ok(Action::await_change());
+        // A spec change triggers a reconcile; the older ShardedService going away does not.
+        return Ok(if reason == InvalidReason::NameCollision {
+            Action::requeue(collision::RECHECK)
+        } else {
+            Action::await_change()
+        });
     }
 
     // 2. build (pure). Removed shards keep their workloads while the published map lists

@@ -7,6 +7,7 @@
 
 pub mod build;
 pub mod capabilities;
+pub mod collision;
 pub mod controller;
 pub mod crdgen;
 pub mod error;

@@ -46,7 +46,7 @@ use shardmesh_api::{
 };
 use tracing::{info, warn};
 
-use crate::{controller::backoff, reshard, Error, Result};
+use crate::{collision, controller::backoff, reshard, Error, Result};
 
 /// Field manager of the shard-map controller's writes (separate from the main reconciler's so
 /// neither's server-side apply removes the other's fields).
@@ -667,6 +667,8 @@ pub struct Context {
     client: Client,
     leases: Store<Lease>,
     pods: Store<Pod>,
+    /// Every ShardedService (the controller's own cache), for name collisions.
+    services: Store<ShardedService>,
     view: Arc<LeaseView>,
     sightings: Sightings,
     failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<ShardedService>, u32>>,
@@ -705,16 +707,24 @@ fn published(cm: &ConfigMap) -> Option<ShardMap> {
 /// One reconcile of one ShardedService's shard map.
 pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Action> {
     let (name, ns, _) = identity(&svc)?;
-    // Deleted: garbage collection removes what we own. Invalid: the main reconciler reports
-    // it and creates no pods, so there is no membership to publish.
+    // Deleted: garbage collection removes what we own. Invalid or colliding with an older
+    // ShardedService's names: the main reconciler reports it and creates no pods, so there is
+    // no membership to publish (and a collision is looked at again, see `collision::RECHECK`).
+    let all = ctx.services.state();
+    let colliding = !collision::collisions(&svc, all.iter().map(|s| &**s)).is_empty();
     if svc.metadata.deletion_timestamp.is_some()
         || !shardmesh_api::validate::validate(&svc).is_empty()
+        || colliding
     {
         ctx.access_applied
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&ObjectRef::from_obj(&*svc));
-        return Ok(Action::await_change());
+        return Ok(if colliding {
+            Action::requeue(collision::RECHECK)
+        } else {
+            Action::await_change()
+        });
     }
     let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     let existing = cms.get_opt(&labels::shardmap_name(&name)).await?;
@@ -900,10 +910,12 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
         .with_config(
             kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)),
         );
+    let services = controller.store();
     let ctx = Arc::new(Context {
         client,
         leases: lease_reader.clone(),
         pods: pod_reader.clone(),
+        services: services.clone(),
         view,
         sightings: Sightings::default(),
         failures: Default::default(),
@@ -919,7 +931,12 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
             move |svc, ctx: Arc<Context>| {
                 let ready = lease_reader.clone();
                 let pods_ready = pod_reader.clone();
+                let services_ready = services.clone();
                 async move {
+                    services_ready
+                        .wait_until_ready()
+                        .await
+                        .map_err(|_| Error::CacheUnavailable("shardedservices"))?;
                     ready
                         .wait_until_ready()
                         .await

@@ -40,6 +40,9 @@ pub enum InvalidReason {
     InvalidSpec,
     /// `spec.shards` was lowered without `rollout.allowShardRemoval`.
     ShardRemovalRefused,
+    /// An older ShardedService generates an object of the same name (see
+    /// [`crate::collision`]).
+    NameCollision,
 }
 
 impl InvalidReason {
@@ -47,6 +50,7 @@ impl InvalidReason {
         match self {
             InvalidReason::InvalidSpec => "InvalidSpec",
             InvalidReason::ShardRemovalRefused => "ShardRemovalRefused",
+            InvalidReason::NameCollision => "NameCollision",
         }
     }
 }

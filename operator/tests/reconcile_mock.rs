@@ -1,10 +1,15 @@
-//! Reconcile edge cases against kube's tower-test mock: for a refused spec the reconciler writes
-//! the Invalid status (and an Event) and touches nothing else.
+//! Reconcile edge cases against kube's tower-test mock: for a refused spec (or a name an older
+//! ShardedService keeps) the reconciler writes the Invalid status (and an Event) and touches
+//! nothing else.
 
 use std::sync::Arc;
 
 use http::{Request, Response};
-use kube::{client::Body, Client};
+use kube::{
+    client::Body,
+    runtime::{controller::Action, reflector, watcher},
+    Client,
+};
 use serde_json::{json, Value};
 use shardmesh_api::ShardedService;
 use shardmesh_operator::{
@@ -14,9 +19,14 @@ use shardmesh_operator::{
 use tower_test::mock;
 
 fn svc(shards: i32, port: i32) -> ShardedService {
+    named("orders", shards, port)
+}
+
+fn named(name: &str, shards: i32, port: i32) -> ShardedService {
     serde_json::from_value(json!({
         "apiVersion": "shardmesh.io/v1alpha1", "kind": "ShardedService",
-        "metadata": {"name": "orders", "namespace": "shop", "uid": "uid-1", "generation": 2},
+        "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"),
+                     "generation": 2, "creationTimestamp": "2024-01-01T10:00:00Z"},
         "spec": {"shards": shards, "replicasPerShard": 2, "port": port,
                  "template": {"spec": {"containers": [{"name": "app", "image": "demo:1"}]}}}
     }))
@@ -29,7 +39,7 @@ fn sts(i: u32) -> Value {
         "metadata": {"name": format!("orders-{i}"), "namespace": "shop",
             "labels": {"shardmesh.io/service": "orders", "shardmesh.io/shard": i.to_string()},
             "ownerReferences": [{"apiVersion": "shardmesh.io/v1alpha1", "kind": "ShardedService",
-                "name": "orders", "uid": "uid-1", "controller": true}]},
+                "name": "orders", "uid": "uid-orders", "controller": true}]},
         "spec": {"selector": {}, "serviceName": format!("orders-{i}"), "template": {}}
     })
 }
@@ -49,6 +59,20 @@ async fn body_json(req: Request<Body>) -> Value {
 /// Runs one reconcile against a fake API server that owns `existing` StatefulSets and returns
 /// the status the reconciler wrote plus every request line it made.
 async fn refused(svc: ShardedService, existing: Vec<Value>) -> (Value, Vec<String>) {
+    let (status, seen, _) = refused_among(svc, existing, vec![]).await;
+    (status, seen)
+}
+
+/// [`refused`] with `others` in the controller's cache of ShardedServices; also returns what
+/// the reconcile asked for next.
+async fn refused_among(
+    svc: ShardedService,
+    existing: Vec<Value>,
+    others: Vec<ShardedService>,
+) -> (Value, Vec<String>, Action) {
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let status_path =
+        format!("PATCH /apis/shardmesh.io/v1alpha1/namespaces/shop/shardedservices/{name}/status");
     let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
     let server = tokio::spawn(async move {
         let mut seen = Vec::new();
@@ -60,12 +84,12 @@ async fn refused(svc: ShardedService, existing: Vec<Value>) -> (Value, Vec<Strin
                 "GET /apis/apps/v1/namespaces/shop/statefulsets" => send.send_response(respond(
                     json!({"apiVersion": "apps/v1", "kind": "StatefulSetList", "metadata": {}, "items": existing}),
                 )),
-                "PATCH /apis/shardmesh.io/v1alpha1/namespaces/shop/shardedservices/orders/status" => {
+                l if l == status_path => {
                     let body = body_json(req).await;
                     status = body["status"].clone();
                     send.send_response(respond(json!({
                         "apiVersion": "shardmesh.io/v1alpha1", "kind": "ShardedService",
-                        "metadata": {"name": "orders", "namespace": "shop"},
+                        "metadata": {"name": name, "namespace": "shop"},
                         "spec": {"shards": 1, "replicasPerShard": 1, "port": 1, "template": {}},
                         "status": status.clone()
                     })))
@@ -85,11 +109,18 @@ async fn refused(svc: ShardedService, existing: Vec<Value>) -> (Value, Vec<Strin
         pdb_v1: false,
         native_sidecars: false,
     };
-    let ctx = Arc::new(Context::new(client, caps, Some("test".into())));
-    reconcile(Arc::new(svc), ctx)
+    let (store, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for o in others.iter().chain([&svc]) {
+        writer.apply_watcher_event(&watcher::Event::InitApply(o.clone()));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    let ctx = Arc::new(Context::new(client, caps, Some("test".into())).with_services(store));
+    let next = reconcile(Arc::new(svc), ctx)
         .await
         .expect("reconcile succeeds");
-    server.await.expect("fake server")
+    let (status, seen) = server.await.expect("fake server");
+    (status, seen, next)
 }
 
 fn condition<'a>(status: &'a Value, t: &str) -> &'a Value {
@@ -141,5 +172,36 @@ async fn lowering_shards_is_refused_without_deleting() {
     assert!(
         msg.contains("lowered from 4 to 2") && msg.contains("shards 2-3"),
         "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn a_name_an_older_service_generates_is_refused_and_looked_at_again() {
+    // `orders` with 2 shards has a shard-1 Service `orders-1`: the routing Service of the
+    // younger ShardedService `orders-1`.
+    let older = named("orders", 2, 8080);
+    let mut younger = named("orders-1", 1, 8080);
+    younger.metadata.creation_timestamp =
+        serde_json::from_value(json!("2024-01-01T11:00:00Z")).expect("timestamp");
+    let (status, seen, next) = refused_among(younger, vec![], vec![older]).await;
+    assert_eq!(
+        seen,
+        [
+            "GET /apis/apps/v1/namespaces/shop/statefulsets",
+            "PATCH /apis/shardmesh.io/v1alpha1/namespaces/shop/shardedservices/orders-1/status",
+            "POST /apis/events.k8s.io/v1/namespaces/shop/events",
+        ]
+    );
+    let invalid = condition(&status, "Invalid");
+    assert_eq!(invalid["reason"], "NameCollision");
+    let msg = invalid["message"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("metadata.name") && msg.contains("ShardedService orders,"),
+        "{msg}"
+    );
+    // The older one going away triggers nothing here: the refused one must look again.
+    assert_eq!(
+        next,
+        Action::requeue(shardmesh_operator::collision::RECHECK)
     );
 }

@@ -1,6 +1,8 @@
 //! The webhook's HTTPS server end to end on loopback: a client trusting only the generated CA
 //! gets an AdmissionReview answered, and a certificate swapped in the resolver is served by the
-//! next connection without restarting the server (the hot reload rotation relies on).
+//! next connection without restarting the server (the hot reload rotation relies on). Clients
+//! that hold connections open without using them neither stop admissions nor keep their
+//! connections for long.
 
 use std::{sync::Arc, time::Duration};
 
@@ -16,8 +18,11 @@ use shardmesh_operator::webhook::{
     tls::{issue_ca, issue_cert, Ca, CertResolver},
     Admission, MUTATE_PATH,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_rustls::TlsConnector;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tokio_rustls::{client::TlsStream, TlsConnector};
 
 const NAMES: [&str; 2] = ["shardmesh-webhook.shardmesh-system.svc", "127.0.0.1"];
 
@@ -163,4 +168,193 @@ async fn serves_admission_over_tls_and_reloads_the_certificate() {
 
     let _ = stop.send(());
     handle.await.expect("server stops");
+}
+
+/// A webhook server on 127.0.0.1 with a fresh CA, serving within `limits`.
+struct Server {
+    addr: std::net::SocketAddr,
+    ca: Ca,
+    stop: tokio::sync::oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+async fn start(limits: server::Limits) -> Server {
+    let now = Timestamp::now();
+    let names: Vec<String> = NAMES.iter().map(|s| s.to_string()).collect();
+    let validity = Duration::from_secs(3600);
+    let ca = issue_ca(now, validity).expect("CA");
+    let cert = issue_cert(&ca, &names, now, validity).expect("cert");
+    let resolver = Arc::new(CertResolver::default());
+    resolver
+        .set(&cert.cert_pem, &cert.key_pem)
+        .expect("cert loads");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let admission = Arc::new(Admission {
+        injector: InjectorConfig::example(),
+        sidecar_injection: true,
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(server::serve_with(
+        limits,
+        listener,
+        server::tls_config(resolver).expect("tls config"),
+        admission,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Server {
+        addr,
+        ca,
+        stop,
+        handle,
+    }
+}
+
+impl Server {
+    async fn shut_down(self) {
+        let _ = self.stop.send(());
+        self.handle.await.expect("server stops");
+    }
+}
+
+/// A TLS connection with the handshake done and nothing sent.
+async fn idle_connection(addr: std::net::SocketAddr, tls: &TlsConnector) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from(NAMES[0]).expect("server name");
+    tls.connect(name, tcp).await.expect("handshake")
+}
+
+/// Whether the server closed `s` (end of stream or a broken one) within `wait`.
+async fn closed_within(s: &mut TlsStream<TcpStream>, wait: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(wait, s.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+/// `n` admission requests, each on a fresh connection, each answered 200 within 5 s.
+async fn fresh_requests_are_answered(addr: std::net::SocketAddr, tls: &TlsConnector, n: usize) {
+    for i in 0..n {
+        let started = std::time::Instant::now();
+        let (status, body, _) = tokio::time::timeout(
+            Duration::from_secs(5),
+            post(addr, tls, MUTATE_PATH, &review()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("request {i} not answered within 5 s"))
+        .expect("request");
+        assert!(status.contains("200"), "request {i}: {status}");
+        assert_eq!(body["response"]["allowed"], true);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "request {i} took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_idle_connections_do_not_stop_admissions() {
+    let server = start(server::Limits::default()).await;
+    let tls = connector(&[&server.ca]);
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        let batch = (0..50).map(|_| idle_connection(server.addr, &tls));
+        idle.extend(futures::future::join_all(batch).await);
+    }
+    assert_eq!(idle.len(), 1000);
+    fresh_requests_are_answered(server.addr, &tls, 20).await;
+    // They are below the cap and not idle for long yet: still open.
+    let mut still_open = 0;
+    for s in idle.iter_mut().take(10) {
+        if !closed_within(s, Duration::from_millis(20)).await {
+            still_open += 1;
+        }
+    }
+    assert_eq!(still_open, 10);
+    server.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_connection_cap_the_longest_idle_connections_make_room() {
+    let cap = 64;
+    let server = start(server::Limits {
+        max_connections: cap,
+        ..server::Limits::default()
+    })
+    .await;
+    let tls = connector(&[&server.ca]);
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        idle.push(idle_connection(server.addr, &tls).await);
+    }
+    fresh_requests_are_answered(server.addr, &tls, 20).await;
+    let closed = futures::future::join_all(
+        idle.iter_mut()
+            .map(|s| closed_within(s, Duration::from_secs(1))),
+    )
+    .await;
+    let open: Vec<usize> = (0..closed.len()).filter(|i| !closed[*i]).collect();
+    assert!(
+        open.len() <= cap,
+        "{} idle connections still open",
+        open.len()
+    );
+    // The oldest went first: whatever is left is among the newest.
+    assert!(open.iter().all(|i| *i >= 1000 - cap), "{open:?}");
+    server.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_after_the_idle_timeout() {
+    let idle = Duration::from_millis(300);
+    let server = start(server::Limits {
+        idle_timeout: idle,
+        ..server::Limits::default()
+    })
+    .await;
+    let tls = connector(&[&server.ca]);
+
+    // Silent from the handshake on.
+    let mut silent = idle_connection(server.addr, &tls).await;
+    let started = std::time::Instant::now();
+    assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_millis(200) && after < Duration::from_secs(3),
+        "closed after {after:?}"
+    );
+
+    // Silent after a request answered on a kept-alive connection.
+    let mut kept = idle_connection(server.addr, &tls).await;
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: webhook\r\n\r\n")
+        .await
+        .expect("request");
+    let mut got = Vec::new();
+    while !got.ends_with(b"ok\n") {
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(5), kept.read(&mut buf))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed before answering: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    let answered = std::time::Instant::now();
+    assert!(closed_within(&mut kept, Duration::from_secs(5)).await);
+    let after = answered.elapsed();
+    assert!(
+        after >= Duration::from_millis(200) && after < Duration::from_secs(3),
+        "closed {after:?} after the answer"
+    );
+    server.shut_down().await;
 }

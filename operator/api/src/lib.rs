@@ -11,6 +11,7 @@ pub mod lease;
 pub mod ports;
 pub mod routing;
 pub mod shardmap;
+pub mod template;
 pub mod v1alpha1;
 pub mod validate;
 

@@ -3,12 +3,12 @@
 //! Every field carries a doc comment: they become the CRD's `description`s, which is what
 //! `kubectl explain shardedservice.spec...` prints.
 
-use k8s_openapi::{api::core::v1::PodTemplateSpec, apimachinery::pkg::apis::meta::v1::Condition};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
-use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::duration::DurationString;
+use crate::{duration::DurationString, template::Template};
 
 /// A service whose key space is split into `shards`, each served by `replicasPerShard` pods of
 /// `template`, with the shardmesh sidecar routing requests to the shard owning their key.
@@ -102,8 +102,7 @@ pub struct ShardedServiceSpec {
 
     /// Pod template of the application, as in a Deployment. Must have at least one container.
     /// shardmesh adds the labels `shardmesh.io/service` and `shardmesh.io/shard`.
-    #[schemars(schema_with = "pod_template_schema")]
-    pub template: PodTemplateSpec,
+    pub template: Template,
 
     /// Timeouts, retries, circuit breaking and concurrency limits the sidecar applies.
     /// Every field has a safe default; nothing is unlimited.
@@ -162,16 +161,6 @@ impl Default for Resharding {
             miss_statuses: d_miss_statuses(),
         }
     }
-}
-
-/// The pod template is kept opaque in the CRD schema (a full PodTemplateSpec schema is several
-/// hundred KiB); the operator and the validating webhook check it instead.
-fn pod_template_schema(_: &mut SchemaGenerator) -> Schema {
-    json_schema!({
-        "type": "object",
-        "description": "Pod template of the application, as in a Deployment (metadata + spec). Must have at least one container. shardmesh adds the labels shardmesh.io/service and shardmesh.io/shard.",
-        "x-kubernetes-preserve-unknown-fields": true,
-    })
 }
 
 /// Where the shard key of a request is read from.
@@ -738,4 +727,64 @@ pub mod condition {
     pub const INVALID: &str = "Invalid";
     /// The shard count is changing (see `status.resharding`).
     pub const RESHARDING: &str = "Resharding";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::ObjectList;
+    use serde_json::{json, Value};
+
+    fn object(name: &str, template: Value) -> Value {
+        json!({
+            "apiVersion": "shardmesh.io/v1alpha1", "kind": "ShardedService",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"shards": 2, "replicasPerShard": 1, "port": 8080, "template": template},
+        })
+    }
+
+    fn good() -> Value {
+        json!({"spec": {"containers": [{"name": "app", "image": "demo:1"}]}})
+    }
+
+    fn broken() -> Value {
+        json!({"spec": {"containers": [{"name": "app", "image": "demo:1",
+                                        "ports": [{"containerPort": "http"}]}]}})
+    }
+
+    #[test]
+    fn a_list_with_a_broken_template_decodes_every_item() {
+        // What a watcher's list returns: one object it cannot read would fail the whole list.
+        let list: ObjectList<ShardedService> = serde_json::from_value(json!({
+            "apiVersion": "shardmesh.io/v1alpha1", "kind": "ShardedServiceList",
+            "metadata": {"resourceVersion": "7"},
+            "items": [object("a", good()), object("b", broken()), object("c", good())],
+        }))
+        .expect("the list decodes");
+        let decoded: Vec<bool> = list
+            .items
+            .iter()
+            .map(|s| s.spec.template.decoded())
+            .collect();
+        assert_eq!(decoded, [true, false, true]);
+        assert_eq!(
+            list.items[2]
+                .spec
+                .template
+                .spec
+                .as_ref()
+                .map(|s| s.containers.len()),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn a_broken_template_serializes_back_as_stored() {
+        let raw = object("b", broken());
+        let svc: ShardedService = serde_json::from_value(raw.clone()).expect("decodes");
+        let back = serde_json::to_value(&svc).expect("serializes");
+        assert_eq!(back["spec"]["template"], raw["spec"]["template"]);
+        let again: ShardedService = serde_json::from_value(back).expect("decodes again");
+        assert_eq!(again, svc);
+    }
 }

@@ -6,7 +6,7 @@ use std::{collections::HashSet, fmt, time::Duration};
 
 use crate::{
     duration::DurationString,
-    labels, ports,
+    labels, ports, template,
     v1alpha1::{ShardedService, ShardedServiceSpec},
 };
 
@@ -281,6 +281,20 @@ fn check_resharding(c: &mut Check, spec: &ShardedServiceSpec) {
 }
 
 fn check_template(c: &mut Check, spec: &ShardedServiceSpec) {
+    // Stored past the CRD schema (which keeps the template opaque) without the webhook: the
+    // rest of the checks would only see the empty template it stands in for.
+    if let Some(e) = spec.template.decode_error() {
+        c.err(
+            format!("spec.template{}", e.path),
+            format!(
+                "{} (the template does not decode as a Pod template); correct the value as \
+                 `kubectl explain {}` describes",
+                e.message,
+                template::explain_path(&e.path)
+            ),
+        );
+        return;
+    }
     if let Some(labels) = spec
         .template
         .metadata
@@ -619,6 +633,31 @@ mod tests {
             let got = paths(&svc(spec));
             assert!(got.iter().any(|p| p == want), "want {want}, got {got:?}");
         }
+    }
+
+    #[test]
+    fn a_template_that_does_not_decode_is_named_to_the_field() {
+        let mut spec = base();
+        spec["template"]["spec"]["containers"][0]["ports"] = json!([{"containerPort": "http"}]);
+        // Decoding the object succeeds: one such object must not stop the others' decoding.
+        let s = svc(spec);
+        let errs = validate(&s);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(
+            errs[0].path,
+            "spec.template.spec.containers[0].ports[0].containerPort"
+        );
+        assert!(
+            errs[0].message.contains("\"http\"")
+                && errs[0]
+                    .message
+                    .contains("kubectl explain pod.spec.containers.ports.containerPort"),
+            "{}",
+            errs[0].message
+        );
+        let mut spec = base();
+        spec["template"]["spec"]["containers"] = json!("x");
+        assert_eq!(paths(&svc(spec)), vec!["spec.template.spec.containers"]);
     }
 
     #[test]

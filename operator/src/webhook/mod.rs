@@ -427,6 +427,30 @@ mod tests {
     }
 
     #[test]
+    fn a_template_that_does_not_decode_is_denied_naming_the_field() {
+        let svc = json!({"apiVersion": "shardmesh.io/v1alpha1", "kind": "ShardedService",
+            "metadata": {"name": "orders", "namespace": "shop"},
+            "spec": {"shards": 2, "replicasPerShard": 1, "port": 8080,
+                     "template": {"spec": {"containers": [{"name": "app", "image": "x:1",
+                                                           "ports": [{"containerPort": "http"}]}]}}}});
+        let out = admission()
+            .handle(
+                VALIDATE_PATH,
+                &review("ShardedService", "CREATE", "shop", svc, Value::Null),
+            )
+            .expect("answered");
+        let r = response(&out);
+        assert_eq!(r["allowed"], false);
+        assert_eq!(r["status"]["code"], 422);
+        let msg = r["status"]["message"].as_str().expect("message");
+        assert!(
+            msg.contains("spec.template.spec.containers[0].ports[0].containerPort")
+                && msg.contains("kubectl explain pod.spec.containers.ports.containerPort"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn garbage_is_a_bad_request_and_unknown_paths_are_not_found() {
         assert!(matches!(
             admission().handle(MUTATE_PATH, b"{not json"),
