@@ -109,6 +109,57 @@ async fn helm_lifecycle_upgrade_rolls_the_operator_and_uninstall_keeps_crds_and_
         app_pods,
         "the upgrade must not restart application pods"
     );
+    // Namespaced mode: Roles in the listed namespaces only, no cluster-wide grant.
+    let other = TestNamespace::create(&client, "unwatched").await;
+    let watched = ns.name.clone();
+    helm(&[
+        "upgrade",
+        "shardmesh",
+        &chart,
+        "-n",
+        OPERATOR_NAMESPACE,
+        "--reset-then-reuse-values",
+        "--set",
+        &format!("operator.watchNamespaces={{{watched}}}"),
+        "--wait",
+        "--timeout",
+        "5m",
+    ]);
+    let operator_user = format!("system:serviceaccount:{OPERATOR_NAMESPACE}:shardmesh-operator");
+    for (verb, group, resource, namespace, expect) in [
+        ("create", "apps", "statefulsets", watched.as_str(), true),
+        ("patch", "", "configmaps", watched.as_str(), true),
+        (
+            "create",
+            "rbac.authorization.k8s.io",
+            "roles",
+            watched.as_str(),
+            true,
+        ),
+        ("create", "apps", "statefulsets", other.name.as_str(), false),
+        ("patch", "", "configmaps", "kube-system", false),
+        ("create", "coordination.k8s.io", "leases", "default", false),
+        ("list", "apps", "statefulsets", "", false),
+        (
+            "update",
+            "coordination.k8s.io",
+            "leases",
+            OPERATOR_NAMESPACE,
+            true,
+        ),
+    ] {
+        let allowed = can(&client, &operator_user, verb, group, resource, namespace).await;
+        assert_eq!(
+            allowed, expect,
+            "SubjectAccessReview: may the operator {verb} {group}/{resource} in {namespace:?}?"
+        );
+    }
+    eprintln!("[e2e] namespaced mode: 8 SubjectAccessReviews as expected");
+    let others: Api<ShardedService> = other.api();
+    apply_service(&others, &demo_service("ignored", 1, 1))
+        .await
+        .expect("apply in an unwatched namespace");
+
     // The upgraded operator reconciles changes.
     body["spec"]["replicasPerShard"] = json!(1);
     apply_service(&svcs, &body)
@@ -125,6 +176,16 @@ async fn helm_lifecycle_upgrade_rolls_the_operator_and_uninstall_keeps_crds_and_
         show,
     )
     .await;
+
+    // By now the namespaced operator has reconciled a change in its namespace; the service in
+    // the other namespace was left alone.
+    let ignored = others.get("ignored").await.expect("ignored");
+    assert!(
+        ignored.status.is_none(),
+        "a ShardedService outside watchNamespaces got a status: {:?}",
+        ignored.status
+    );
+    other.delete().await;
 
     // Uninstall removes everything of the release but the CRD and the user's objects.
     helm(&[
@@ -177,4 +238,42 @@ async fn helm_lifecycle_upgrade_rolls_the_operator_and_uninstall_keeps_crds_and_
         .await
         .expect("the ShardedService stays after uninstall");
     ns.delete().await;
+}
+
+/// Whether `user` may `verb` `group/resource` in `namespace` ("" for every namespace), as the
+/// API server's authorizer answers a SubjectAccessReview.
+async fn can(
+    client: &kube::Client,
+    user: &str,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    namespace: &str,
+) -> bool {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    };
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.to_string()),
+            groups: Some(vec![
+                "system:serviceaccounts".to_string(),
+                "system:authenticated".to_string(),
+            ]),
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.to_string()),
+                group: Some(group.to_string()),
+                resource: Some(resource.to_string()),
+                namespace: (!namespace.is_empty()).then(|| namespace.to_string()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answered = Api::<SubjectAccessReview>::all(client.clone())
+        .create(&kube::api::PostParams::default(), &review)
+        .await
+        .expect("create SubjectAccessReview");
+    answered.status.is_some_and(|s| s.allowed)
 }

@@ -38,6 +38,7 @@ use crate::{
     collision,
     metrics::Metrics,
     reshard, rollout,
+    scope::{self, Scope},
     status::{self, InvalidReason, Observed},
     Error, Result,
 };
@@ -124,15 +125,55 @@ pub async fn run(
     instance: Option<String>,
     options: BuildOptions,
     metrics: Arc<Metrics>,
+    scope: Scope,
 ) -> anyhow::Result<()> {
     let caps = Capabilities::detect(&client).await?;
-    let svcs: Api<ShardedService> = Api::all(client.clone());
-    if let Err(e) = svcs.list(&ListParams::default().limit(1)).await {
-        anyhow::bail!(
-            "cannot list shardedservices.shardmesh.io ({e}); install the CRD first: kubectl apply \
-             -f crds/shardedservices.shardmesh.io.yaml"
-        );
+    for root in scope.roots() {
+        let svcs: Api<ShardedService> = scope::api(&client, &root);
+        if let Err(e) = svcs.list(&ListParams::default().limit(1)).await {
+            let hint = match &root {
+                None => "install the CRD first: kubectl apply -f crds/shardedservices.shardmesh.io.yaml".to_string(),
+                Some(ns) => format!(
+                    "install the CRD first (kubectl apply -f crds/shardedservices.shardmesh.io.yaml), \
+                     and check the operator's Role in namespace {ns}"
+                ),
+            };
+            anyhow::bail!("cannot list shardedservices.shardmesh.io ({e}); {hint}");
+        }
     }
+    info!(scope = %scope.describe(), "controller started");
+    // Beside it: membership Leases → one shard-map ConfigMap per service (shardmap.rs).
+    let shard_maps = tokio::spawn(crate::shardmap::run(client.clone(), scope.clone()));
+    futures::future::join_all(scope.roots().into_iter().map(|root| {
+        run_in(
+            client.clone(),
+            root,
+            caps.clone(),
+            instance.clone(),
+            options,
+            metrics.clone(),
+        )
+    }))
+    .await;
+    match shard_maps.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "shard-map controller failed"),
+        Err(e) => warn!(error = %e, "shard-map controller task failed"),
+    }
+    info!("controller stopped");
+    Ok(())
+}
+
+/// The controller over one root of the scope (every namespace, or one), with its own caches.
+async fn run_in(
+    client: Client,
+    root: Option<String>,
+    caps: Capabilities,
+    instance: Option<String>,
+    options: BuildOptions,
+    metrics: Arc<Metrics>,
+) {
+    let svcs: Api<ShardedService> = scope::api(&client, &root);
     let (reader, writer) = reflector::store();
     // Only generation changes of the ShardedService itself trigger: our status writes do not.
     let trigger = watcher(svcs, watcher::Config::default().any_semantic())
@@ -149,12 +190,12 @@ pub async fn run(
         .any_semantic();
     let services = reader.clone();
     let mut controller = Controller::for_stream(trigger, reader)
-        .owns(Api::<StatefulSet>::all(client.clone()), managed.clone())
-        .owns(Api::<Service>::all(client.clone()), managed.clone())
+        .owns(scope::api::<StatefulSet>(&client, &root), managed.clone())
+        .owns(scope::api::<Service>(&client, &root), managed.clone())
         // The published shard map: its epoch and members are mirrored into the status.
-        .owns(Api::<ConfigMap>::all(client.clone()), managed.clone());
+        .owns(scope::api::<ConfigMap>(&client, &root), managed.clone());
     if caps.pdb_v1 {
-        controller = controller.owns(Api::<PodDisruptionBudget>::all(client.clone()), managed);
+        controller = controller.owns(scope::api::<PodDisruptionBudget>(&client, &root), managed);
     }
 
     let ctx = Arc::new(
@@ -163,9 +204,6 @@ pub async fn run(
             .with_metrics(metrics)
             .with_services(services),
     );
-    info!("controller started");
-    // Beside it: membership Leases → one shard-map ConfigMap per service (shardmap.rs).
-    let shard_maps = tokio::spawn(crate::shardmap::run(ctx.client.clone()));
     controller
         .shutdown_on_signal()
         .run(
@@ -185,13 +223,6 @@ pub async fn run(
             }
         })
         .await;
-    match shard_maps.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!(error = %e, "shard-map controller failed"),
-        Err(e) => warn!(error = %e, "shard-map controller task failed"),
-    }
-    info!("controller stopped");
-    Ok(())
 }
 
 fn error_policy(svc: Arc<ShardedService>, err: &Error, ctx: Arc<Context>) -> Action {

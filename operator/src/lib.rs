@@ -15,6 +15,7 @@ pub mod leader;
 pub mod metrics;
 pub mod reshard;
 pub mod rollout;
+pub mod scope;
 pub mod shardmap;
 pub mod status;
 pub mod webhook;

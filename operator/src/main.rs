@@ -33,6 +33,11 @@ enum Command {
         /// Address of the `/metrics`, `/healthz` and `/readyz` HTTP endpoints.
         #[arg(long, env = "SHARDMESH_METRICS_ADDR", default_value = "0.0.0.0:8080")]
         metrics_addr: SocketAddr,
+        /// Manage ShardedServices in these namespaces only (comma-separated; the env var too).
+        /// Empty: every namespace, which needs cluster-wide RBAC; with a list, Roles in those
+        /// namespaces (and the Lease namespace) are enough.
+        #[arg(long, env = "SHARDMESH_WATCH_NAMESPACES", value_delimiter = ',')]
+        watch_namespaces: Vec<String>,
         #[command(flatten)]
         leader: LeaderArgs,
     },
@@ -99,6 +104,7 @@ async fn controller(
     metrics_addr: SocketAddr,
     leader: LeaderArgs,
     metrics: std::sync::Arc<shardmesh_operator::metrics::Metrics>,
+    scope: shardmesh_operator::scope::Scope,
 ) -> anyhow::Result<()> {
     use shardmesh_operator::{leader, metrics};
     let listener = tokio::net::TcpListener::bind(metrics_addr)
@@ -110,7 +116,7 @@ async fn controller(
     let run = shardmesh_operator::controller::run;
     if !leader.leader_elect {
         metrics.set_leader(true);
-        return run(client, instance, options, metrics).await;
+        return run(client, instance, options, metrics, scope).await;
     }
     let namespace = leader.leader_lease_namespace.ok_or_else(|| {
         anyhow::anyhow!("--leader-elect needs the Lease namespace: set POD_NAMESPACE (downward API metadata.namespace) or --leader-lease-namespace")
@@ -141,7 +147,7 @@ async fn controller(
     };
     metrics.set_leader(true);
     let result = tokio::select! {
-        r = run(client, instance, options, metrics.clone()) => r,
+        r = run(client, instance, options, metrics.clone(), scope) => r,
         _ = elector.hold(until) => Err(anyhow::anyhow!(
             "lost leadership; exiting so this replica restarts as a standby"
         )),
@@ -281,9 +287,14 @@ async fn main() -> anyhow::Result<()> {
             instance,
             sidecar_injection,
             metrics_addr,
+            watch_namespaces,
             leader,
         } => {
             init_logging(log_format);
+            let scope =
+                shardmesh_operator::scope::Scope::parse(&watch_namespaces).map_err(|e| {
+                    anyhow::anyhow!("--watch-namespaces (SHARDMESH_WATCH_NAMESPACES): {e}")
+                })?;
             let metrics = std::sync::Arc::new(shardmesh_operator::metrics::Metrics::default());
             let config = kube::Config::infer().await.map_err(|e| {
                 anyhow::anyhow!("no Kubernetes config (in-cluster or KUBECONFIG): {e}")
@@ -296,7 +307,16 @@ async fn main() -> anyhow::Result<()> {
                 ))
                 .build();
             let options = shardmesh_operator::build::BuildOptions { sidecar_injection };
-            controller(client, instance, options, metrics_addr, leader, metrics).await
+            controller(
+                client,
+                instance,
+                options,
+                metrics_addr,
+                leader,
+                metrics,
+                scope,
+            )
+            .await
         }
         Command::Webhook(args) => {
             init_logging(args.log_format);

@@ -854,11 +854,24 @@ fn error_policy(svc: Arc<ShardedService>, err: &Error, ctx: Arc<Context>) -> Act
     Action::requeue(backoff(n))
 }
 
-/// Runs the shard-map controller until SIGTERM/SIGINT.
-pub async fn run(client: Client) -> anyhow::Result<()> {
-    let svcs: Api<ShardedService> = Api::all(client.clone());
-    let leases: Api<Lease> = Api::all(client.clone());
-    let cms: Api<ConfigMap> = Api::all(client.clone());
+/// Runs the shard-map controller over every root of `scope` until SIGTERM/SIGINT.
+pub async fn run(client: Client, scope: crate::scope::Scope) -> anyhow::Result<()> {
+    futures::future::join_all(
+        scope
+            .roots()
+            .into_iter()
+            .map(|root| run_in(client.clone(), root)),
+    )
+    .await;
+    Ok(())
+}
+
+/// The shard-map controller over one root of the scope, with its own caches.
+async fn run_in(client: Client, root: Option<String>) {
+    use crate::scope::api;
+    let svcs: Api<ShardedService> = api(&client, &root);
+    let leases: Api<Lease> = api(&client, &root);
+    let cms: Api<ConfigMap> = api(&client, &root);
     let (lease_reader, lease_writer) = reflector::store();
     let view = Arc::new(LeaseView::default());
     let seen = view.clone();
@@ -875,7 +888,7 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
     // Pods of every ShardedService, reduced to what vouching for a Lease needs (bounded memory).
     let (pod_reader, pod_writer) = reflector::store();
     let pod_events = watcher(
-        Api::<Pod>::all(client.clone()),
+        api::<Pod>(&client, &root),
         watcher::Config::default()
             .labels(labels::SERVICE)
             .any_semantic(),
@@ -958,7 +971,6 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
         })
         .await;
     info!("shard-map controller stopped");
-    Ok(())
 }
 
 #[cfg(test)]
