@@ -543,7 +543,8 @@ proptest! {
 // ---------------------------------------------------------------------------------------------
 // Command line and environment (`Args` + `Settings::from_args`)
 
-/// Files the command lines point to, written once per test process.
+/// Files the command lines point to, in the target directory's scratch space (rewritten by
+/// every run).
 struct Files {
     dir: PathBuf,
     named: Vec<(&'static str, PathBuf)>,
@@ -552,7 +553,7 @@ struct Files {
 fn files() -> &'static Files {
     static FILES: OnceLock<Files> = OnceLock::new();
     FILES.get_or_init(|| {
-        let root = std::env::temp_dir().join(format!("shardmesh-fuzz-{}", std::process::id()));
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz-command-line");
         std::fs::create_dir_all(&root).expect("scratch directory");
         let copy = |target: &str, name: &str, to: &str| {
             let to = root.join(to);
