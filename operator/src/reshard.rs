@@ -66,6 +66,8 @@ pub fn next_layout(
     window: Duration,
     now: Timestamp,
 ) -> Layout {
+    // Only a consistent map is a layout to continue from: its counts bound the work below.
+    let prev = prev.filter(|p| p.check().is_ok());
     let anyone = prev.is_some() && (0..shards_to_collect(prev, spec_shards)).any(&has_member);
     let window = if anyone { window } else { Duration::ZERO };
     let spec_shards = spec_shards.max(1);

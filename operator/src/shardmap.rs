@@ -261,6 +261,11 @@ pub fn compute(input: Inputs<'_>, leases: &[Lease], now: Timestamp) -> Computed 
         floor,
         ..
     } = input;
+    // Only a consistent map is a layout to continue from: its counts bound the work and the
+    // memory below. Its epoch still counts, so the epoch never goes back.
+    let published_epoch = prev.map(|p| p.epoch);
+    let prev = prev.filter(|p| p.check().is_ok());
+    let input = Inputs { prev, ..input };
     let collect = reshard::shards_to_collect(prev, spec_shards);
     let scope = Inputs {
         shards: collect,
@@ -325,7 +330,7 @@ pub fn compute(input: Inputs<'_>, leases: &[Lease], now: Timestamp) -> Computed 
     };
     let epoch = match prev {
         Some(p) if same(p) && p.epoch >= floor => p.epoch,
-        _ => prev.map_or(0, |p| p.epoch).max(floor).saturating_add(1),
+        _ => published_epoch.unwrap_or(0).max(floor).saturating_add(1),
     };
     Computed {
         map: ShardMap {
@@ -697,11 +702,14 @@ where
     Ok(api.patch(&name, &params, &Patch::Apply(obj)).await?)
 }
 
-/// The map currently published, if any and readable (an unreadable one is rebuilt above
-/// `status.epoch`, see [`Inputs::floor`]).
+/// The map currently published, if any, readable and consistent (anyone who may edit ConfigMaps
+/// in the namespace can write it; one that fails [`ShardMap::check`], e.g. with an absurd
+/// `count`, is rebuilt above `status.epoch` like an unreadable one, see [`Inputs::floor`]).
 fn published(cm: &ConfigMap) -> Option<ShardMap> {
     let json = cm.data.as_ref()?.get(labels::SHARDMAP_KEY)?;
-    serde_json::from_str(json).ok()
+    serde_json::from_str::<ShardMap>(json)
+        .ok()
+        .filter(|m| m.check().is_ok())
 }
 
 /// One reconcile of one ShardedService's shard map.

@@ -263,8 +263,9 @@ impl Policy {
                 "the policy must be a mapping like {timeouts: {...}, retries: {...}, circuitBreaker: {...}, concurrency: {...}}",
             ));
         }
-        let text =
-            serde_json::to_string(&value).map_err(|e| ConfigError::new(source, e.to_string()))?;
+        let text = yaml_safe(
+            serde_json::to_string(&value).map_err(|e| ConfigError::new(source, e.to_string()))?,
+        );
         // serde_yaml reports the path of a mistyped field (e.g. `retries.maxAttempts: invalid type`).
         let resilience: Resilience = serde_yaml::from_str(&text)
             .map_err(|e| ConfigError::new(source, format!("resilience.{e}")))?;
@@ -461,6 +462,25 @@ fn leader(
         duration,
         app: m.app,
     }))
+}
+
+/// Characters serde_json writes raw but YAML refuses in a document (DEL, the C1 controls,
+/// U+FFFE and U+FFFF), escaped: JSON only has them inside strings, where `\uXXXX` means the
+/// same to both, so a bad value is reported at its field instead of as unreadable YAML.
+fn yaml_safe(json: String) -> String {
+    let refused = |c: char| matches!(c, '\u{7f}'..='\u{9f}' | '\u{fffe}' | '\u{ffff}');
+    if !json.chars().any(refused) {
+        return json;
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if refused(c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Connection limits from the flags.

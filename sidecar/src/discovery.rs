@@ -170,11 +170,29 @@ pub fn parse_miss_statuses(p: &str, raw: &str) -> Result<Arc<[u16]>, String> {
 /// `host:port` in lower case, with port 80 when absent; `None` when it is not an authority.
 pub fn normalize_authority(raw: &str) -> Option<String> {
     let a: Authority = raw.trim().parse().ok()?;
-    if a.as_str().contains('@') || a.host().is_empty() {
+    let (text, host) = (a.as_str(), a.host());
+    if text.contains('@') || host.is_empty() {
         return None;
     }
-    let port = a.port_u16().unwrap_or(80);
-    Some(format!("{}:{port}", a.host().to_ascii_lowercase()))
+    // A port that is not 1-65535 is refused, not replaced by 80.
+    let port = match text.get(host.len()..)? {
+        "" => 80,
+        rest => rest
+            .strip_prefix(':')?
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)?,
+    };
+    // A host is a DNS name, an IPv4 address or a bracketed IPv6 address.
+    let valid_host = match host.strip_prefix('[') {
+        Some(v6) => v6
+            .strip_suffix(']')
+            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')),
+    };
+    valid_host.then(|| format!("{}:{port}", host.to_ascii_lowercase()))
 }
 
 /// Destinations from a file, fixed for the life of the process.

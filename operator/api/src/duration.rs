@@ -37,7 +37,29 @@ impl DurationString {
         } else {
             format!("{ms}ms")
         };
-        DurationString(s)
+        // One count of at most 9 digits, as the parser and the CRD pattern accept; a longer
+        // duration is written as a sum of units instead.
+        if s.trim_end_matches(|c: char| c.is_ascii_alphabetic()).len() <= 9 {
+            return DurationString(s);
+        }
+        let mut out = String::new();
+        let mut hours = ms / 3_600_000;
+        while hours > 999_999_999 {
+            out.push_str("999999999h");
+            hours -= 999_999_999;
+        }
+        let rest = ms % 3_600_000;
+        for (n, unit) in [
+            (hours, "h"),
+            (rest / 60_000, "m"),
+            (rest % 60_000 / 1000, "s"),
+            (rest % 1000, "ms"),
+        ] {
+            if n > 0 {
+                out.push_str(&format!("{n}{unit}"));
+            }
+        }
+        DurationString(out)
     }
 }
 

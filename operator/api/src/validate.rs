@@ -106,10 +106,11 @@ pub fn validate_update(old: &ShardedService, new: &ShardedService) -> Vec<FieldE
 
 /// The error for lowering `spec.shards` from `current` without `rollout.allowShardRemoval`.
 pub fn shard_removal(current: i32, new: &ShardedServiceSpec) -> Option<FieldError> {
-    if new.shards >= current || new.rollout.allow_shard_removal {
+    // A count below 1 is refused by `validate` as out of range; nothing is being removed.
+    if new.shards < 1 || new.shards >= current || new.rollout.allow_shard_removal {
         return None;
     }
-    let (removed, its) = if current - new.shards == 1 {
+    let (removed, its) = if i64::from(current) - i64::from(new.shards) == 1 {
         (format!("shard {}", new.shards), "its")
     } else {
         (format!("shards {}-{}", new.shards, current - 1), "their")

@@ -81,6 +81,21 @@ impl Admission {
         let Some(obj) = req.object else {
             return resp;
         };
+        // A pod the API server refuses anyway (no containers, no name) is left to its own
+        // validation: the patch assumes both, and would not even apply to it as sent.
+        let has_containers = obj
+            .data
+            .get("spec")
+            .and_then(|s| s.get("containers"))
+            .and_then(|c| c.as_array())
+            .is_some_and(|c| !c.is_empty());
+        let named = obj.metadata.name.is_some() || obj.metadata.generate_name.is_some();
+        if !has_containers || !named {
+            debug!(
+                "pod without containers or name; admitted unchanged for the API server to refuse"
+            );
+            return resp;
+        }
         let pod: Pod = match obj.try_parse() {
             Ok(p) => p,
             // Not a pod we can read: let the API server's own validation speak.
