@@ -2,11 +2,13 @@
 //! omission: request `i` is scheduled at `start + i/rate`, and its latency is measured from that
 //! scheduled time, so a stalled proxy is charged for every request it kept from being sent.
 //! With `--rate 0` it runs closed-loop instead (each connection sends back to back) and reports
-//! the throughput. Plain std, blocking sockets, one thread per keep-alive connection.
+//! the throughput; `--requests N` makes that closed loop stop after exactly N requests (no
+//! warm-up), for counting a proxy's instructions per request under valgrind. Plain std,
+//! blocking sockets, one thread per keep-alive connection.
 //!
 //! ```text
 //! loadgen --addr 127.0.0.1:4140 --rate 1000 --duration 15 [--connections 8] [--warmup 1]
-//!         [--path /healthz] [--header "Host: bench.local:8080"]...
+//!         [--path /healthz] [--header "Host: bench.local:8080"]... [--requests N]
 //! ```
 //!
 //! Prints one line: `requests=N errors=N rps=N p50_us=N p99_us=N p999_us=N max_us=N`.
@@ -28,12 +30,15 @@ struct Opts {
     warmup: f64,
     connections: usize,
     request: Vec<u8>,
+    /// Closed loop: stop after this many requests instead of after the duration.
+    requests: Option<u64>,
 }
 
 fn parse() -> Result<Opts, String> {
     let (mut addr, mut rate, mut duration, mut warmup, mut connections) =
         (None, 1000, 10.0, 1.0, 8);
     let (mut path, mut headers) = ("/".to_string(), Vec::new());
+    let mut requests = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
@@ -46,10 +51,17 @@ fn parse() -> Result<Opts, String> {
             "--connections" => connections = value.parse().map_err(|_| bad())?,
             "--path" => path = value,
             "--header" => headers.push(value),
+            "--requests" => requests = Some(value.parse().map_err(|_| bad())?),
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
     let addr = addr.ok_or("--addr is required")?;
+    if requests.is_some() {
+        if rate != 0 {
+            return Err("--requests counts a closed loop: use it with --rate 0".into());
+        }
+        warmup = 0.0;
+    }
     if !headers
         .iter()
         .any(|h| h.to_ascii_lowercase().starts_with("host:"))
@@ -69,6 +81,7 @@ fn parse() -> Result<Opts, String> {
         warmup,
         connections: connections.max(1),
         request: request.into_bytes(),
+        requests,
     })
 }
 
@@ -168,7 +181,11 @@ fn worker(o: &Opts, next: &AtomicU64, start: Instant, total: u64, measure_from: 
             }
             None => {
                 let now = Instant::now();
-                if now >= deadline {
+                let done = match o.requests {
+                    Some(n) => i >= n,
+                    None => now >= deadline,
+                };
+                if done {
                     break;
                 }
                 now

@@ -1,21 +1,24 @@
-//! One JSON access-log line per request, emitted as a `tracing` event with target `access_log`
-//! when the response body ends (or is dropped), so durations and byte counts cover the whole
-//! exchange. The subscriber writes through a bounded queue ([`crate::log`]): a slow stdout drops
-//! lines (counted in metrics) instead of stalling requests.
+//! One JSON access-log line per request (`"target":"access_log"`), written when the response
+//! body ends (or is dropped), so durations and byte counts cover the whole exchange. Lines are
+//! formatted here into a reused buffer and queued with [`crate::log::write_line`], which is
+//! bounded: a slow stdout drops lines (counted in metrics) instead of stalling requests.
 //!
 //! Sampling applies to successes only: failures, retried requests and sidecar-generated errors
 //! are always logged, because those are the lines someone will look for.
 
 use std::{
+    cell::{Cell, RefCell},
     convert::Infallible,
+    io::Write as _,
+    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use rand::Rng;
 use tower::{Layer, Service};
@@ -34,19 +37,16 @@ pub const MAX_LOGGED_AUTHORITY: usize = 256;
 /// Longest path logged; longer ones are cut and marked.
 pub const MAX_LOGGED_PATH: usize = 1024;
 
-/// `s`, cut to at most `max` bytes on a character boundary and marked `…` when cut.
-fn clipped(s: &str, max: usize) -> String {
+/// `s`, cut to at most `max` bytes on a character boundary, and whether it was cut.
+fn clip(s: &str, max: usize) -> (&str, bool) {
     if s.len() <= max {
-        return s.to_string();
+        return (s, false);
     }
     let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    let mut out = String::with_capacity(end + 3);
-    out.push_str(&s[..end]);
-    out.push('…');
-    out
+    (&s[..end], true)
 }
 
 /// Access-log switches.
@@ -99,8 +99,9 @@ struct Pending {
     layer: AccessLogLayer,
     ctx: RequestCtx,
     method: Method,
-    authority: String,
-    path: String,
+    /// The request's URI and Host, shared with the request (not copied): clipped when written.
+    uri: Uri,
+    host: Option<HeaderValue>,
     status: StatusCode,
     start: Instant,
     headers_after: Duration,
@@ -128,18 +129,11 @@ where
         let ctx = RequestCtx::default();
         req.extensions_mut().insert(ctx.clone());
         let method = req.method().clone();
-        let authority = req
-            .uri()
-            .authority()
-            .map(|a| clipped(a.as_str(), MAX_LOGGED_AUTHORITY))
-            .or_else(|| {
-                req.headers()
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(|h| clipped(h, MAX_LOGGED_AUTHORITY))
-            })
-            .unwrap_or_default();
-        let path = clipped(req.uri().path(), MAX_LOGGED_PATH);
+        let uri = req.uri().clone();
+        let host = match uri.authority() {
+            Some(_) => None,
+            None => req.headers().get(http::header::HOST).cloned(),
+        };
         let layer = self.layer.clone();
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -148,8 +142,8 @@ where
                 layer,
                 ctx,
                 method,
-                authority,
-                path,
+                uri,
+                host,
                 status: resp.status(),
                 start,
                 headers_after: start.elapsed(),
@@ -243,39 +237,293 @@ impl Pending {
         if !layer.cfg.enabled {
             return;
         }
-        let r = self.ctx.snapshot();
+        let r = self.ctx.lock();
         let interesting =
             self.status.as_u16() >= 400 || r.attempts > 1 || r.error.is_some() || !complete;
         if !interesting && layer.cfg.sample < 1.0 && rand::rng().random::<f64>() >= layer.cfg.sample
         {
             return;
         }
-        let retry_reasons = r.retry_reasons.join(",");
-        tracing::info!(
-            target: "access_log",
-            direction = layer.direction.as_str(),
-            method = %self.method,
-            authority = %self.authority,
-            path = %self.path,
-            status = self.status.as_u16(),
-            destination = r.destination.as_deref(),
-            shard = r.shard,
-            epoch = r.epoch,
-            endpoint = r.tried.last().map(tracing::field::display),
-            attempts = r.attempts,
-            retry_reasons = (!retry_reasons.is_empty()).then_some(retry_reasons.as_str()),
-            retry_stop = r.retry_stop,
-            redirected_to = r.redirected_to,
-            handoff = r.handoff,
-            breaker = r.breaker.map(|b| b.as_str()),
-            error = r.error,
-            request_bytes = r.request_bytes,
-            response_bytes,
-            response_complete = complete,
-            headers_ms = self.headers_after.as_secs_f64() * 1000.0,
-            duration_ms = duration.as_secs_f64() * 1000.0,
-        );
+        LINE.with_borrow_mut(|buf| {
+            buf.clear();
+            let mut l = JsonLine::start(buf, SystemTime::now());
+            l.str("direction", layer.direction.as_str());
+            l.str("method", self.method.as_str());
+            let authority = match (self.uri.authority(), &self.host) {
+                (Some(a), _) => a.as_str(),
+                (None, Some(h)) => h.to_str().unwrap_or_default(),
+                (None, None) => "",
+            };
+            l.clipped("authority", authority, MAX_LOGGED_AUTHORITY);
+            l.clipped("path", self.uri.path(), MAX_LOGGED_PATH);
+            l.uint("status", self.status.as_u16().into());
+            l.opt_str("destination", r.destination.as_deref());
+            l.opt_uint("shard", r.shard.map(u64::from));
+            if let Some(epoch) = r.epoch {
+                l.int("epoch", epoch);
+            }
+            if let Some(endpoint) = r.tried.last() {
+                l.addr("endpoint", *endpoint);
+            }
+            l.uint("attempts", r.attempts.into());
+            l.list("retry_reasons", &r.retry_reasons);
+            l.opt_str("retry_stop", r.retry_stop);
+            l.opt_uint("redirected_to", r.redirected_to.map(u64::from));
+            l.opt_str("handoff", r.handoff);
+            l.opt_str("breaker", r.breaker.map(|b| b.as_str()));
+            l.opt_str("error", r.error);
+            l.opt_uint("request_bytes", r.request_bytes);
+            l.uint("response_bytes", response_bytes);
+            l.bool("response_complete", complete);
+            l.millis("headers_ms", self.headers_after);
+            l.millis("duration_ms", duration);
+            l.end();
+            crate::log::write_line(buf);
+        });
     }
+}
+
+thread_local! {
+    /// The line being formatted, reused: formatting allocates nothing once it has grown.
+    static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
+    /// `YYYY-MM-DDTHH:MM:SS` of the last second formatted on this thread.
+    static SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
+}
+
+/// Writes one JSON object the way the process's other log lines look (`timestamp`, `level`,
+/// `target`, then the fields flat; absent values are left out), straight into a byte buffer:
+/// the access log runs once per request, and a generic event formatter cost more instructions
+/// than proxying the request (BENCHMARKS.md).
+struct JsonLine<'a> {
+    out: &'a mut Vec<u8>,
+}
+
+impl<'a> JsonLine<'a> {
+    fn start(out: &'a mut Vec<u8>, now: SystemTime) -> Self {
+        out.extend_from_slice(b"{\"timestamp\":\"");
+        let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = since.as_secs();
+        let date = SECOND.with(|c| {
+            let (cached, text) = c.get();
+            if cached == secs {
+                return text;
+            }
+            let text = rfc3339_seconds(secs);
+            c.set((secs, text));
+            text
+        });
+        out.extend_from_slice(&date);
+        out.push(b'.');
+        let micros = since.subsec_micros();
+        let mut digits = [b'0'; 6];
+        let mut m = micros;
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (m % 10) as u8;
+            m /= 10;
+        }
+        out.extend_from_slice(&digits);
+        out.extend_from_slice(b"Z\",\"level\":\"INFO\",\"target\":\"access_log\"");
+        JsonLine { out }
+    }
+
+    fn key(&mut self, key: &str) {
+        self.out.extend_from_slice(b",\"");
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    fn str(&mut self, key: &str, value: &str) {
+        self.key(key);
+        json_string(self.out, value);
+    }
+
+    /// At most `max` bytes of `value`, marked `…` when cut.
+    fn clipped(&mut self, key: &str, value: &str, max: usize) {
+        let (kept, cut) = clip(value, max);
+        self.key(key);
+        self.out.push(b'"');
+        json_escaped(self.out, kept);
+        if cut {
+            self.out.extend_from_slice("…".as_bytes());
+        }
+        self.out.push(b'"');
+    }
+
+    fn opt_str(&mut self, key: &str, value: Option<&str>) {
+        if let Some(v) = value {
+            self.str(key, v);
+        }
+    }
+
+    fn uint(&mut self, key: &str, value: u64) {
+        self.key(key);
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+    }
+
+    fn opt_uint(&mut self, key: &str, value: Option<u64>) {
+        if let Some(v) = value {
+            self.uint(key, v);
+        }
+    }
+
+    fn int(&mut self, key: &str, value: i64) {
+        self.key(key);
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+    }
+
+    fn bool(&mut self, key: &str, value: bool) {
+        self.key(key);
+        self.out
+            .extend_from_slice(if value { b"true" } else { b"false" });
+    }
+
+    /// Milliseconds with microsecond precision, e.g. `1.234`.
+    fn millis(&mut self, key: &str, d: Duration) {
+        self.key(key);
+        let micros = d.as_micros();
+        let mut buf = itoa::Buffer::new();
+        self.out
+            .extend_from_slice(buf.format(micros / 1000).as_bytes());
+        let frac = (micros % 1000) as u16;
+        self.out.extend_from_slice(&[
+            b'.',
+            b'0' + (frac / 100) as u8,
+            b'0' + (frac / 10 % 10) as u8,
+            b'0' + (frac % 10) as u8,
+        ]);
+    }
+
+    fn addr(&mut self, key: &str, addr: SocketAddr) {
+        self.key(key);
+        self.out.push(b'"');
+        match addr {
+            SocketAddr::V4(v4) => {
+                let mut buf = itoa::Buffer::new();
+                for (i, octet) in v4.ip().octets().iter().enumerate() {
+                    if i > 0 {
+                        self.out.push(b'.');
+                    }
+                    self.out.extend_from_slice(buf.format(*octet).as_bytes());
+                }
+                self.out.push(b':');
+                self.out.extend_from_slice(buf.format(v4.port()).as_bytes());
+            }
+            SocketAddr::V6(v6) => {
+                let _ = write!(self.out, "{v6}");
+            }
+        }
+        self.out.push(b'"');
+    }
+
+    /// A comma-separated string, left out when empty.
+    fn list(&mut self, key: &str, items: &[&str]) {
+        if items.is_empty() {
+            return;
+        }
+        self.key(key);
+        self.out.push(b'"');
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                self.out.push(b',');
+            }
+            json_escaped(self.out, item);
+        }
+        self.out.push(b'"');
+    }
+
+    fn end(self) {
+        self.out.extend_from_slice(b"}\n");
+    }
+}
+
+/// `value` as a JSON string.
+fn json_string(out: &mut Vec<u8>, value: &str) {
+    out.push(b'"');
+    json_escaped(out, value);
+    out.push(b'"');
+}
+
+/// Bytes that cannot appear as themselves inside a JSON string: quote, backslash and control
+/// characters.
+const NEEDS_ESCAPE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        t[i] = true;
+        i += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
+
+/// `value`'s characters as they appear inside a JSON string: quote, backslash and control
+/// characters escaped, everything else (valid UTF-8 already) as is.
+fn json_escaped(out: &mut Vec<u8>, value: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = value.as_bytes();
+    let mut clean = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if !NEEDS_ESCAPE[usize::from(b)] {
+            continue;
+        }
+        out.extend_from_slice(&bytes[clean..i]);
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            _ => out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ]),
+        }
+        clean = i + 1;
+    }
+    out.extend_from_slice(&bytes[clean..]);
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` (UTC) of `secs` since the Unix epoch.
+fn rfc3339_seconds(secs: u64) -> [u8; 19] {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian; H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut out = [0u8; 19];
+    let mut put = |at: usize, value: i64, width: usize| {
+        let mut v = value.rem_euclid(10_i64.pow(width as u32));
+        for i in (0..width).rev() {
+            out[at + i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, year, 4);
+    put(5, month, 2);
+    put(8, day, 2);
+    put(11, (rem / 3_600) as i64, 2);
+    put(14, (rem / 60 % 60) as i64, 2);
+    put(17, (rem % 60) as i64, 2);
+    out[4] = b'-';
+    out[7] = b'-';
+    out[10] = b'T';
+    out[13] = b':';
+    out[16] = b':';
+    out
 }
 
 #[cfg(test)]
@@ -284,11 +532,62 @@ mod tests {
 
     #[test]
     fn long_fields_are_clipped_on_a_character_boundary() {
-        assert_eq!(clipped("/short", 10), "/short");
+        assert_eq!(clip("/short", 10), ("/short", false));
         let long = "é".repeat(600); // 1,200 bytes
-        let c = clipped(&long, MAX_LOGGED_PATH);
+        let mut buf = Vec::new();
+        let mut l = JsonLine::start(&mut buf, SystemTime::now());
+        l.clipped("path", &long, MAX_LOGGED_PATH);
+        l.clipped("authority", "a:80", MAX_LOGGED_AUTHORITY);
+        l.end();
+        let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+        let c = v["path"].as_str().unwrap();
         assert!(c.len() <= MAX_LOGGED_PATH + '…'.len_utf8(), "{}", c.len());
         assert!(c.ends_with('…'));
         assert!(c.trim_end_matches('…').chars().all(|ch| ch == 'é'));
+        assert_eq!(v["authority"], "a:80");
+    }
+
+    #[test]
+    fn timestamps_are_utc_rfc3339() {
+        let at = |secs| String::from_utf8(rfc3339_seconds(secs).to_vec()).unwrap();
+        assert_eq!(at(0), "1970-01-01T00:00:00");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00");
+        assert_eq!(at(1_795_867_199), "2026-11-28T11:59:59");
+        assert_eq!(at(4_107_542_400), "2100-03-01T00:00:00");
+        let mut buf = Vec::new();
+        let t = UNIX_EPOCH + Duration::new(1_795_867_199, 7_000);
+        JsonLine::start(&mut buf, t).end();
+        let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+        assert_eq!(v["timestamp"], "2026-11-28T11:59:59.000007Z");
+        assert_eq!(v["target"], "access_log");
+    }
+
+    proptest::proptest! {
+        /// Whatever a client puts in a path or Host, the line stays one valid JSON object that
+        /// reads back the same.
+        #[test]
+        fn any_string_round_trips(value in ".*", reasons in proptest::collection::vec("[a-z0-9-]{1,8}", 0..4)) {
+            let mut buf = Vec::new();
+            let mut l = JsonLine::start(&mut buf, SystemTime::now());
+            l.str("path", &value);
+            let refs: Vec<&str> = reasons.iter().map(String::as_str).collect();
+            l.list("retry_reasons", &refs);
+            l.millis("duration_ms", Duration::from_micros(1_234_567));
+            l.addr("endpoint", "10.1.2.3:8080".parse().unwrap());
+            l.int("epoch", -5);
+            l.end();
+            proptest::prop_assert_eq!(buf.iter().filter(|b| **b == b'\n').count(), 1);
+            let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+            proptest::prop_assert_eq!(v["path"].as_str(), Some(value.as_str()));
+            if reasons.is_empty() {
+                proptest::prop_assert!(v.get("retry_reasons").is_none());
+            } else {
+                let joined = reasons.join(",");
+                proptest::prop_assert_eq!(v["retry_reasons"].as_str(), Some(joined.as_str()));
+            }
+            proptest::prop_assert_eq!(v["duration_ms"].as_f64(), Some(1234.567));
+            proptest::prop_assert_eq!(v["endpoint"].as_str(), Some("10.1.2.3:8080"));
+            proptest::prop_assert_eq!(v["epoch"].as_i64(), Some(-5));
+        }
     }
 }

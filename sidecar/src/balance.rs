@@ -20,7 +20,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::{uri::PathAndQuery, Request, Response, Uri};
+use http::{
+    uri::{Authority, PathAndQuery, Scheme},
+    Request, Response, Uri,
+};
 use rand::Rng;
 use tower::{Layer, Service};
 
@@ -76,6 +79,8 @@ impl PeakEwma {
 pub struct EndpointState {
     /// Address.
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, made once: every request to the endpoint needs it.
+    authority: Authority,
     breaker: Mutex<Breaker>,
     ewma: Mutex<PeakEwma>,
     pending: AtomicU32,
@@ -86,6 +91,8 @@ impl EndpointState {
         let now = Instant::now();
         EndpointState {
             addr,
+            authority: Authority::try_from(addr.to_string().as_str())
+                .unwrap_or_else(|_| Authority::from_static("0.0.0.0:0")),
             breaker: Mutex::new(Breaker::new(cfg, now)),
             ewma: Mutex::new(PeakEwma {
                 rtt_ns: DEFAULT_RTT.as_nanos() as f64,
@@ -345,18 +352,14 @@ where
                 r.tried.push(ep.addr);
                 r.breaker = Some(state);
             }
-            let pq = req
-                .uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/"));
-            let uri = Uri::builder()
-                .scheme("http")
-                .authority(ep.addr.to_string())
-                .path_and_query(pq)
-                .build()
+            let mut uri = std::mem::take(req.uri_mut()).into_parts();
+            uri.scheme = Some(Scheme::HTTP);
+            uri.authority = Some(ep.authority.clone());
+            if uri.path_and_query.is_none() {
+                uri.path_and_query = Some(PathAndQuery::from_static("/"));
+            }
+            *req.uri_mut() = Uri::from_parts(uri)
                 .map_err(|e| ProxyError::BadRequest(format!("cannot build upstream URI: {e}")))?;
-            *req.uri_mut() = uri;
 
             ep.pending.fetch_add(1, Ordering::Relaxed);
             let mut guard = InFlight {

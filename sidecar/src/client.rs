@@ -5,11 +5,12 @@
 use std::{
     error::Error as _,
     net::SocketAddr,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
 
-use http::{Request, Response};
+use http::{uri::Authority, Request, Response};
 use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
     rt::{TokioExecutor, TokioTimer},
@@ -27,10 +28,11 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idle pooled connections kept per endpoint (bounds memory and file descriptors).
 pub const POOL_MAX_IDLE_PER_HOST: usize = 64;
 
-/// Pooled HTTP/1 client to endpoints given as `http://ip:port/...` URIs.
+/// Pooled HTTP/1 client to endpoints given as `http://ip:port/...` URIs. Behind one `Arc`:
+/// the stack is cloned per request, and hyper's client is several.
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    client: Client<HttpConnector, ProxyBody>,
+    client: Arc<Client<HttpConnector, ProxyBody>>,
 }
 
 impl Upstream {
@@ -44,8 +46,18 @@ impl Upstream {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
             .build(connector);
-        Upstream { client }
+        Upstream {
+            client: Arc::new(client),
+        }
     }
+}
+
+/// The endpoint an upstream URI's authority names (`ip:port`), for errors; `0.0.0.0:0` when
+/// it names none. Parsed only when an error needs it.
+pub fn endpoint_of(authority: Option<&Authority>) -> SocketAddr {
+    authority
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// The error and its causes on one line: hyper's top-level messages alone ("client error
@@ -71,21 +83,17 @@ impl Service<Request<ProxyBody>> for Upstream {
     }
 
     fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
-        let endpoint = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let authority = req.uri().authority().cloned();
         let fut = self.client.request(req);
         Box::pin(async move {
             match fut.await {
                 Ok(resp) => Ok(resp.map(boxed)),
                 Err(e) if e.is_connect() => Err(ProxyError::Connect {
-                    endpoint,
+                    endpoint: endpoint_of(authority.as_ref()),
                     message: e.source().map_or_else(|| e.to_string(), chain),
                 }),
                 Err(e) => Err(ProxyError::Reset {
-                    endpoint,
+                    endpoint: endpoint_of(authority.as_ref()),
                     message: e.source().map_or_else(|| e.to_string(), chain),
                 }),
             }

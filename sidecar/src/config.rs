@@ -604,7 +604,7 @@ impl Settings {
                 .map_err(|e| ConfigError::new("--registry (SHARDMESH_REGISTRY)", e))?,
             None => StaticRegistry::empty(),
         };
-        if let Err(e) = crate::log::filter(&args.log_level, args.access_log) {
+        if let Err(e) = crate::log::filter(&args.log_level) {
             return Err(ConfigError::new("--log-level (SHARDMESH_LOG_LEVEL)", e));
         }
         let mut addrs = vec![

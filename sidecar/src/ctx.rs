@@ -23,7 +23,7 @@ pub struct RequestCtx(Arc<Mutex<Record>>);
 #[derive(Default, Debug, Clone)]
 pub struct Record {
     /// Destination (normalized authority) the request was routed to.
-    pub destination: Option<String>,
+    pub destination: Option<Arc<str>>,
     /// Logical shard, for sharded destinations.
     pub shard: Option<u32>,
     /// Shard-map epoch used for routing.

@@ -169,6 +169,14 @@ pub fn parse_miss_statuses(p: &str, raw: &str) -> Result<Arc<[u16]>, String> {
 
 /// `host:port` in lower case, with port 80 when absent; `None` when it is not an authority.
 pub fn normalize_authority(raw: &str) -> Option<String> {
+    if is_normalized(raw) {
+        return Some(raw.to_string());
+    }
+    parse_authority(raw)
+}
+
+/// [`normalize_authority`] the long way: parse, check, format.
+fn parse_authority(raw: &str) -> Option<String> {
     let a: Authority = raw.trim().parse().ok()?;
     let (text, host) = (a.as_str(), a.host());
     if text.contains('@') || host.is_empty() {
@@ -193,6 +201,23 @@ pub fn normalize_authority(raw: &str) -> Option<String> {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')),
     };
     valid_host.then(|| format!("{}:{port}", host.to_ascii_lowercase()))
+}
+
+/// Whether `raw` is already what [`normalize_authority`] makes of it (a lowercase DNS name or
+/// IPv4 address, `:`, a port 1-65535 without leading zeros): the common case on the request
+/// path, answered without parsing or formatting.
+fn is_normalized(raw: &str) -> bool {
+    let Some((host, port)) = raw.split_once(':') else {
+        return false;
+    };
+    !host.is_empty()
+        && host.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_')
+        })
+        && (1..=5).contains(&port.len())
+        && !port.starts_with('0')
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_ok()
 }
 
 /// Destinations from a file, fixed for the life of the process.
@@ -390,6 +415,16 @@ impl Discover for StaticRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The fast path answers exactly what the full parse would.
+        #[test]
+        fn the_fast_path_agrees_with_the_parse(raw in "[a-zA-Z0-9._@:\\[\\] -]{0,12}(:[0-9]{0,6})?") {
+            if is_normalized(&raw) {
+                proptest::prop_assert_eq!(parse_authority(&raw), Some(raw.clone()));
+            }
+        }
+    }
 
     #[test]
     fn normalizes_authorities() {

@@ -1,16 +1,16 @@
-//! Process logging: JSON lines on stdout through a bounded queue and a writer thread, so a slow
-//! or blocked stdout (a full pipe, a stalled log collector) never blocks a request; lines that
-//! do not fit are dropped and counted. The queue is bounded in lines and in bytes, and one line
-//! in bytes, so a blocked stdout costs at most [`QUEUE_BYTES`] whatever the lines carry. The level can be changed at run time from the admin
-//! server.
+//! Process logging: JSON lines on stdout through a bounded buffer and a writer thread, so a
+//! slow or blocked stdout (a full pipe, a stalled log collector) never blocks a request; lines
+//! that do not fit are dropped and counted. Lines are appended to one shared buffer (no
+//! allocation or channel message per line) that the writer swaps out and writes in one go; the
+//! buffer plus what the writer is writing never exceeds [`QUEUE_BYTES`], and one line never
+//! exceeds [`MAX_LINE_BYTES`], so a blocked stdout costs a bounded amount of memory whatever the
+//! lines carry. Access-log lines are formatted by [`crate::access_log`] and handed to
+//! [`write_line`] directly; every other event goes through `tracing`. The level can be changed
+//! at run time from the admin server.
 
 use std::{
     io::{self, Write},
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError},
-        Arc,
-    },
+    sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock},
     time::Duration,
 };
 
@@ -20,11 +20,8 @@ use tracing_subscriber::{
 
 use crate::metrics::Metrics;
 
-/// Lines buffered before new ones are dropped.
-pub const QUEUE_LINES: usize = 16 * 1024;
-
-/// Bytes of lines buffered before new ones are dropped: a few seconds of a busy sidecar's
-/// access log (~300 bytes a line).
+/// Bytes of lines buffered (queued plus being written) before new ones are dropped: a few
+/// seconds of a busy sidecar's access log (~300 bytes a line).
 pub const QUEUE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Longest line written; longer ones are dropped (and counted), since a cut line is not JSON.
@@ -32,25 +29,77 @@ pub const QUEUE_BYTES: usize = 4 * 1024 * 1024;
 /// ([`crate::access_log::MAX_LOGGED_PATH`]).
 pub const MAX_LINE_BYTES: usize = 16 * 1024;
 
-enum Msg {
-    Line(Vec<u8>),
-    Flush(mpsc::Sender<()>),
+/// A buffer that grew past this while stdout was slow is given back once written.
+const KEEP_CAPACITY: usize = 256 * 1024;
+
+/// What the producers and the writer share, under one lock.
+#[derive(Default)]
+struct Queue {
+    /// Complete lines not yet taken by the writer.
+    lines: Vec<u8>,
+    /// Bytes the writer took and is writing now.
+    writing: usize,
+    /// Flush requests, answered once everything queued before them is written.
+    waiters: Vec<mpsc::Sender<()>>,
 }
 
-/// Hands formatted lines to the writer thread.
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Wakes the idle writer (signalled when the queue goes from empty to not empty).
+    wake: Condvar,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A panic while holding the lock leaves only bytes behind; they stay usable.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues one complete line (ending in a newline), or drops and counts it.
+    fn push(&self, line: &[u8]) -> bool {
+        if line.is_empty() {
+            return true;
+        }
+        let mut q = self.lock();
+        if line.len() > MAX_LINE_BYTES || q.lines.len() + q.writing + line.len() > QUEUE_BYTES {
+            drop(q);
+            self.metrics.access_log_dropped();
+            return false;
+        }
+        let was_empty = q.lines.is_empty();
+        q.lines.extend_from_slice(line);
+        drop(q);
+        if was_empty {
+            self.wake.notify_one();
+        }
+        true
+    }
+}
+
+/// The process's log queue, once [`init`] ran. Lines written before (or without) it are
+/// dropped, as `tracing` drops events without a subscriber.
+static SINK: OnceLock<Arc<Shared>> = OnceLock::new();
+
+/// Queues one complete JSON line (ending in a newline) for stdout; false when it was dropped
+/// (no logging installed, the queue full, or the line too long, the last two counted).
+pub fn write_line(line: &[u8]) -> bool {
+    match SINK.get() {
+        Some(shared) => shared.push(line),
+        None => false,
+    }
+}
+
+/// Hands `tracing`'s formatted lines to the queue.
 #[derive(Clone)]
 pub struct NonBlocking {
-    tx: SyncSender<Msg>,
-    queued: Arc<AtomicUsize>,
-    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
 }
 
-/// One event's bytes; sent as a unit when the formatter drops it.
+/// One event's bytes; queued as a unit when the formatter drops it.
 pub struct LineWriter {
     buf: Vec<u8>,
-    tx: SyncSender<Msg>,
-    queued: Arc<AtomicUsize>,
-    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
 }
 
 impl Write for LineWriter {
@@ -65,26 +114,7 @@ impl Write for LineWriter {
 
 impl Drop for LineWriter {
     fn drop(&mut self) {
-        if self.buf.is_empty() {
-            return;
-        }
-        let buf = std::mem::take(&mut self.buf);
-        let len = buf.len();
-        if len > MAX_LINE_BYTES || self.queued.fetch_add(len, Ordering::Relaxed) + len > QUEUE_BYTES
-        {
-            if len <= MAX_LINE_BYTES {
-                self.queued.fetch_sub(len, Ordering::Relaxed);
-            }
-            self.metrics.access_log_dropped();
-            return;
-        }
-        match self.tx.try_send(Msg::Line(buf)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.queued.fetch_sub(len, Ordering::Relaxed);
-                self.metrics.access_log_dropped()
-            }
-        }
+        self.shared.push(&self.buf);
     }
 }
 
@@ -92,80 +122,47 @@ impl<'a> MakeWriter<'a> for NonBlocking {
     type Writer = LineWriter;
     fn make_writer(&'a self) -> LineWriter {
         LineWriter {
-            buf: Vec::with_capacity(512),
-            tx: self.tx.clone(),
-            queued: self.queued.clone(),
-            metrics: self.metrics.clone(),
+            buf: Vec::with_capacity(256),
+            shared: self.shared.clone(),
         }
     }
 }
 
 /// While lines keep coming, the writer sleeps this long between batches instead of being woken
 /// for every line: a wake-up per line cost each request two context switches on the proxy's core
-/// (a third of the sidecar's CPU at full load, see BENCHMARKS.md). The queue of [`QUEUE_LINES`]
-/// absorbs a period's lines at over a million lines a second.
+/// (a third of the sidecar's CPU at full load, see BENCHMARKS.md).
 pub const WRITE_PERIOD: Duration = Duration::from_millis(5);
 
-/// Largest batch handed to stdout in one write.
-const BATCH_BYTES: usize = 64 * 1024;
-
-fn write_batch(stdout: &io::Stdout, batch: &mut Vec<u8>) {
-    if batch.is_empty() {
-        return;
-    }
-    let mut out = stdout.lock();
-    // stdout closed: nothing sensible to do but keep draining the queue.
-    let _ = out.write_all(batch);
-    let _ = out.flush();
-    batch.clear();
-}
-
-fn writer_thread(rx: Receiver<Msg>, queued: Arc<AtomicUsize>) {
+fn writer_thread(shared: Arc<Shared>) {
     let stdout = io::stdout();
-    let mut batch = Vec::with_capacity(BATCH_BYTES);
-    let mut waiters = Vec::new();
-    // Idle: block (senders wake this thread once per burst, not per line).
-    while let Ok(first) = rx.recv() {
-        let mut next = Some(first);
-        loop {
-            // Drain what is queued, then write it in one go.
-            let mut got = false;
-            let mut disconnected = false;
-            loop {
-                let msg = match next.take() {
-                    Some(m) => m,
-                    None => match rx.try_recv() {
-                        Ok(m) => m,
-                        Err(TryRecvError::Empty) => break,
-                        Err(TryRecvError::Disconnected) => {
-                            disconnected = true;
-                            break;
-                        }
-                    },
-                };
-                got = true;
-                match msg {
-                    Msg::Line(line) => {
-                        queued.fetch_sub(line.len(), Ordering::Relaxed);
-                        batch.extend_from_slice(&line);
-                        if batch.len() >= BATCH_BYTES {
-                            write_batch(&stdout, &mut batch);
-                        }
-                    }
-                    // Acknowledged once every line queued before it is written.
-                    Msg::Flush(done) => waiters.push(done),
-                }
+    let mut batch = Vec::new();
+    loop {
+        let waiters = {
+            let mut q = shared.lock();
+            // Idle: block until a line or a flush request arrives.
+            while q.lines.is_empty() && q.waiters.is_empty() {
+                q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
             }
-            write_batch(&stdout, &mut batch);
-            for done in waiters.drain(..) {
-                let _ = done.send(());
-            }
-            if disconnected {
-                return;
-            }
-            if !got {
-                break;
-            }
+            std::mem::swap(&mut q.lines, &mut batch);
+            q.writing = batch.len();
+            std::mem::take(&mut q.waiters)
+        };
+        let wrote = !batch.is_empty();
+        if wrote {
+            let mut out = stdout.lock();
+            // stdout closed: nothing sensible to do but keep draining the queue.
+            let _ = out.write_all(&batch);
+            let _ = out.flush();
+        }
+        batch.clear();
+        if batch.capacity() > KEEP_CAPACITY {
+            batch = Vec::new();
+        }
+        shared.lock().writing = 0;
+        for done in waiters {
+            let _ = done.send(());
+        }
+        if wrote {
             std::thread::sleep(WRITE_PERIOD);
         }
     }
@@ -177,7 +174,7 @@ pub type LevelControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 /// Handle kept by `main`: flushes queued lines before exit and changes the level.
 #[derive(Clone)]
 pub struct Logging {
-    tx: SyncSender<Msg>,
+    shared: Arc<Shared>,
     /// Level changer for the admin server.
     pub level: LevelControl,
 }
@@ -186,40 +183,43 @@ impl Logging {
     /// Waits (up to `timeout`) until every line queued so far is written.
     pub fn flush(&self, timeout: Duration) {
         let (done_tx, done_rx) = mpsc::channel();
-        if self.tx.try_send(Msg::Flush(done_tx)).is_ok() {
-            let _ = done_rx.recv_timeout(timeout);
-        }
+        self.shared.lock().waiters.push(done_tx);
+        self.shared.wake.notify_one();
+        let _ = done_rx.recv_timeout(timeout);
     }
 }
 
 /// The filter for `level` (`info`, or full `tracing` directives such as
-/// `info,shardmesh_sidecar=debug`); access-log lines stay on at `info` unless disabled.
-pub fn filter(level: &str, access_log: bool) -> Result<EnvFilter, String> {
-    let access = if access_log { "info" } else { "off" };
-    EnvFilter::try_new(format!("{level},access_log={access}"))
+/// `info,shardmesh_sidecar=debug`). Access-log lines do not pass it: `--access-log` alone
+/// switches them.
+pub fn filter(level: &str) -> Result<EnvFilter, String> {
+    EnvFilter::try_new(level)
         .map_err(|e| format!("{level:?} is not a log level or filter: {e}; use e.g. \"info\", \"debug\" or \"info,shardmesh_sidecar=debug\""))
 }
 
-/// Installs the global JSON subscriber.
-pub fn init(level: &str, access_log: bool, metrics: Arc<Metrics>) -> Result<Logging, String> {
-    let (tx, rx) = mpsc::sync_channel(QUEUE_LINES);
-    let queued = Arc::new(AtomicUsize::new(0));
-    let writer_queued = queued.clone();
+/// Installs the global JSON subscriber and the queue behind it and [`write_line`].
+pub fn init(level: &str, metrics: Arc<Metrics>) -> Result<Logging, String> {
+    let shared = Arc::new(Shared {
+        queue: Mutex::new(Queue::default()),
+        wake: Condvar::new(),
+        metrics,
+    });
+    if SINK.set(shared.clone()).is_err() {
+        return Err("logging is already installed".into());
+    }
+    let writer = shared.clone();
     std::thread::Builder::new()
         .name("log-writer".into())
-        .spawn(move || writer_thread(rx, writer_queued))
+        .spawn(move || writer_thread(writer))
         .map_err(|e| format!("cannot start the log writer thread: {e}"))?;
-    let (filter_layer, handle) =
-        reload::Layer::<EnvFilter, Registry>::new(filter(level, access_log)?);
+    let (filter_layer, handle) = reload::Layer::<EnvFilter, Registry>::new(filter(level)?);
     let fmt = tracing_subscriber::fmt::layer()
         .json()
         .flatten_event(true)
         .with_current_span(false)
         .with_span_list(false)
         .with_writer(NonBlocking {
-            tx: tx.clone(),
-            queued,
-            metrics,
+            shared: shared.clone(),
         });
     tracing_subscriber::registry()
         .with(filter_layer)
@@ -227,10 +227,10 @@ pub fn init(level: &str, access_log: bool, metrics: Arc<Metrics>) -> Result<Logg
         .try_init()
         .map_err(|e| format!("cannot install the log subscriber: {e}"))?;
     let level: LevelControl = Arc::new(move |new: &str| {
-        let f = filter(new, access_log)?;
+        let f = filter(new)?;
         handle
             .reload(f)
             .map_err(|e| format!("cannot change the log level: {e}"))
     });
-    Ok(Logging { tx, level })
+    Ok(Logging { shared, level })
 }

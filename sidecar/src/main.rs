@@ -32,11 +32,7 @@ fn main() -> ExitCode {
     };
     // One metrics object for the proxies and the log writer, so dropped lines are counted.
     let metrics = Arc::new(Metrics::default());
-    let logging = match log::init(
-        &settings.args.log_level,
-        settings.args.access_log,
-        metrics.clone(),
-    ) {
+    let logging = match log::init(&settings.args.log_level, metrics.clone()) {
         Ok(l) => l,
         Err(e) => return fail(format!("--log-level (SHARDMESH_LOG_LEVEL): {e}")),
     };

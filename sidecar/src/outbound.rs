@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use http::{header, HeaderValue, Method, Request, Response};
+use http::{header, HeaderName, HeaderValue, Method, Request, Response};
 use tower::{Layer, Service, ServiceBuilder};
 
 use crate::{
@@ -34,6 +34,11 @@ use crate::{
 
 use shardmesh_api::headers::FENCING_EPOCH;
 pub use shardmesh_api::headers::{EPOCH as EPOCH_HEADER, SHARD as SHARD_HEADER};
+
+/// The routing headers set on every sharded request, parsed once.
+const SHARD: HeaderName = HeaderName::from_static(SHARD_HEADER);
+const EPOCH: HeaderName = HeaderName::from_static(EPOCH_HEADER);
+const FENCING: HeaderName = HeaderName::from_static(FENCING_EPOCH);
 
 /// Shared state of the outbound side.
 #[derive(Clone)]
@@ -168,8 +173,9 @@ pub struct Resolve<S> {
     layer: ResolveLayer,
 }
 
-/// The authority a request is for: the absolute-form URI's, else the `Host` header.
-fn request_authority(req: &Request<ProxyBody>) -> Result<String, ProxyError> {
+/// The authority a request is for, as the `Host` value sent upstream: the absolute-form URI's,
+/// else the `Host` header (shared, not copied).
+fn request_authority(req: &Request<ProxyBody>) -> Result<HeaderValue, ProxyError> {
     if req.method() == Method::CONNECT {
         return Err(ProxyError::BadRequest(
             "CONNECT tunnels are not supported; send plain http:// requests through the proxy (TLS to the destination is not proxied)".into(),
@@ -183,17 +189,14 @@ fn request_authority(req: &Request<ProxyBody>) -> Result<String, ProxyError> {
         }
     }
     if let Some(a) = req.uri().authority() {
-        return Ok(a.to_string());
+        return HeaderValue::from_str(a.as_str())
+            .map_err(|_| ProxyError::BadRequest(format!("{:?} is not a valid Host", a.as_str())));
     }
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .ok_or_else(|| {
-            ProxyError::BadRequest(
-                "no destination: send absolute-form URIs (set HTTP_PROXY) or a Host header".into(),
-            )
-        })
+    req.headers().get(header::HOST).cloned().ok_or_else(|| {
+        ProxyError::BadRequest(
+            "no destination: send absolute-form URIs (set HTTP_PROXY) or a Host header".into(),
+        )
+    })
 }
 
 /// Picks the endpoints of `dest` for this request, setting shard headers and context. `owner`
@@ -228,9 +231,9 @@ fn targets_of(
                 r.epoch = Some(*epoch);
             }
             req.headers_mut()
-                .insert(SHARD_HEADER, HeaderValue::from(shard));
+                .insert(SHARD, crate::headers::number(shard.into()));
             req.headers_mut()
-                .insert(EPOCH_HEADER, HeaderValue::from(*epoch));
+                .insert(EPOCH, crate::headers::number(*epoch));
             // Writes to a service that elects leaders go to the shard's leader only, fenced
             // with its epoch; the leader's application compares it with its own.
             if let Some(l) = leaders.as_deref() {
@@ -238,7 +241,7 @@ fn targets_of(
                     return match l.leaders.get(shard as usize).cloned().flatten() {
                         Some((leader, leader_epoch)) => {
                             req.headers_mut()
-                                .insert(FENCING_EPOCH, HeaderValue::from(leader_epoch));
+                                .insert(FENCING, HeaderValue::from(leader_epoch));
                             Ok(leader)
                         }
                         None => Err(ProxyError::NoEndpoints(format!(
@@ -284,19 +287,22 @@ where
         let this = self.clone();
         Box::pin(async move {
             let ctx = RequestCtx::from_extensions(req.extensions());
-            let raw = request_authority(&req)?;
-            let name = normalize_authority(&raw).ok_or_else(|| {
-                ProxyError::BadRequest(format!("{raw:?} is not a valid host[:port]"))
-            })?;
-            ctx.lock().destination = Some(name.clone());
             // Upstreams see the authority the application asked for.
-            let host = HeaderValue::from_str(&raw)
-                .map_err(|_| ProxyError::BadRequest(format!("{raw:?} is not a valid Host")))?;
+            let host = request_authority(&req)?;
+            let name: Arc<str> = host
+                .to_str()
+                .ok()
+                .and_then(normalize_authority)
+                .ok_or_else(|| {
+                    ProxyError::BadRequest(format!("{host:?} is not a valid host[:port]"))
+                })?
+                .into();
+            ctx.lock().destination = Some(name.clone());
             let dest = this.layer.discovery.lookup(&name);
             let addrs = match &dest {
                 Some(dest) => targets_of(dest, &mut req, &ctx, None)?,
                 None if this.layer.passthrough => {
-                    let lookup = tokio::net::lookup_host(name.clone());
+                    let lookup = tokio::net::lookup_host(name.to_string());
                     match tokio::time::timeout(this.layer.dns_timeout, lookup).await {
                         Ok(Ok(addrs)) => addrs.collect::<Vec<_>>().into(),
                         Ok(Err(e)) => {
@@ -317,7 +323,7 @@ where
             };
             strip_hop_by_hop(req.headers_mut());
             req.headers_mut().insert(header::HOST, host);
-            let destination: Arc<str> = name.into();
+            let destination = name;
             let sharded = dest.as_ref().and_then(|d| d.epoch());
             let (Some(mine), true) = (sharded, this.layer.redirect_body_limit > 0) else {
                 return send(this.inner.clone(), req, destination, addrs).await;

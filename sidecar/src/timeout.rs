@@ -3,7 +3,6 @@
 //! the client's connector. Each answers 504 with a body naming the limit that was hit.
 
 use std::{
-    net::SocketAddr,
     task::{Context, Poll},
     time::Duration,
 };
@@ -74,24 +73,22 @@ where
         let deadline = Instant::now() + self.overall;
         req.extensions_mut().insert(Deadline(deadline));
         let ctx = RequestCtx::from_extensions(req.extensions());
-        let authority = req
-            .uri()
-            .authority()
-            .map(|a| a.to_string())
-            .or_else(|| {
-                req.headers()
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            })
-            .unwrap_or_default();
+        // Kept (shared, not copied) only to name the request should the deadline expire.
+        let authority = req.uri().authority().cloned();
+        let host = req.headers().get(http::header::HOST).cloned();
         let timeout = self.overall;
         let fut = self.inner.call(req);
         Box::pin(async move {
             let deadline_error = || {
-                let r = ctx.snapshot();
+                let r = ctx.lock();
+                let destination = match (&r.destination, &authority, &host) {
+                    (Some(d), _, _) => d.to_string(),
+                    (None, Some(a), _) => a.to_string(),
+                    (None, None, Some(h)) => String::from_utf8_lossy(h.as_bytes()).into_owned(),
+                    (None, None, None) => String::new(),
+                };
                 ProxyError::Deadline {
-                    destination: r.destination.unwrap_or(authority),
+                    destination,
                     timeout,
                     attempts: r.attempts,
                 }
@@ -157,11 +154,7 @@ where
     }
 
     fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
-        let endpoint = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let authority = req.uri().authority().cloned();
         let timeout = self.per_try;
         // No attempt outlives the overall deadline.
         let until = match req.extensions().get::<Deadline>() {
@@ -172,7 +165,10 @@ where
         Box::pin(async move {
             match tokio::time::timeout_at(until, fut).await {
                 Ok(result) => result,
-                Err(_) => Err(ProxyError::PerTryTimeout { endpoint, timeout }),
+                Err(_) => Err(ProxyError::PerTryTimeout {
+                    endpoint: crate::client::endpoint_of(authority.as_ref()),
+                    timeout,
+                }),
             }
         })
     }
