@@ -28,7 +28,7 @@ use crate::{
     errors::{BoxFuture, ErrorResponseLayer, ProxyError},
     headers::strip_hop_by_hop,
     metrics::{Direction, Metrics},
-    retry::{buffer, Replay, RetryLayer},
+    retry::{buffer, MayRedirect, Replay, Resend, RetryLayer},
     timeout::{DeadlineLayer, PerTryTimeoutLayer},
 };
 
@@ -328,8 +328,9 @@ where
             let (Some(mine), true) = (sharded, this.layer.redirect_body_limit > 0) else {
                 return send(this.inner.clone(), req, destination, addrs).await;
             };
-            // Sharded: keep the body, so a 421 from a peer with a newer map can be followed.
-            let (parts, body) = req.into_parts();
+            // Sharded: the body is read into memory, so a 421 from a peer with a newer map can be
+            // followed; the retry layer keeps the request and hands it back with the 421.
+            let (mut parts, body) = req.into_parts();
             let bytes = match buffer(body, this.layer.redirect_body_limit).await? {
                 Replay::Buffered(bytes) => bytes,
                 Replay::Streaming(body) => {
@@ -337,11 +338,18 @@ where
                     return send(this.inner.clone(), req, destination, addrs).await;
                 }
             };
-            let first = Request::from_parts(parts.clone(), full(bytes.clone()));
-            let resp = send(this.inner.clone(), first, destination.clone(), addrs).await?;
+            parts.extensions.insert(MayRedirect);
+            let first = Request::from_parts(parts, full(bytes));
+            let mut resp = send(this.inner.clone(), first, destination.clone(), addrs).await?;
             let Some((theirs, owner)) = misdirected(&resp) else {
                 return Ok(resp);
             };
+            let Some(Resend { mut parts, body }) = resp.extensions_mut().remove::<Resend>() else {
+                this.layer.metrics.redirect(false);
+                return Ok(resp);
+            };
+            // Routed afresh below: a fencing epoch belongs to the leader the first send chose.
+            parts.headers.remove(FENCING);
             let fresh = if theirs > mine {
                 wait_for_epoch(&*this.layer.discovery, &destination, theirs, REDIRECT_WAIT).await
             } else {
@@ -357,7 +365,7 @@ where
                 this.layer.metrics.redirect(false);
                 return Ok(resp);
             }
-            let mut again = Request::from_parts(parts, full(bytes));
+            let mut again = Request::from_parts(parts, full(body));
             // Caught up: route by our own (now as new) map; else trust the owner it named.
             let owner = (!caught_up).then_some(owner);
             let addrs = match targets_of(&fresh, &mut again, &ctx, owner) {

@@ -49,6 +49,40 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 /// Longest `Retry-After` honoured; longer values are treated as "do not retry".
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
+/// Marks a request the resolve step may send again to another shard after a peer's 421: the
+/// retry layer keeps it (and hands it back in [`Resend`]) even when it makes one attempt only.
+#[derive(Clone, Copy, Debug)]
+pub struct MayRedirect;
+
+/// The request as the retry layer kept it for replay, handed back in the extensions of a 421
+/// response, so the layer above can send it again without keeping a copy of its own.
+#[derive(Clone, Debug)]
+pub struct Resend {
+    /// Method, URI, headers (as received, hop-by-hop ones removed) and extensions.
+    pub parts: http::request::Parts,
+    /// The complete body.
+    pub body: Bytes,
+}
+
+/// `result`, carrying the kept request when it is a 421 (a request never processed, which the
+/// layer above may send to the right shard).
+fn hand_back(
+    mut result: Result<Response<ProxyBody>, ProxyError>,
+    mut parts: http::request::Parts,
+    body: Bytes,
+    idempotent: Option<http::HeaderValue>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if let Ok(resp) = &mut result {
+        if resp.status() == StatusCode::MISDIRECTED_REQUEST {
+            if let Some(v) = idempotent {
+                parts.headers.insert(IDEMPOTENT_HEADER, v);
+            }
+            resp.extensions_mut().insert(Resend { parts, body });
+        }
+    }
+    result
+}
+
 /// Retry parameters (from `resilience.retries`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RetryPolicy {
@@ -315,12 +349,13 @@ where
             } = this.layer;
             let (mut parts, body) = req.into_parts();
             let idempotent = is_idempotent(&parts.method, &parts.headers);
-            parts.headers.remove(&IDEMPOTENT_HEADER);
+            let marked = parts.headers.remove(&IDEMPOTENT_HEADER);
             let ctx = RequestCtx::from_extensions(&parts.extensions);
             let deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
             budget.deposit();
 
-            let replay = if policy.max_attempts > 1 {
+            let keep = policy.max_attempts > 1 || parts.extensions.get::<MayRedirect>().is_some();
+            let replay = if keep {
                 buffer(body, policy.max_replay_body_bytes).await?
             } else {
                 Replay::Streaming(body)
@@ -344,7 +379,7 @@ where
                 let mut inner = this.inner.clone();
                 let result = inner.call(req).await;
                 let Some(reason) = classify(&result) else {
-                    return result;
+                    return hand_back(result, parts, bytes, marked);
                 };
                 if let Some(why) = stop_reason(&policy, reason, idempotent, attempt) {
                     ctx.lock().retry_stop = Some(why);
