@@ -2,18 +2,25 @@
 # Sidecar benchmark (issue 8, parts 1 and 2): the same load on loopback through no proxy, the
 # shardmesh sidecar (all features on; access log off), a bare hyper forwarder, haproxy, nginx
 # and Envoy, one worker each; then the sidecar with static shard maps of 10 / 1,000 / 10,000
-# endpoints. Prints markdown tables (also written to --out). See BENCHMARKS.md.
+# endpoints; then every proxy's instructions per request under valgrind's cachegrind, a count
+# that other load on the machine does not move. Prints markdown tables (also written to --out).
+# See BENCHMARKS.md.
 #
 #   sidecar/bench/run.sh [--smoke] [--duration S] [--rounds N] [--rate RPS] [--out FILE]
 #                        [--no-install] [--skip-scale | --scale-only]
+#                        [--requests N | --no-instructions | --instructions-only]
 #
+# Instructions: each proxy runs twice under cachegrind, once for a warm-up of 500 requests and
+# once for 500 + N (default 5,000) keep-alive requests on 4 connections; (second − first) / N is
+# its user-space instructions per request, without start-up, connection set-up and first-use
+# costs. Skipped (and said) when valgrind is missing.
 # --smoke: 1 round, 1 s per step, no installs; proves the harness runs. It never judges timing:
 # the exit status is non-zero only when our own binaries fail to build, start or serve.
 # Tools that are missing (and cannot be installed) are reported and their rows skipped.
 # Honours CARGO_TARGET_DIR (default: the repo's target/).
 set -uo pipefail
 
-SMOKE=0 DURATION=15 ROUNDS=3 RATE=1000 INSTALL=1 SCALE=1 MAIN=1 OUT=""
+SMOKE=0 DURATION=15 ROUNDS=3 RATE=1000 INSTALL=1 SCALE=1 MAIN=1 OUT="" INSTR=1 INSTR_REQS=5000
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
@@ -23,13 +30,18 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift ;;
     --no-install) INSTALL=0 ;;
     --skip-scale) SCALE=0 ;;
-    --scale-only) MAIN=0 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --scale-only) MAIN=0 INSTR=0 ;;
+    --requests) INSTR_REQS="$2"; shift ;;
+    --no-instructions) INSTR=0 ;;
+    --instructions-only) MAIN=0 SCALE=0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
-if [ "$SMOKE" = 1 ]; then DURATION=1 ROUNDS=1 INSTALL=0; fi
+if [ "$SMOKE" = 1 ]; then DURATION=1 ROUNDS=1 INSTALL=0 INSTR_REQS=200; fi
+INSTR_WARM=500
+[ "$SMOKE" = 1 ] && INSTR_WARM=50
 WARMUP=1
 [ "$SMOKE" = 1 ] && WARMUP=0.2
 
@@ -134,9 +146,13 @@ BARE="$TARGET/release/examples/bare_forwarder"
 
 # ---------------------------------------------------------------------------------------------
 # Process helpers
+# Tenths of a second to wait for a proxy to listen and to exit (longer under valgrind).
+WAIT_TENTHS=100 EXIT_TENTHS=50
+# Prepended to each proxy's command line (after the CPU pinning): valgrind, for the counts.
+WRAP=()
 wait_port() { # port [pid]
   local i
-  for i in $(seq 1 100); do
+  for i in $(seq 1 "$WAIT_TENTHS"); do
     if [ -n "${2:-}" ] && ! kill -0 "$2" 2>/dev/null; then return 1; fi
     if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
     sleep 0.1
@@ -153,7 +169,7 @@ start() { # name logfile cmd... ; sets LAST_PID
 stop() {
   kill "$1" 2>/dev/null
   local i
-  for i in $(seq 1 50); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+  for i in $(seq 1 "$EXIT_TENTHS"); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
   kill -9 "$1" 2>/dev/null
   wait "$1" 2>/dev/null
   return 0
@@ -334,13 +350,13 @@ start_proxy() { # name [registry]; sets PX_PID (empty for direct) and PX_ADDR
     sidecar-all|sidecar-nolog)
       local al=true; [ "$1" = sidecar-nolog ] && al=false
       # stdout (access log and other logs) goes to a file.
-      start "$1" "$WORK/$1.log" "${PIN_PX[@]}" "$SIDECAR" --outbound-addr "127.0.0.1:$PX_PORT" \
+      start "$1" "$WORK/$1.log" "${PIN_PX[@]}" "${WRAP[@]}" "$SIDECAR" --outbound-addr "127.0.0.1:$PX_PORT" \
         --admin-addr "127.0.0.1:$ADMIN_PORT" --registry "$reg" --policy "$POLICY" \
         --passthrough false --access-log "$al" --log-level info --drain-delay 0s --grace-period 1s ;;
-    bare-hyper) start "$1" "$WORK/$1.log" "${PIN_PX[@]}" "$BARE" "127.0.0.1:$PX_PORT" "127.0.0.1:$UP_PORT" ;;
-    haproxy) start "$1" "$WORK/$1.log" "${PIN_PX[@]}" haproxy -db -f "$WORK/haproxy.cfg" ;;
-    nginx) start "$1" "$WORK/$1.log" "${PIN_PX[@]}" nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" ;;
-    envoy) start "$1" "$WORK/$1.log" "${PIN_PX[@]}" "$ENVOY" -c "$WORK/envoy.yaml" --concurrency 1 \
+    bare-hyper) start "$1" "$WORK/$1.log" "${PIN_PX[@]}" "${WRAP[@]}" "$BARE" "127.0.0.1:$PX_PORT" "127.0.0.1:$UP_PORT" ;;
+    haproxy) start "$1" "$WORK/$1.log" "${PIN_PX[@]}" "${WRAP[@]}" haproxy -db -f "$WORK/haproxy.cfg" ;;
+    nginx) start "$1" "$WORK/$1.log" "${PIN_PX[@]}" "${WRAP[@]}" nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" ;;
+    envoy) start "$1" "$WORK/$1.log" "${PIN_PX[@]}" "${WRAP[@]}" "$ENVOY" -c "$WORK/envoy.yaml" --concurrency 1 \
         --disable-hot-restart -l error ;;
   esac
   PX_PID=$LAST_PID
@@ -502,6 +518,59 @@ if [ "$SCALE" = 1 ]; then
 fi
 
 # ---------------------------------------------------------------------------------------------
+# Instructions per request under cachegrind: (run with warm-up + N requests) − (run with the
+# warm-up only), divided by N. Instruction counts do not move with the machine's load.
+INSTR_TABLE="$WORK/instructions.md"
+instr_run() { # name requests -> cachegrind's total instruction count ("" on failure)
+  local n=$1 reqs=$2 out="$WORK/cachegrind.$1.$2"
+  WRAP=(valgrind --tool=cachegrind --cache-sim=no "--cachegrind-out-file=$out")
+  WAIT_TENTHS=1200 EXIT_TENTHS=600
+  local ok=1
+  if start_proxy "$n"; then
+    if ! "${PIN_LG[@]}" "$LOADGEN" --addr "$PX_ADDR" --rate 0 --requests "$reqs" --connections 4 \
+        --path "$PATH_Q" "${HDRS[@]}" >"$WORK/instr-load.out" 2>&1; then
+      note "$n: the load under cachegrind failed: $(cat "$WORK/instr-load.out")"
+      ok=0
+    fi
+    stop "$PX_PID"
+  else
+    ok=0
+  fi
+  WRAP=() WAIT_TENTHS=100 EXIT_TENTHS=50
+  [ "$ok" = 1 ] && awk '/^summary:/{print $2}' "$out" 2>/dev/null
+}
+if [ "$INSTR" = 1 ]; then
+  if ! have valgrind; then
+    note "valgrind missing: no instruction counts"
+  else
+    [ -n "$UPSTREAM_PID" ] && kill -0 "$UPSTREAM_PID" 2>/dev/null || up 127.0.0.1
+    say "instructions per request under cachegrind ($INSTR_WARM warm-up + $INSTR_REQS requests)"
+    for p in "${PROXIES[@]}"; do
+      [ "$p" = direct ] && continue
+      available "$p" || continue
+      a=$(instr_run "$p" "$INSTR_WARM") b=$(instr_run "$p" $((INSTR_WARM + INSTR_REQS)))
+      if [ -n "$a" ] && [ -n "$b" ]; then
+        awk -v a="$a" -v b="$b" -v n="$INSTR_REQS" 'BEGIN { printf "%.0f\n", (b - a) / n }' >"$WORK/res/$p.instr"
+        say "$p: $(cat "$WORK/res/$p.instr") instructions per request"
+      else
+        note "$p: no instruction count (it did not start, serve or exit under valgrind)"
+        ours "$p" && FAILED=1
+      fi
+    done
+    HAP_I=$(get haproxy instr) BARE_I=$(get bare-hyper instr)
+    {
+      echo "| proxy (one worker) | instructions per request | vs bare hyper | vs haproxy |"
+      echo "| --- | ---: | ---: | ---: |"
+      for p in "${PROXIES[@]}"; do
+        [ -s "$WORK/res/$p.instr" ] || continue
+        i=$(get "$p" instr)
+        echo "| $(label "$p") | $(fmt "$i" %.0f) | $(ratio "$i" "$BARE_I") | $(ratio "$i" "$HAP_I") |"
+      done
+    } >"$INSTR_TABLE"
+  fi
+fi
+
+# ---------------------------------------------------------------------------------------------
 # Report
 REPORT="$WORK/report.md"
 {
@@ -510,6 +579,12 @@ REPORT="$WORK/report.md"
   echo "Settings: $ROUNDS round(s), medians; closed loop $( have wrk && echo "wrk -t1 -c50" || echo "loadgen --rate 0 -c50") for ${DURATION}s; fixed rate $RATE rps for ${DURATION}s after ${WARMUP}s warm-up, 8 connections, latency from each request's scheduled send time; $PINNING; upstream: shardmesh-demo GET $PATH_Q (body \"ok\"), request logs off. Latency columns: direct is absolute, proxies are added µs over direct (medians)."
   echo
   [ "$MAIN" = 1 ] && cat "$TABLE"
+  if [ -s "$INSTR_TABLE" ]; then
+    echo
+    echo "Instructions per request (valgrind cachegrind, user space, $INSTR_WARM warm-up + $INSTR_REQS keep-alive requests on 4 connections, warm-up run subtracted):"
+    echo
+    cat "$INSTR_TABLE"
+  fi
   if [ "$SCALE" = 1 ]; then
     echo
     echo "Scale of state (sidecar, all features on; absolute latency, one run each):"
