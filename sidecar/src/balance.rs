@@ -321,7 +321,11 @@ where
         let this = self.clone();
         Box::pin(async move {
             let ctx = RequestCtx::from_extensions(req.extensions());
-            let Some(targets) = req.extensions().get::<Targets>().cloned() else {
+            let (targets, tried) = {
+                let r = ctx.lock();
+                (r.targets.clone(), r.tried.clone())
+            };
+            let Some(targets) = targets else {
                 return Err(ProxyError::NoEndpoints(
                     "the request reached the balancer without a destination".into(),
                 ));
@@ -337,7 +341,6 @@ where
                 .iter()
                 .map(|a| this.layer.endpoints.get(*a))
                 .collect();
-            let tried = ctx.lock().tried.clone();
             let now = Instant::now();
             let Some((i, admission, state)) = this.pick(&states, &tried, now) else {
                 ctx.lock().breaker = Some(BreakerState::Open);

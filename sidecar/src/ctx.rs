@@ -1,18 +1,20 @@
 //! Per-request context shared by the layers of one request.
 //!
-//! The access-log layer creates it and puts it in the request extensions; inner layers (resolve,
-//! retry, balance) fill in what only they know. Because extensions are cloned into every retry
-//! attempt, all attempts share the one record, and the log line is complete even when an outer
-//! layer (the deadline) answers instead of the inner ones.
+//! The access-log layer creates it and puts it in the request extensions (the only extension
+//! the stack adds: each is a boxed value, copied into every retry attempt); inner layers fill in
+//! what only they know — the deadline, the candidate endpoints, what the log reports. Because
+//! extensions are cloned into every retry attempt, all attempts share the one record, and the
+//! log line is complete even when an outer layer (the deadline) answers instead of the inner
+//! ones.
 
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use http::Extensions;
+use http::{Extensions, Request};
 
-use crate::breaker::BreakerState;
+use crate::{balance::Targets, breaker::BreakerState};
 
 /// Shared handle to a request's record.
 #[derive(Clone, Default, Debug)]
@@ -22,6 +24,14 @@ pub struct RequestCtx(Arc<Mutex<Record>>);
 /// of attempts (at most 10).
 #[derive(Default, Debug, Clone)]
 pub struct Record {
+    /// When the overall deadline expires (set by the deadline layer): no attempt or backoff
+    /// outlives it.
+    pub deadline: Option<tokio::time::Instant>,
+    /// The endpoints the next attempt may go to (set by the resolve step before each send).
+    pub targets: Option<Targets>,
+    /// The resolve step may send the request again after a peer's 421: the retry layer keeps
+    /// it even for a single attempt.
+    pub may_redirect: bool,
     /// Destination (normalized authority) the request was routed to.
     pub destination: Option<Arc<str>>,
     /// Logical shard, for sharded destinations.
@@ -53,6 +63,17 @@ impl RequestCtx {
     /// (layers used on their own still work).
     pub fn from_extensions(ext: &Extensions) -> RequestCtx {
         ext.get::<RequestCtx>().cloned().unwrap_or_default()
+    }
+
+    /// The context of a request, put in its extensions first when it has none (a layer used on
+    /// its own, without the access log above it).
+    pub fn of<B>(req: &mut Request<B>) -> RequestCtx {
+        if let Some(ctx) = req.extensions().get::<RequestCtx>() {
+            return ctx.clone();
+        }
+        let ctx = RequestCtx::default();
+        req.extensions_mut().insert(ctx.clone());
+        ctx
     }
 
     /// Locks the record. A poisoned lock only means a panic elsewhere; the record stays usable.

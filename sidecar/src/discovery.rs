@@ -16,7 +16,10 @@
 //!     shardMap: {epoch: 3, shards: [{index: 0, members: [{pod: users-0-0, address: "10.0.0.9:4143"}]}]}
 //! ```
 
-use std::{collections::BTreeMap, collections::HashMap, net::SocketAddr, path::Path, sync::Arc};
+use std::{
+    borrow::Cow, collections::BTreeMap, collections::HashMap, net::SocketAddr, path::Path,
+    sync::Arc,
+};
 
 use http::{header::HeaderName, uri::Authority};
 use serde::Deserialize;
@@ -169,10 +172,16 @@ pub fn parse_miss_statuses(p: &str, raw: &str) -> Result<Arc<[u16]>, String> {
 
 /// `host:port` in lower case, with port 80 when absent; `None` when it is not an authority.
 pub fn normalize_authority(raw: &str) -> Option<String> {
+    normalized(raw).map(Cow::into_owned)
+}
+
+/// [`normalize_authority`], borrowing `raw` when it is already normalized (the request path's
+/// common case: no allocation).
+pub fn normalized(raw: &str) -> Option<Cow<'_, str>> {
     if is_normalized(raw) {
-        return Some(raw.to_string());
+        return Some(Cow::Borrowed(raw));
     }
-    parse_authority(raw)
+    parse_authority(raw).map(Cow::Owned)
 }
 
 /// [`normalize_authority`] the long way: parse, check, format.

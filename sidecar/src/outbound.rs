@@ -24,11 +24,11 @@ use crate::{
     client::Upstream,
     config::Policy,
     ctx::RequestCtx,
-    discovery::{normalize_authority, wait_for_epoch, Destination, DestinationKind, Discover},
+    discovery::{normalized, wait_for_epoch, Destination, DestinationKind, Discover},
     errors::{BoxFuture, ErrorResponseLayer, ProxyError},
     headers::strip_hop_by_hop,
     metrics::{Direction, Metrics},
-    retry::{buffer, MayRedirect, Replay, Resend, RetryLayer},
+    retry::{buffer, Replay, Resend, RetryLayer},
     timeout::{DeadlineLayer, PerTryTimeoutLayer},
 };
 
@@ -286,19 +286,19 @@ where
     fn call(&mut self, mut req: Request<ProxyBody>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let ctx = RequestCtx::from_extensions(req.extensions());
+            let ctx = RequestCtx::of(&mut req);
             // Upstreams see the authority the application asked for.
             let host = request_authority(&req)?;
-            let name: Arc<str> = host
-                .to_str()
-                .ok()
-                .and_then(normalize_authority)
-                .ok_or_else(|| {
-                    ProxyError::BadRequest(format!("{host:?} is not a valid host[:port]"))
-                })?
-                .into();
+            let normal = host.to_str().ok().and_then(normalized).ok_or_else(|| {
+                ProxyError::BadRequest(format!("{host:?} is not a valid host[:port]"))
+            })?;
+            let dest = this.layer.discovery.lookup(&normal);
+            // A known destination's name is shared, not copied.
+            let name: Arc<str> = match &dest {
+                Some(d) => d.name.clone(),
+                None => normal.into(),
+            };
             ctx.lock().destination = Some(name.clone());
-            let dest = this.layer.discovery.lookup(&name);
             let addrs = match &dest {
                 Some(dest) => targets_of(dest, &mut req, &ctx, None)?,
                 None if this.layer.passthrough => {
@@ -330,7 +330,7 @@ where
             };
             // Sharded: the body is read into memory, so a 421 from a peer with a newer map can be
             // followed; the retry layer keeps the request and hands it back with the 421.
-            let (mut parts, body) = req.into_parts();
+            let (parts, body) = req.into_parts();
             let bytes = match buffer(body, this.layer.redirect_body_limit).await? {
                 Replay::Buffered(bytes) => bytes,
                 Replay::Streaming(body) => {
@@ -338,7 +338,7 @@ where
                     return send(this.inner.clone(), req, destination, addrs).await;
                 }
             };
-            parts.extensions.insert(MayRedirect);
+            ctx.lock().may_redirect = true;
             let first = Request::from_parts(parts, full(bytes));
             let mut resp = send(this.inner.clone(), first, destination.clone(), addrs).await?;
             let Some((theirs, owner)) = misdirected(&resp) else {
@@ -401,7 +401,7 @@ where
             Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>,
         > + Clone,
 {
-    req.extensions_mut().insert(Targets { destination, addrs });
+    RequestCtx::of(&mut req).lock().targets = Some(Targets { destination, addrs });
     let mut resp = inner.call(req).await?;
     strip_hop_by_hop(resp.headers_mut());
     Ok(resp)

@@ -36,7 +36,6 @@ use crate::{
     ctx::RequestCtx,
     errors::{BoxFuture, ProxyError},
     metrics::Metrics,
-    timeout::Deadline,
 };
 
 /// Header by which an application marks a request (non-)idempotent: `true` or `false`. Removed
@@ -48,11 +47,6 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 
 /// Longest `Retry-After` honoured; longer values are treated as "do not retry".
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
-
-/// Marks a request the resolve step may send again to another shard after a peer's 421: the
-/// retry layer keeps it (and hands it back in [`Resend`]) even when it makes one attempt only.
-#[derive(Clone, Copy, Debug)]
-pub struct MayRedirect;
 
 /// The request as the retry layer kept it for replay, handed back in the extensions of a 421
 /// response, so the layer above can send it again without keeping a copy of its own.
@@ -351,10 +345,15 @@ where
             let idempotent = is_idempotent(&parts.method, &parts.headers);
             let marked = parts.headers.remove(&IDEMPOTENT_HEADER);
             let ctx = RequestCtx::from_extensions(&parts.extensions);
-            let deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
+            let (deadline, may_redirect) = {
+                let r = ctx.lock();
+                (r.deadline, r.may_redirect)
+            };
             budget.deposit();
 
-            let keep = policy.max_attempts > 1 || parts.extensions.get::<MayRedirect>().is_some();
+            // A request the resolve step may send again after a 421 is kept (and handed back
+            // in `Resend`) even for a single attempt.
+            let keep = policy.max_attempts > 1 || may_redirect;
             let replay = if keep {
                 buffer(body, policy.max_replay_body_bytes).await?
             } else {

@@ -17,11 +17,6 @@ use crate::{
     errors::{BoxFuture, ProxyError},
 };
 
-/// When the request's overall deadline expires; inner layers read it to avoid backoff sleeps
-/// that would outlive it.
-#[derive(Clone, Copy, Debug)]
-pub struct Deadline(pub Instant);
-
 /// Bounds the whole request.
 #[derive(Clone, Copy, Debug)]
 pub struct DeadlineLayer {
@@ -71,8 +66,8 @@ where
 
     fn call(&mut self, mut req: Request<ProxyBody>) -> Self::Future {
         let deadline = Instant::now() + self.overall;
-        req.extensions_mut().insert(Deadline(deadline));
-        let ctx = RequestCtx::from_extensions(req.extensions());
+        let ctx = RequestCtx::of(&mut req);
+        ctx.lock().deadline = Some(deadline);
         // Kept (shared, not copied) only to name the request should the deadline expire.
         let authority = req.uri().authority().cloned();
         let host = req.headers().get(http::header::HOST).cloned();
@@ -157,8 +152,12 @@ where
         let authority = req.uri().authority().cloned();
         let timeout = self.per_try;
         // No attempt outlives the overall deadline.
-        let until = match req.extensions().get::<Deadline>() {
-            Some(d) => d.0.min(Instant::now() + timeout),
+        let deadline = req
+            .extensions()
+            .get::<RequestCtx>()
+            .and_then(|c| c.lock().deadline);
+        let until = match deadline {
+            Some(d) => d.min(Instant::now() + timeout),
             None => Instant::now() + timeout,
         };
         let fut = self.inner.call(req);
