@@ -37,7 +37,7 @@ use crate::{
     capabilities::Capabilities,
     collision,
     metrics::Metrics,
-    reshard, rollout,
+    placement, reshard, rollout,
     scope::{self, Scope},
     status::{self, InvalidReason, Observed},
     Error, Result,
@@ -248,7 +248,8 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     let name = svc.name_any();
     let uid = svc.uid().ok_or(Error::MissingField("metadata.uid"))?;
     let client = &ctx.client;
-    let notes = ctx.caps.notes();
+    let mut notes = ctx.caps.notes();
+    notes.extend(placement::notes(&svc));
     let selector = labels::service_selector_string(&name);
 
     let existing = owned_by_shard::<StatefulSet>(client, &ns, &selector, &uid).await?;

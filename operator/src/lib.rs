@@ -13,6 +13,7 @@ pub mod crdgen;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod placement;
 pub mod reshard;
 pub mod rollout;
 pub mod scope;
