@@ -54,7 +54,8 @@ pub struct Desired {
     pub shard_services: Vec<Service>,
     /// The Service spanning every shard.
     pub routing_service: Service,
-    /// One PodDisruptionBudget per shard; empty when the server lacks policy/v1.
+    /// One PodDisruptionBudget per shard, in the `policy/v1` shape whichever API the server
+    /// serves (see [`crate::disruption`]); empty when it serves none.
     pub disruption_budgets: Vec<PodDisruptionBudget>,
 }
 
@@ -154,7 +155,7 @@ pub fn build_with(
         desired
             .shard_services
             .push(shard_service(svc, &name, &ns, &owner, i, opts));
-        if caps.pdb_v1 {
+        if caps.pdb.is_some() {
             desired
                 .disruption_budgets
                 .push(disruption_budget(svc, &name, &ns, &owner, i));
@@ -659,9 +660,38 @@ mod tests {
     }
 
     #[test]
-    fn no_pdb_without_policy_v1() {
+    fn budgets_are_the_same_for_either_policy_api() {
+        use crate::disruption::{PdbApi, PodDisruptionBudgetV1beta1};
+        let v1 = build(&svc(3, 2), &Capabilities::latest()).expect("builds");
         let caps = Capabilities {
-            pdb_v1: false,
+            pdb: Some(PdbApi::V1beta1),
+            ..Capabilities::latest()
+        };
+        let beta = build(&svc(3, 2), &caps).expect("builds");
+        assert_eq!(beta.disruption_budgets.len(), 3);
+        assert_eq!(v1.disruption_budgets, beta.disruption_budgets);
+        for (i, p) in beta.disruption_budgets.iter().enumerate() {
+            let v1_json = serde_json::to_value(p).expect("json");
+            let json = serde_json::to_value(PodDisruptionBudgetV1beta1::from(p)).expect("json");
+            assert_eq!(v1_json["apiVersion"], "policy/v1");
+            assert_eq!(json["apiVersion"], "policy/v1beta1");
+            assert_eq!(json["kind"], "PodDisruptionBudget");
+            assert_eq!(json["metadata"], v1_json["metadata"]);
+            assert_eq!(json["spec"], v1_json["spec"]);
+            assert_eq!(json["metadata"]["name"], format!("orders-{i}"));
+            assert_eq!(json["metadata"]["ownerReferences"][0]["uid"], "u-1");
+            assert_eq!(json["spec"]["maxUnavailable"], 1);
+            assert_eq!(
+                json["spec"]["selector"]["matchLabels"]["shardmesh.io/shard"],
+                i.to_string()
+            );
+        }
+    }
+
+    #[test]
+    fn no_pdb_without_a_policy_api() {
+        let caps = Capabilities {
+            pdb: None,
             ..Capabilities::latest()
         };
         let d = build(&svc(3, 2), &caps).expect("builds");

@@ -10,6 +10,7 @@ pub mod capabilities;
 pub mod collision;
 pub mod controller;
 pub mod crdgen;
+pub mod disruption;
 pub mod error;
 pub mod leader;
 pub mod metrics;
