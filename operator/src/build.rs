@@ -633,7 +633,7 @@ mod tests {
         soft.spec.placement.spread = shardmesh_api::v1alpha1::Spread::Soft;
         assert_ne!(template_revision(&soft), template_revision(&svc(3, 2)));
         let mut off = svc(3, 2);
-        off.spec.placement.spread = shardmesh_api::v1alpha1::Spread::Off;
+        off.spec.placement.spread = shardmesh_api::v1alpha1::Spread::Disabled;
         let d = build(&off, &Capabilities::latest()).expect("builds");
         assert!(d.stateful_sets.iter().all(|s| spread(s).is_empty()));
     }

@@ -48,9 +48,9 @@ pub fn requested(
         }
     }
     for c in &placement.constraints {
-        // An extra constraint without its own mode follows `spread`; `Off` there means the
+        // An extra constraint without its own mode follows `spread`; `None` there means the
         // built-ins are off, not this one, so it falls back to Hard (validation refuses an
-        // explicit Off on an extra constraint).
+        // explicit None on an extra constraint).
         let mode = c
             .spread
             .or(Some(placement.spread))
@@ -174,7 +174,7 @@ mod tests {
             vec![(HOSTNAME.into(), 1, "ScheduleAnyway".into())]
         );
         let off = requested(
-            &placement(json!({"spread": "Off", "zones": true})),
+            &placement(json!({"spread": "None", "zones": true})),
             &shard(0),
         );
         assert!(off.is_empty(), "{off:?}");
@@ -212,7 +212,7 @@ mod tests {
         );
         // With the built-ins off, an extra constraint without a mode is still applied, hard.
         let p = placement(
-            json!({"spread": "Off", "constraints": [{"topologyKey": "example.com/rack"}]}),
+            json!({"spread": "None", "constraints": [{"topologyKey": "example.com/rack"}]}),
         );
         assert_eq!(
             keys_modes(&requested(&p, &shard(1))),

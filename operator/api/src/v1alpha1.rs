@@ -139,7 +139,7 @@ pub struct Placement {
     /// How a shard's pods are spread over nodes (`kubernetes.io/hostname`): `Hard` (default;
     /// `whenUnsatisfiable: DoNotSchedule`, a pod stays Pending rather than join a node holding
     /// more of its shard's pods than another), `Soft` (`ScheduleAnyway`, the scheduler prefers
-    /// spreading but places the pod anyway) or `Off` (no spreading).
+    /// spreading but places the pod anyway) or `None` (no spreading).
     #[serde(default)]
     pub spread: Spread,
     /// Also spread each shard's pods over zones (`topology.kubernetes.io/zone`) the same way
@@ -157,8 +157,8 @@ pub struct Placement {
 }
 
 /// How strictly pods are spread: `Hard` (`whenUnsatisfiable: DoNotSchedule`), `Soft`
-/// (`ScheduleAnyway`) or `Off` (only in `placement.spread`). Unset on an entry of
-/// `placement.constraints`: as `placement.spread`, or `Hard` when that is `Off`.
+/// (`ScheduleAnyway`) or `None` (only in `placement.spread`). Unset on an entry of
+/// `placement.constraints`: as `placement.spread`, or `Hard` when that is `None`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Spread {
     /// `whenUnsatisfiable: DoNotSchedule`: a pod waits rather than be placed unevenly.
@@ -166,8 +166,10 @@ pub enum Spread {
     Hard,
     /// `whenUnsatisfiable: ScheduleAnyway`: spreading is a preference.
     Soft,
-    /// No spreading constraint is added.
-    Off,
+    /// No spreading constraint is added. Spelled `None`, not `Off`: YAML 1.1, which kubectl
+    /// and helm parse manifests with, reads an unquoted `Off` as the boolean false.
+    #[serde(rename = "None")]
+    Disabled,
 }
 
 impl Spread {
@@ -176,7 +178,7 @@ impl Spread {
         match self {
             Spread::Hard => Some("DoNotSchedule"),
             Spread::Soft => Some("ScheduleAnyway"),
-            Spread::Off => None,
+            Spread::Disabled => None,
         }
     }
 }

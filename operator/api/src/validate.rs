@@ -287,7 +287,7 @@ const MAX_SPREAD_CONSTRAINTS: usize = 8;
 
 fn check_placement(c: &mut Check, spec: &ShardedServiceSpec) {
     let p = &spec.placement;
-    if p.zones && p.spread == Spread::Off {
+    if p.zones && p.spread == Spread::Disabled {
         c.err(
             "spec.placement.zones",
             "zone spreading needs spec.placement.spread Hard or Soft; set one, or remove zones",
@@ -324,10 +324,10 @@ fn check_placement(c: &mut Check, spec: &ShardedServiceSpec) {
             );
         }
         c.range(&format!("{path}.maxSkew"), sc.max_skew.into(), 1, 100);
-        if sc.spread == Some(Spread::Off) {
+        if sc.spread == Some(Spread::Disabled) {
             c.err(
                 format!("{path}.spread"),
-                "Off is only for spec.placement.spread; use Hard or Soft, or remove the entry",
+                "None is only for spec.placement.spread; use Hard or Soft, or remove the entry",
             );
         }
     }
@@ -655,7 +655,7 @@ mod tests {
                 "spec.rollout.canaryShards",
             ),
             (
-                json!({"placement": {"spread": "Off", "zones": true}}),
+                json!({"placement": {"spread": "None", "zones": true}}),
                 "spec.placement.zones",
             ),
             (
@@ -676,7 +676,7 @@ mod tests {
                 "spec.placement.constraints[0].maxSkew",
             ),
             (
-                json!({"placement": {"constraints": [{"topologyKey": "rack", "spread": "Off"}]}}),
+                json!({"placement": {"constraints": [{"topologyKey": "rack", "spread": "None"}]}}),
                 "spec.placement.constraints[0].spread",
             ),
             (
