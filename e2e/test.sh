@@ -180,7 +180,8 @@ phase nodes
 "$HERE/scripts/node-add.sh" 1
 "$HERE/scripts/node-add.sh" 2
 phase failure-domains
-in_ns "${E2E_ENV[@]}" cargo test -p shardmesh-e2e --locked --offline --test failure_domains -- --ignored
+# --nocapture: its timeline (placement, drain, node loss, failed requests) is printed either way.
+in_ns "${E2E_ENV[@]}" cargo test -p shardmesh-e2e --locked --offline --test failure_domains -- --ignored --nocapture
 
 # Last, alone: helm upgrade and uninstall of the release the scenarios above ran against.
 phase helm-lifecycle

@@ -151,11 +151,15 @@ node_indexes() {
   for d in "$E2E_DIR"/nodes/[1-9]; do [ -d "$d" ] && basename "$d"; done
   true
 }
-# Every containerd socket of the cluster: the first node's, then the extra nodes'.
+# Every running containerd's socket: the first node's, then the added nodes' (a node stopped by
+# node-stop.sh is left out, as a powered-off machine would be).
 all_ctr_socks() {
   local n
   echo "$CTR_SOCK"
-  for n in $(node_indexes); do node_ctr_sock "$n"; done
+  for n in $(node_indexes); do
+    pid_alive "$(recorded_pid "containerd-n$n")" && node_ctr_sock "$n"
+  done
+  true
 }
 
 # import_images SOCK IMAGES_DIR: imports each archive listed in IMAGES_DIR/images.txt ("<ref>
