@@ -10,7 +10,9 @@
 #
 # Phases: deps (apt, cached k8s build, helm) -> cargo build -> cargo test (unit) -> release build
 # -> cluster up -> images (e2e/release.sh's OCI archives, written twice and compared, imported
-# into containerd) -> helm install (of the packaged chart, default image tags) -> e2e scenarios. On failure, diagnostics go to the logs dir, which is
+# into containerd) -> helm install (of the packaged chart, default image tags) -> e2e scenarios
+# -> control plane -> bench smoke -> nodes (two more kubelet nodes join: e2e/scripts/node-add.sh)
+# -> failure domains (drain one node, lose another) -> helm lifecycle. On failure, diagnostics go to the logs dir, which is
 # copied to /tmp/shardmesh-e2e-logs-<timestamp> (printed). The cluster is always torn down unless
 # --keep is given.
 set -euo pipefail
@@ -160,7 +162,7 @@ E2E_ENV=(env KUBECONFIG="$KUBECONFIG_FILE" SHARDMESH_E2E=1 SHARDMESH_E2E_LOGS="$
   SHARDMESH_E2E_IMAGES="$E2E_DIR/images/images.txt" SHARDMESH_E2E_CTR_SOCK="$CTR_SOCK")
 # shellcheck disable=SC2086 # SHARDMESH_E2E_TEST_ARGS is a list of words
 in_ns "${E2E_ENV[@]}" cargo test -p shardmesh-e2e --locked --offline --no-fail-fast -- --ignored \
-  --test-threads=2 --skip helm_lifecycle --skip control_plane ${SHARDMESH_E2E_TEST_ARGS:-}
+  --test-threads=2 --skip helm_lifecycle --skip control_plane --skip failure_domains ${SHARDMESH_E2E_TEST_ARGS:-}
 
 # Alone: restarts the API server and the operator, which would disturb concurrent scenarios.
 phase control-plane
@@ -170,6 +172,16 @@ in_ns "${E2E_ENV[@]}" cargo test -p shardmesh-e2e --locked --offline --test cont
 # timing): BENCHMARKS.md, e2e/bench/run.sh.
 phase bench-smoke
 "$HERE/bench/run.sh" --smoke --out "$E2E_DIR/logs/bench-smoke"
+
+# Late, so that every scenario above runs on the single node it was written for: two more kubelet
+# nodes join (each its own network namespace, containerd, pod range and kube-proxy), then the
+# failure-domain scenario drains one and stops the other abruptly.
+phase nodes
+"$HERE/scripts/node-add.sh" 1
+"$HERE/scripts/node-add.sh" 2
+phase failure-domains
+# --nocapture: its timeline (placement, drain, node loss, failed requests) is printed either way.
+in_ns "${E2E_ENV[@]}" cargo test -p shardmesh-e2e --locked --offline --test failure_domains -- --ignored --nocapture
 
 # Last, alone: helm upgrade and uninstall of the release the scenarios above ran against.
 phase helm-lifecycle

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Tear down what cluster-up.sh started: pods first (so CNI cleans up), then the daemons by
-# recorded PID, leftover containerd shims/tasks of this cluster, mounts under the state dir, the
-# bridge, the network namespace, the pod cgroups, and the host sysctls the kubelet changed.
+# Tear down what cluster-up.sh (and node-add.sh) started: pods first (so CNI cleans up), then the
+# daemons by recorded PID, leftover containerd shims/tasks of this cluster, mounts under the state
+# dir, the bridge, the network namespaces, the pod cgroups, and the host sysctls the kubelet
+# changed.
 # Safe to run twice and after a half-failed start. Keeps $SHARDMESH_E2E_DIR/logs.
 #
 # Usage: e2e/scripts/cluster-down.sh
@@ -65,6 +66,7 @@ cluster_pids() {
     for cg in /sys/fs/cgroup/*/"$E2E_NS"; do
       [ -d "$cg" ] && find "$cg" -name cgroup.procs -exec cat {} + 2>/dev/null
     done
+    for n in $(node_indexes); do node_pids "$n"; done
   } | sort -un | while read -r p; do
     pid_alive "$p" && ! is_ours "$p" && echo "$p"
   done
@@ -81,23 +83,40 @@ stop_component scheduler
 if apiserver_up && pid_alive "$(recorded_pid kubelet)"; then
   kc delete pods --all-namespaces --all --grace-period=0 --force --wait=false \
     --request-timeout=20s >/dev/null 2>&1 || log "deleting pods failed (continuing)"
-  if [ -S "$CTR_SOCK" ]; then
-    wait_for "the kubelet to stop all pod containers" 60 "$DIR/logs/kubelet.log" - -- \
-      bash -c "[ -z \"\$(ctr --address '$CTR_SOCK' -n k8s.io tasks ls -q 2>/dev/null)\" ]" \
+  for sock in $(all_ctr_socks); do
+    [ -S "$sock" ] || continue
+    wait_for "the kubelets to stop all pod containers ($sock)" 60 "$DIR/logs/kubelet.log" - -- \
+      bash -c "[ -z \"\$(ctr --address '$sock' -n k8s.io tasks ls -q 2>/dev/null)\" ]" \
       || log "some containers still run; killing them through containerd"
-  fi
+  done
 fi
 
-# 2) Daemons by recorded PID.
+# 2) Daemons by recorded PID (the added nodes' as "<name>-n<N>").
+# stop_containerd SUFFIX SOCK: kills the tasks of a containerd, then containerd.
+stop_containerd() {
+  local suffix=$1 sock=$2 t c
+  if [ -S "$sock" ] && pid_alive "$(recorded_pid "containerd$suffix")"; then
+    for t in $(ctr --address "$sock" -n k8s.io tasks ls -q 2>/dev/null); do
+      ctr --address "$sock" -n k8s.io tasks kill -s KILL "$t" >/dev/null 2>&1 || true
+    done
+    for t in $(ctr --address "$sock" -n k8s.io tasks ls -q 2>/dev/null); do
+      ctr --address "$sock" -n k8s.io tasks rm -f "$t" >/dev/null 2>&1 || true
+    done
+    for c in $(ctr --address "$sock" -n k8s.io containers ls -q 2>/dev/null); do
+      ctr --address "$sock" -n k8s.io containers rm "$c" >/dev/null 2>&1 || true
+    done
+  fi
+  stop_component "containerd$suffix"
+}
+for n in $(node_indexes); do
+  stop_component "kube-proxy-n$n"
+  stop_component "kubelet-n$n"
+done
 stop_component kube-proxy
 stop_component kubelet
 stop_component apiserver 3   # it retries removing itself from the endpoints for a long while
-if [ -S "$CTR_SOCK" ] && pid_alive "$(recorded_pid containerd)"; then
-  for t in $(ctr_k8s tasks ls -q 2>/dev/null); do ctr_k8s tasks kill -s KILL "$t" >/dev/null 2>&1 || true; done
-  for t in $(ctr_k8s tasks ls -q 2>/dev/null); do ctr_k8s tasks rm -f "$t" >/dev/null 2>&1 || true; done
-  for c in $(ctr_k8s containers ls -q 2>/dev/null); do ctr_k8s containers rm "$c" >/dev/null 2>&1 || true; done
-fi
-stop_component containerd
+for n in $(node_indexes); do stop_containerd "-n$n" "$(node_ctr_sock "$n")"; done
+stop_containerd "" "$CTR_SOCK"
 stop_component etcd
 
 # 3) Anything of this cluster still running (shims, container processes, a stuck start script).
@@ -113,10 +132,12 @@ for round in 1 2 3; do
   kill -KILL "${left[@]}" 2>/dev/null || true
   sleep 0.5
 done
-# The supervisor exits by itself once it has reaped everything.
-sup=$(recorded_pid supervisor)
-for ((i = 0; i < 50; i++)); do pid_alive "$sup" || break; sleep 0.2; done
-pid_alive "$sup" && { kill -TERM "$sup" 2>/dev/null || true; }
+# The supervisors exit by themselves once they have reaped everything.
+for name in supervisor $(for n in $(node_indexes); do echo "supervisor-n$n"; done); do
+  sup=$(recorded_pid "$name")
+  for ((i = 0; i < 50; i++)); do pid_alive "$sup" || break; sleep 0.2; done
+  pid_alive "$sup" && { kill -TERM "$sup" 2>/dev/null || true; }
+done
 
 # 4) Mounts under the state dir (overlay rootfs, shm, pod volumes, pod netns), deepest first.
 for round in 1 2 3; do
@@ -125,15 +146,20 @@ for round in 1 2 3; do
   for m in "${mnts[@]}"; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
 done
 
-# 5) Network: the bridge, then the namespace (its iptables rules and sysctls go with it).
+# 5) Network: the added nodes' namespaces (their links go with them), the bridge, then the
+#    cluster's namespace (its iptables rules and sysctls go with it).
+for nsf in /run/netns/"$E2E_NS"-n[1-9]; do
+  [ -e "$nsf" ] || continue
+  ip netns del "$(basename "$nsf")" 2>/dev/null || log "WARNING: could not delete netns $(basename "$nsf")"
+done
 if [ -e "$NETNS_FILE" ]; then
   ip -n "$E2E_NS" link del "$BRIDGE" 2>/dev/null || true
   ip netns del "$E2E_NS" 2>/dev/null || log "WARNING: could not delete netns $E2E_NS"
 fi
 
 
-# 6) Pod cgroups (kubelet --cgroup-root=/$E2E_NS), deepest first.
-for cg in /sys/fs/cgroup/*/"$E2E_NS"; do
+# 6) Pod cgroups (kubelet --cgroup-root=/$E2E_NS, and /$E2E_NS-nN of added nodes), deepest first.
+for cg in /sys/fs/cgroup/*/"$E2E_NS" /sys/fs/cgroup/*/"$E2E_NS"-n[1-9]; do
   if [ -d "$cg" ]; then find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null || true; fi
 done
 

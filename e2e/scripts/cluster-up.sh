@@ -24,13 +24,6 @@ DIR=$E2E_DIR
 P=$DIR/pki
 LOGS=$DIR/logs
 
-# Starts a daemon in the background (its output to logs/NAME.log) and records its PID.
-start_daemon() {
-  local name=$1; shift
-  "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
-  echo $! >"$DIR/pids/$name"
-}
-
 step() { log "$1 ($(elapsed_since "$T0")s)"; }
 
 # ---------------------------------------------------------------------------------------------
@@ -122,26 +115,8 @@ EOF
     --bind-address=127.0.0.1 --secure-port=0 --port=0 --leader-elect=false
 
   # --- containerd: private root/state/socket, netns under its state dir, local pause image ---
-  mkdir -p "$DIR/ctr" "$DIR/cni/net.d" "$DIR/cni/ipam" "$DIR/kubelet"
-  containerd config default | sed \
-    -e "s#^root = .*#root = \"$DIR/ctr/root\"#" \
-    -e "s#^state = .*#state = \"$DIR/ctr/state\"#" \
-    -e "s#^  address = \"/run/containerd/containerd.sock\"#  address = \"$CTR_SOCK\"#" \
-    -e "s#^    path = \"/opt/containerd\"#    path = \"$DIR/ctr/opt\"#" \
-    -e 's#sandbox_image = .*#sandbox_image = "shardmesh.local/pause:1"#' \
-    -e 's#bin_dir = "/opt/cni/bin"#bin_dir = "/usr/lib/cni"#' \
-    -e "s#conf_dir = \"/etc/cni/net.d\"#conf_dir = \"$DIR/cni/net.d\"#" \
-    -e 's#restrict_oom_score_adj = false#restrict_oom_score_adj = true#' \
-    -e 's#netns_mounts_under_state_dir = false#netns_mounts_under_state_dir = true#' \
-    >"$DIR/ctr/config.toml"
-  grep -q "$CTR_SOCK" "$DIR/ctr/config.toml" || die "containerd config: socket address not replaced"
-  cat >"$DIR/cni/net.d/10-shardmesh-e2e.conflist" <<EOF
-{"cniVersion": "0.4.0", "name": "shardmesh-e2e", "plugins": [
-  {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": false, "hairpinMode": true,
-   "ipam": {"type": "host-local", "dataDir": "$DIR/cni/ipam",
-            "ranges": [[{"subnet": "$POD_CIDR"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
-  {"type": "portmap", "capabilities": {"portMappings": true}}]}
-EOF
+  mkdir -p "$DIR/kubelet"
+  node_runtime_config "$DIR" "$CTR_SOCK" "$BRIDGE" "$POD_CIDR"
   start_daemon containerd containerd --config "$DIR/ctr/config.toml"
 
   # images built while containerd starts
@@ -166,28 +141,14 @@ EOF
 
   # --- kubelet: pods under a cgroup root of their own, so teardown can find them ---
   save_host_sysctls
-  make_cgroup_root
-  start_daemon kubelet "$BIN/kubelet" --kubeconfig="$KC" --container-runtime=remote \
-    --container-runtime-endpoint="unix://$CTR_SOCK" --runtime-request-timeout=5m \
-    --root-dir="$DIR/kubelet" --cert-dir="$DIR/kubelet/pki" \
-    --hostname-override="$NODE_NAME" --node-ip="$NODE_IP" \
-    --address="$NODE_IP" --port=10250 --read-only-port=0 \
-    --healthz-bind-address=127.0.0.1 --healthz-port=10248 \
-    --cgroup-driver=cgroupfs --cgroup-root="/$E2E_NS" --cgroups-per-qos=true \
-    --fail-swap-on=false --anonymous-auth=true --authorization-mode=AlwaysAllow \
-    --pod-infra-container-image=shardmesh.local/pause:1 \
-    --eviction-hard='memory.available<100Mi,nodefs.available<1%,imagefs.available<1%' \
-    --image-gc-high-threshold=100 --image-gc-low-threshold=99 \
-    --cluster-domain=cluster.local --resolv-conf="" --max-pods=60 --node-status-update-frequency=2s
+  make_cgroup_root "$E2E_NS"
+  start_kubelet kubelet "$BIN" "$KC" "$CTR_SOCK" "$DIR" "$NODE_NAME" "$NODE_IP" "$E2E_NS"
   wait_for "node $NODE_NAME Ready" "$WAIT" "$LOGS/kubelet.log" kubelet -- \
     bash -c "kubectl --kubeconfig '$KC' get node '$NODE_NAME' --no-headers | grep -q ' Ready'"
   step "node $NODE_NAME Ready"
 
   # --- kube-proxy (iptables, inside the netns only) ---
-  start_daemon kube-proxy "$BIN/kube-proxy" --kubeconfig="$KC" --hostname-override="$NODE_NAME" \
-    --proxy-mode=iptables --masquerade-all --cluster-cidr="$POD_CIDR" \
-    --metrics-bind-address=127.0.0.1:10249 --healthz-bind-address=127.0.0.1:10256 \
-    --conntrack-max-per-core=0 --conntrack-tcp-timeout-established=0 --conntrack-tcp-timeout-close-wait=0
+  start_kube_proxy kube-proxy "$BIN" "$KC" "$NODE_NAME" "$POD_CIDR"
   wait_for "kube-proxy programming the kubernetes Service ($svc_ip)" "$WAIT" "$LOGS/kube-proxy.log" kube-proxy -- \
     bash -c "iptables -w -t nat -S KUBE-SERVICES | grep -q 'default/kubernetes:https cluster IP'"
   step "kube-proxy ready"
@@ -198,20 +159,6 @@ save_host_sysctls() {
   local s
   for s in "${HOST_SYSCTLS[@]}"; do echo "$s=$(sysctl -n "$s")"; done >"$DIR/host-sysctls.tmp"
   mv "$DIR/host-sysctls.tmp" "$DIR/host-sysctls"
-}
-
-# /sys/fs/cgroup/<controller>/$E2E_NS in every cgroup-v1 hierarchy (kubelet requires it to exist).
-make_cgroup_root() {
-  local m d
-  while read -r _ m fstype _; do
-    [ "$fstype" = cgroup ] || continue
-    d="$m/$E2E_NS"
-    mkdir -p "$d"
-    if [ -f "$m/cpuset.cpus" ]; then
-      [ -n "$(cat "$d/cpuset.cpus")" ] || cat "$m/cpuset.cpus" >"$d/cpuset.cpus"
-      [ -n "$(cat "$d/cpuset.mems")" ] || cat "$m/cpuset.mems" >"$d/cpuset.mems"
-    fi
-  done </proc/mounts
 }
 
 if [ "${1:-}" = --inner ]; then

@@ -82,6 +82,112 @@ build_release() {
 }
 
 in_ns() { nsenter --net="/run/netns/$E2E_NS" "$@"; }
+
+# Starts a daemon in the background (its output to $E2E_DIR/logs/NAME.log) and records its PID
+# in $E2E_DIR/pids/NAME.
+start_daemon() {
+  local name=$1; shift
+  "$@" >"$E2E_DIR/logs/$name.log" 2>&1 </dev/null &
+  echo $! >"$E2E_DIR/pids/$name"
+}
+
+# node_runtime_config DIR SOCK BRIDGE SUBNET: a node's containerd config (DIR/ctr/config.toml:
+# private root, state, socket, pod netns under its state dir, the local pause image) and its
+# CNI bridge network (DIR/cni) handing out SUBNET.
+node_runtime_config() {
+  local dir=$1 sock=$2 bridge=$3 subnet=$4
+  mkdir -p "$dir/ctr" "$dir/cni/net.d" "$dir/cni/ipam"
+  containerd config default | sed \
+    -e "s#^root = .*#root = \"$dir/ctr/root\"#" \
+    -e "s#^state = .*#state = \"$dir/ctr/state\"#" \
+    -e "s#^  address = \"/run/containerd/containerd.sock\"#  address = \"$sock\"#" \
+    -e "s#^    path = \"/opt/containerd\"#    path = \"$dir/ctr/opt\"#" \
+    -e 's#sandbox_image = .*#sandbox_image = "shardmesh.local/pause:1"#' \
+    -e 's#bin_dir = "/opt/cni/bin"#bin_dir = "/usr/lib/cni"#' \
+    -e "s#conf_dir = \"/etc/cni/net.d\"#conf_dir = \"$dir/cni/net.d\"#" \
+    -e 's#restrict_oom_score_adj = false#restrict_oom_score_adj = true#' \
+    -e 's#netns_mounts_under_state_dir = false#netns_mounts_under_state_dir = true#' \
+    >"$dir/ctr/config.toml"
+  grep -q "$sock" "$dir/ctr/config.toml" || die "containerd config: socket address not replaced"
+  cat >"$dir/cni/net.d/10-shardmesh-e2e.conflist" <<EOF
+{"cniVersion": "0.4.0", "name": "shardmesh-e2e", "plugins": [
+  {"type": "bridge", "bridge": "$bridge", "isGateway": true, "ipMasq": false, "hairpinMode": true,
+   "ipam": {"type": "host-local", "dataDir": "$dir/cni/ipam",
+            "ranges": [[{"subnet": "$subnet"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+  {"type": "portmap", "capabilities": {"portMappings": true}}]}
+EOF
+}
+
+# /sys/fs/cgroup/<controller>/NAME in every cgroup-v1 hierarchy (a kubelet's --cgroup-root
+# must exist).
+make_cgroup_root() {
+  local name=$1 m d
+  while read -r _ m fstype _; do
+    [ "$fstype" = cgroup ] || continue
+    d="$m/$name"
+    mkdir -p "$d"
+    if [ -f "$m/cpuset.cpus" ]; then
+      [ -n "$(cat "$d/cpuset.cpus")" ] || cat "$m/cpuset.cpus" >"$d/cpuset.cpus"
+      [ -n "$(cat "$d/cpuset.mems")" ] || cat "$m/cpuset.mems" >"$d/cpuset.mems"
+    fi
+  done </proc/mounts
+}
+
+# --- extra nodes (e2e/scripts/node-add.sh N, N = 1-9) ---
+# Node N runs in network namespace $E2E_NS-nN, joined to the cluster's namespace by a veth pair
+# (nsmN there, uplink in the node), with node IP 10.254.0.(10+N), pods in 10.254.(64+N).0/24,
+# its state in $E2E_DIR/nodes/N, its pods under the cgroup root /$E2E_NS-nN, and the PIDs of
+# its daemons in $E2E_DIR/pids/{supervisor,containerd,kubelet,kube-proxy}-nN.
+node_ns() { echo "$E2E_NS-n$1"; }
+node_name() { echo "$NODE_NAME-$1"; }
+node_ip() { echo "10.254.0.$((10 + $1))"; }
+node_pod_cidr() { echo "10.254.$((64 + $1)).0/24"; }
+node_dir() { echo "$E2E_DIR/nodes/$1"; }
+node_ctr_sock() { echo "$E2E_DIR/nodes/$1/ctr/containerd.sock"; }
+node_link() { echo "nsm$1"; }
+# Indexes of the extra nodes added (their state dirs exist), ascending.
+node_indexes() {
+  local d
+  for d in "$E2E_DIR"/nodes/[1-9]; do [ -d "$d" ] && basename "$d"; done
+  true
+}
+# Every running containerd's socket: the first node's, then the added nodes' (a node stopped by
+# node-stop.sh is left out, as a powered-off machine would be).
+all_ctr_socks() {
+  local n
+  echo "$CTR_SOCK"
+  for n in $(node_indexes); do
+    pid_alive "$(recorded_pid "containerd-n$n")" && node_ctr_sock "$n"
+  done
+  true
+}
+
+# import_images SOCK IMAGES_DIR: imports each archive listed in IMAGES_DIR/images.txt ("<ref>
+# <config id> <manifest digest> <bytes> <file>" per image) into the containerd at SOCK, unless
+# it holds that digest under that name already, and tags the demo image "<ref>-next" (the
+# rollout scenario's new image tag: same bytes, another reference, so every shard rolls).
+import_images() {
+  local sock=$1 dir=$2 ref id digest bytes file demo_ref
+  while read -r ref id digest bytes file; do
+    case $ref in '#'* | '') continue ;; esac
+    if ctr --address "$sock" -n k8s.io images ls \
+      | awk -v r="$ref" -v d="$digest" '$1 == r && $3 == d {found=1} END {exit !found}'; then
+      log "$ref unchanged in $sock ($digest); not re-imported"
+    else
+      ctr --address "$sock" -n k8s.io images import "$dir/$file" >/dev/null \
+        || die "importing $dir/$file into $sock failed"
+      ctr --address "$sock" -n k8s.io images ls \
+        | awk -v r="$ref" -v d="$digest" '$1 == r && $3 == d {found=1} END {exit !found}' \
+        || die "$ref is not in $sock with digest $digest after importing $file"
+      log "$ref imported into $sock from $file ($digest, $((bytes / 1048576)) MiB)"
+    fi
+  done <"$dir/images.txt"
+  demo_ref=$(awk '$1 ~ /\/demo:/ {print $1; exit}' "$dir/images.txt")
+  [ -n "$demo_ref" ] || die "no demo image in $dir/images.txt"
+  ctr --address "$sock" -n k8s.io images tag --force "$demo_ref" "$demo_ref-next" >/dev/null \
+    || die "tagging $demo_ref as $demo_ref-next in $sock failed"
+  log "$demo_ref also tagged $demo_ref-next in $sock (rollout scenario)"
+}
 kc() { in_ns kubectl --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 ctr_k8s() { ctr --address "$CTR_SOCK" -n k8s.io "$@"; }
 
@@ -139,3 +245,54 @@ os.execvp(sys.argv[1], sys.argv[1:])' bash "$@"
 }
 
 require_root() { [ "$(id -u)" = 0 ] || die "must run as root (network namespaces, mounts, containerd)"; }
+
+# start_kubelet PIDNAME BIN KUBECONFIG SOCK DIR NODE IP CGROUP_ROOT: a node's kubelet (state in
+# DIR/kubelet, pods under /CGROUP_ROOT), for the first node and the added ones alike.
+start_kubelet() {
+  local pidname=$1 bin=$2 kc=$3 sock=$4 dir=$5 node=$6 ip=$7 cgroot=$8
+  start_daemon "$pidname" "$bin/kubelet" --kubeconfig="$kc" --container-runtime=remote \
+    --container-runtime-endpoint="unix://$sock" --runtime-request-timeout=5m \
+    --root-dir="$dir/kubelet" --cert-dir="$dir/kubelet/pki" \
+    --hostname-override="$node" --node-ip="$ip" \
+    --address="$ip" --port=10250 --read-only-port=0 \
+    --healthz-bind-address=127.0.0.1 --healthz-port=10248 \
+    --cgroup-driver=cgroupfs --cgroup-root="/$cgroot" --cgroups-per-qos=true \
+    --fail-swap-on=false --anonymous-auth=true --authorization-mode=AlwaysAllow \
+    --pod-infra-container-image=shardmesh.local/pause:1 \
+    --eviction-hard='memory.available<100Mi,nodefs.available<1%,imagefs.available<1%' \
+    --image-gc-high-threshold=100 --image-gc-low-threshold=99 \
+    --cluster-domain=cluster.local --resolv-conf="" --max-pods=60 --node-status-update-frequency=2s
+}
+
+# start_kube_proxy PIDNAME BIN KUBECONFIG NODE POD_CIDR: a node's kube-proxy (iptables, inside
+# the node's network namespace only).
+start_kube_proxy() {
+  local pidname=$1 bin=$2 kc=$3 node=$4 cidr=$5
+  start_daemon "$pidname" "$bin/kube-proxy" --kubeconfig="$kc" --hostname-override="$node" \
+    --proxy-mode=iptables --masquerade-all --cluster-cidr="$cidr" \
+    --metrics-bind-address=127.0.0.1:10249 --healthz-bind-address=127.0.0.1:10256 \
+    --conntrack-max-per-core=0 --conntrack-tcp-timeout-established=0 --conntrack-tcp-timeout-close-wait=0
+}
+
+# PIDs of everything added node N runs (what stopping the machine would end): processes in its
+# network namespace or its pod cgroups, and its containerd's shims (which run in the host's
+# network namespace but name the node's socket).
+node_pids() {
+  local n=$1 ns_ino="" p sock cg
+  sock=$(node_ctr_sock "$n")
+  [ -e "/run/netns/$(node_ns "$n")" ] && ns_ino=$(stat -L -c %i "/run/netns/$(node_ns "$n")" 2>/dev/null || true)
+  {
+    for p in /proc/[0-9]*; do
+      p=${p#/proc/}
+      if [ -n "$ns_ino" ] && [ "$(stat -L -c %i "/proc/$p/ns/net" 2>/dev/null)" = "$ns_ino" ]; then
+        echo "$p"; continue
+      fi
+      [ -r "/proc/$p/cmdline" ] || continue
+      if tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline" | grep -qF -e "$sock"; then echo "$p"; fi
+    done
+    for cg in /sys/fs/cgroup/*/"$(node_ns "$n")"; do
+      [ -d "$cg" ] && find "$cg" -name cgroup.procs -exec cat {} + 2>/dev/null
+    done
+  } | sort -un | while read -r p; do pid_alive "$p" && echo "$p"; done
+  true
+}

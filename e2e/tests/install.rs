@@ -45,16 +45,39 @@ fn chart_lints_renders_and_rejects_bad_values() {
     let chart = chart();
     let (ok, out) = run_helm(&["lint", "--strict", &chart]);
     assert!(ok, "helm lint --strict failed:\n{out}");
-    for extra in [
-        &[][..],
-        &["--set", "webhook.enabled=false"][..],
-        &["--api-versions", "policy/v1/PodDisruptionBudget"][..],
+    // The webhook's budget uses the newest PodDisruptionBudget API the server serves.
+    for (extra, pdb) in [
+        (&[][..], None),
+        (&["--set", "webhook.enabled=false"][..], None),
+        (
+            &["--api-versions", "policy/v1/PodDisruptionBudget"][..],
+            Some("policy/v1"),
+        ),
+        (
+            &["--api-versions", "policy/v1beta1/PodDisruptionBudget"][..],
+            Some("policy/v1beta1"),
+        ),
+        (
+            &[
+                "--api-versions",
+                "policy/v1/PodDisruptionBudget",
+                "--api-versions",
+                "policy/v1beta1/PodDisruptionBudget",
+            ][..],
+            Some("policy/v1"),
+        ),
     ] {
         let mut args = vec!["template", "t", chart.as_str(), "-n", "shardmesh-system"];
         args.extend_from_slice(extra);
         let (ok, out) = run_helm(&args);
         assert!(ok, "helm template {extra:?} failed:\n{out}");
         assert!(out.contains("kind: Deployment"), "{out}");
+        let rendered: Vec<&str> = out
+            .split("\n---")
+            .filter(|doc| doc.contains("\nkind: PodDisruptionBudget"))
+            .filter_map(|doc| doc.lines().find_map(|l| l.strip_prefix("apiVersion: ")))
+            .collect();
+        assert_eq!(rendered, pdb.into_iter().collect::<Vec<_>>(), "{extra:?}");
     }
     let bad: [(&str, &str); 7] = [
         ("webhook.failurePolicy=Maybe", "webhook.failurePolicy"),

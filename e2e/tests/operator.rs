@@ -424,6 +424,17 @@ async fn invalid_specs_are_rejected_naming_the_field() {
             "spec.rollout.podManagementPolicy",
         ),
         ("string shards", json!({"shards": "four"}), "spec.shards"),
+        (
+            "unknown spreading",
+            json!({"placement": {"spread": "Always"}}),
+            "spec.placement.spread",
+        ),
+        (
+            "zero skew",
+            json!({"placement": {"constraints": [{"topologyKey": "rack", "maxSkew": 0}]}}),
+            // 1.20's schema errors name list items without their index.
+            "spec.placement.constraints.maxSkew",
+        ),
     ];
     for (what, patch, field) in schema_rejected {
         let mut body = demo_service("bad", 2, 1);
@@ -458,6 +469,16 @@ async fn invalid_specs_are_rejected_naming_the_field() {
             "deadline below per-try",
             json!({"resilience": {"timeouts": {"perTry": "20s", "overall": "5s"}}}),
             "spec.resilience.timeouts.overall",
+        ),
+        (
+            "spread over an invalid label key",
+            json!({"placement": {"constraints": [{"topologyKey": "Rack/x"}]}}),
+            "spec.placement.constraints[0].topologyKey",
+        ),
+        (
+            "zones without spreading",
+            json!({"placement": {"spread": "None", "zones": true}}),
+            "spec.placement.zones",
         ),
     ];
     for (i, (what, patch, field)) in operator_rejected.into_iter().enumerate() {

@@ -23,7 +23,7 @@ use k8s_openapi::{
 use kube::{Resource, ResourceExt};
 use shardmesh_api::{labels, ports, ShardedService};
 
-use crate::{capabilities::Capabilities, rollout, webhook::annotations, Error, Result};
+use crate::{capabilities::Capabilities, placement, rollout, webhook::annotations, Error, Result};
 
 /// Env vars the operator sets on every application container so the app knows its place.
 pub mod env {
@@ -54,7 +54,8 @@ pub struct Desired {
     pub shard_services: Vec<Service>,
     /// The Service spanning every shard.
     pub routing_service: Service,
-    /// One PodDisruptionBudget per shard; empty when the server lacks policy/v1.
+    /// One PodDisruptionBudget per shard, in the `policy/v1` shape whichever API the server
+    /// serves (see [`crate::disruption`]); empty when it serves none.
     pub disruption_budgets: Vec<PodDisruptionBudget>,
 }
 
@@ -154,7 +155,7 @@ pub fn build_with(
         desired
             .shard_services
             .push(shard_service(svc, &name, &ns, &owner, i, opts));
-        if caps.pdb_v1 {
+        if caps.pdb.is_some() {
             desired
                 .disruption_budgets
                 .push(disruption_budget(svc, &name, &ns, &owner, i));
@@ -334,9 +335,9 @@ fn stateful_set(
     }
 }
 
-/// The user's template with our labels, the injector's annotations (app port and resilience
-/// policy, so the webhook needs no API call per pod) and the identity env vars added to every
-/// container.
+/// The user's template with our labels, the shard's topology spread constraints (see
+/// [`placement`]), the injector's annotations (app port and resilience policy, so the webhook
+/// needs no API call per pod) and the identity env vars added to every container.
 fn pod_template(
     svc: &ShardedService,
     name: &str,
@@ -345,6 +346,13 @@ fn pod_template(
     selector: BTreeMap<String, String>,
 ) -> PodTemplateSpec {
     let mut tpl = svc.spec.template.pod().clone();
+    if let Some(spec) = tpl.spec.as_mut() {
+        let own = spec.topology_spread_constraints.take().unwrap_or_default();
+        let merged = placement::merge(&svc.spec.placement, &own, &selector);
+        // A template without constraints and nothing requested stays without the field.
+        spec.topology_spread_constraints =
+            (!merged.constraints.is_empty()).then_some(merged.constraints);
+    }
     let meta = tpl.metadata.get_or_insert_with(ObjectMeta::default);
     meta.labels
         .get_or_insert_with(BTreeMap::new)
@@ -595,10 +603,95 @@ mod tests {
         assert_eq!(notes[annotations::LEADER_LEASE], "20s");
     }
 
+    fn spread(s: &StatefulSet) -> Vec<k8s_openapi::api::core::v1::TopologySpreadConstraint> {
+        s.spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.topology_spread_constraints.clone())
+            .unwrap_or_default()
+    }
+
     #[test]
-    fn no_pdb_without_policy_v1() {
+    fn every_shard_spreads_its_own_pods_over_nodes() {
+        let d = build(&svc(3, 2), &Capabilities::latest()).expect("builds");
+        for (i, sts) in d.stateful_sets.iter().enumerate() {
+            let cs = spread(sts);
+            assert_eq!(cs.len(), 1, "{cs:?}");
+            assert_eq!(cs[0].topology_key, placement::HOSTNAME);
+            assert_eq!(cs[0].when_unsatisfiable, "DoNotSchedule");
+            assert_eq!(
+                cs[0]
+                    .label_selector
+                    .as_ref()
+                    .and_then(|l| l.match_labels.clone()),
+                Some(labels::shard_selector("orders", i as u32))
+            );
+        }
+        // Placement is part of the template: changing it rolls the pods (spreading only
+        // applies when a pod is scheduled).
+        let mut soft = svc(3, 2);
+        soft.spec.placement.spread = shardmesh_api::v1alpha1::Spread::Soft;
+        assert_ne!(template_revision(&soft), template_revision(&svc(3, 2)));
+        let mut off = svc(3, 2);
+        off.spec.placement.spread = shardmesh_api::v1alpha1::Spread::Disabled;
+        let d = build(&off, &Capabilities::latest()).expect("builds");
+        assert!(d.stateful_sets.iter().all(|s| spread(s).is_empty()));
+    }
+
+    #[test]
+    fn the_templates_own_spread_constraint_is_kept() {
+        let mut s = svc(2, 2);
+        let mut pod = s.spec.template.pod().clone();
+        let own = k8s_openapi::api::core::v1::TopologySpreadConstraint {
+            topology_key: placement::HOSTNAME.into(),
+            max_skew: 2,
+            when_unsatisfiable: "ScheduleAnyway".into(),
+            ..Default::default()
+        };
+        if let Some(p) = pod.spec.as_mut() {
+            p.topology_spread_constraints = Some(vec![own.clone()]);
+        }
+        s.spec.template = pod.into();
+        let d = build(&s, &Capabilities::latest()).expect("builds");
+        for sts in &d.stateful_sets {
+            assert_eq!(spread(sts), vec![own.clone()]);
+        }
+        assert_eq!(placement::notes(&s).len(), 1);
+    }
+
+    #[test]
+    fn budgets_are_the_same_for_either_policy_api() {
+        use crate::disruption::{PdbApi, PodDisruptionBudgetV1beta1};
+        let v1 = build(&svc(3, 2), &Capabilities::latest()).expect("builds");
         let caps = Capabilities {
-            pdb_v1: false,
+            pdb: Some(PdbApi::V1beta1),
+            ..Capabilities::latest()
+        };
+        let beta = build(&svc(3, 2), &caps).expect("builds");
+        assert_eq!(beta.disruption_budgets.len(), 3);
+        assert_eq!(v1.disruption_budgets, beta.disruption_budgets);
+        for (i, p) in beta.disruption_budgets.iter().enumerate() {
+            let v1_json = serde_json::to_value(p).expect("json");
+            let json = serde_json::to_value(PodDisruptionBudgetV1beta1::from(p)).expect("json");
+            assert_eq!(v1_json["apiVersion"], "policy/v1");
+            assert_eq!(json["apiVersion"], "policy/v1beta1");
+            assert_eq!(json["kind"], "PodDisruptionBudget");
+            assert_eq!(json["metadata"], v1_json["metadata"]);
+            assert_eq!(json["spec"], v1_json["spec"]);
+            assert_eq!(json["metadata"]["name"], format!("orders-{i}"));
+            assert_eq!(json["metadata"]["ownerReferences"][0]["uid"], "u-1");
+            assert_eq!(json["spec"]["maxUnavailable"], 1);
+            assert_eq!(
+                json["spec"]["selector"]["matchLabels"]["shardmesh.io/shard"],
+                i.to_string()
+            );
+        }
+    }
+
+    #[test]
+    fn no_pdb_without_a_policy_api() {
+        let caps = Capabilities {
+            pdb: None,
             ..Capabilities::latest()
         };
         let d = build(&svc(3, 2), &caps).expect("builds");

@@ -4,13 +4,16 @@
 use kube::Client;
 use tracing::{info, warn};
 
+use crate::disruption::PdbApi;
+
 /// Features that vary between the Kubernetes versions shardmesh supports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capabilities {
     /// Server version as `major.minor`, e.g. `1.20`.
     pub version: String,
-    /// `policy/v1` PodDisruptionBudget is served (1.21+).
-    pub pdb_v1: bool,
+    /// The PodDisruptionBudget API served: `policy/v1` on 1.21+, `policy/v1beta1` before
+    /// (removed in 1.25); `None` on a server with neither.
+    pub pdb: Option<PdbApi>,
     /// Native sidecars (`initContainers[].restartPolicy: Always`, 1.29+ by default).
     pub native_sidecars: bool,
 }
@@ -20,7 +23,7 @@ impl Capabilities {
     pub fn latest() -> Self {
         Capabilities {
             version: "1.33".into(),
-            pdb_v1: true,
+            pdb: Some(PdbApi::V1),
             native_sidecars: true,
         }
     }
@@ -30,20 +33,19 @@ impl Capabilities {
     pub async fn detect(client: &Client) -> kube::Result<Self> {
         let info = client.apiserver_version().await?;
         let (major, minor) = parse_version(&info.major, &info.minor);
-        let pdb_v1 = match client.list_api_group_resources("policy/v1").await {
-            Ok(list) => list
-                .resources
-                .iter()
-                .any(|r| r.name == "poddisruptionbudgets"),
-            Err(kube::Error::Api(s)) if s.code == 404 => false,
-            Err(e) => return Err(e),
+        let pdb = if serves_pdb(client, PdbApi::V1).await? {
+            Some(PdbApi::V1)
+        } else if serves_pdb(client, PdbApi::V1beta1).await? {
+            Some(PdbApi::V1beta1)
+        } else {
+            None
         };
         let caps = Capabilities {
             version: format!("{major}.{minor}"),
-            pdb_v1,
+            pdb,
             native_sidecars: (major, minor) >= (1, 29),
         };
-        info!(version = %caps.version, pdb_v1, native_sidecars = caps.native_sidecars, "detected API server capabilities");
+        info!(version = %caps.version, pdb = caps.pdb.map(PdbApi::api_version), native_sidecars = caps.native_sidecars, "detected API server capabilities");
         for note in caps.notes() {
             warn!("{note}");
         }
@@ -53,14 +55,27 @@ impl Capabilities {
     /// Human-readable notes about missing capabilities, mirrored into every status.
     pub fn notes(&self) -> Vec<String> {
         let mut notes = Vec::new();
-        if !self.pdb_v1 {
+        if self.pdb.is_none() {
             notes.push(format!(
-                "API server {} does not serve policy/v1: PodDisruptionBudgets are not created, so \
-                 voluntary evictions are not limited per shard (upgrade to Kubernetes 1.21+)",
+                "API server {} serves neither policy/v1 nor policy/v1beta1: PodDisruptionBudgets \
+                 are not created, so voluntary evictions (kubectl drain) are not limited per shard",
                 self.version
             ));
         }
         notes
+    }
+}
+
+/// Whether the server serves PodDisruptionBudgets under `api`; a missing group/version is a
+/// no, any other error is the server's.
+async fn serves_pdb(client: &Client, api: PdbApi) -> kube::Result<bool> {
+    match client.list_api_group_resources(api.api_version()).await {
+        Ok(list) => Ok(list
+            .resources
+            .iter()
+            .any(|r| r.name == "poddisruptionbudgets")),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -88,11 +103,13 @@ mod tests {
     #[test]
     fn notes_only_for_missing_features() {
         assert!(Capabilities::latest().notes().is_empty());
-        let old = Capabilities {
+        let v120 = Capabilities {
             version: "1.20".into(),
-            pdb_v1: false,
+            pdb: Some(PdbApi::V1beta1),
             native_sidecars: false,
         };
-        assert!(old.notes()[0].contains("policy/v1"));
+        assert!(v120.notes().is_empty(), "1.20 gets policy/v1beta1 budgets");
+        let none = Capabilities { pdb: None, ..v120 };
+        assert!(none.notes()[0].contains("policy/v1beta1"));
     }
 }

@@ -36,8 +36,9 @@ use crate::{
     build::{build_with, template_revision, BuildOptions, Workloads},
     capabilities::Capabilities,
     collision,
+    disruption::{PdbApi, PodDisruptionBudgetV1beta1},
     metrics::Metrics,
-    reshard, rollout,
+    placement, reshard, rollout,
     scope::{self, Scope},
     status::{self, InvalidReason, Observed},
     Error, Result,
@@ -194,9 +195,16 @@ async fn run_in(
         .owns(scope::api::<Service>(&client, &root), managed.clone())
         // The published shard map: its epoch and members are mirrored into the status.
         .owns(scope::api::<ConfigMap>(&client, &root), managed.clone());
-    if caps.pdb_v1 {
-        controller = controller.owns(scope::api::<PodDisruptionBudget>(&client, &root), managed);
-    }
+    controller = match caps.pdb {
+        Some(PdbApi::V1) => {
+            controller.owns(scope::api::<PodDisruptionBudget>(&client, &root), managed)
+        }
+        Some(PdbApi::V1beta1) => controller.owns(
+            scope::api::<PodDisruptionBudgetV1beta1>(&client, &root),
+            managed,
+        ),
+        None => controller,
+    };
 
     let ctx = Arc::new(
         Context::new(client, caps, instance)
@@ -248,7 +256,8 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     let name = svc.name_any();
     let uid = svc.uid().ok_or(Error::MissingField("metadata.uid"))?;
     let client = &ctx.client;
-    let notes = ctx.caps.notes();
+    let mut notes = ctx.caps.notes();
+    notes.extend(placement::notes(&svc));
     let selector = labels::service_selector_string(&name);
 
     let existing = owned_by_shard::<StatefulSet>(client, &ns, &selector, &uid).await?;
@@ -335,7 +344,14 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         apply(client, &ns, s).await?;
     }
     for p in &desired.disruption_budgets {
-        apply(client, &ns, p).await?;
+        match ctx.caps.pdb {
+            Some(PdbApi::V1beta1) => {
+                apply(client, &ns, &PodDisruptionBudgetV1beta1::from(p)).await?;
+            }
+            _ => {
+                apply(client, &ns, p).await?;
+            }
+        }
     }
     if current_shards as u32 > workloads.shards {
         remove_shards(&ctx, &ns, &selector, &uid, workloads.shards).await?;
@@ -498,8 +514,14 @@ async fn remove_shards(
     let client = &ctx.client;
     let mut gone = delete_from::<StatefulSet>(client, ns, selector, uid, keep).await?;
     gone.extend(delete_from::<Service>(client, ns, selector, uid, keep).await?);
-    if ctx.caps.pdb_v1 {
-        gone.extend(delete_from::<PodDisruptionBudget>(client, ns, selector, uid, keep).await?);
+    match ctx.caps.pdb {
+        Some(PdbApi::V1) => {
+            gone.extend(delete_from::<PodDisruptionBudget>(client, ns, selector, uid, keep).await?)
+        }
+        Some(PdbApi::V1beta1) => gone.extend(
+            delete_from::<PodDisruptionBudgetV1beta1>(client, ns, selector, uid, keep).await?,
+        ),
+        None => {}
     }
     if !gone.is_empty() {
         info!(deleted = ?gone, "removed shards above spec.shards (allowShardRemoval)");

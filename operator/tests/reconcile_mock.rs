@@ -106,7 +106,7 @@ async fn refused_among(
     let client = Client::new(service, "default");
     let caps = Capabilities {
         version: "1.20".into(),
-        pdb_v1: false,
+        pdb: None,
         native_sidecars: false,
     };
     let (store, mut writer) = reflector::store();

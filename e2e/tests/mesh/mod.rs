@@ -10,7 +10,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -100,6 +100,17 @@ pub fn members(m: &ShardMap) -> BTreeSet<String> {
 /// outbound port open to the test (which runs in the cluster's network namespace). Returns the
 /// proxy address once a routed request succeeds.
 pub async fn start_client(ns: &TestNamespace, service: &str, http: &Http) -> SocketAddr {
+    start_client_on(ns, service, http, None).await
+}
+
+/// [`start_client`] with the client pod bound to node `node`: a scenario that drains or stops
+/// nodes keeps the client that measures the service off them.
+pub async fn start_client_on(
+    ns: &TestNamespace,
+    service: &str,
+    http: &Http,
+    node: Option<&str>,
+) -> SocketAddr {
     let sas: Api<ServiceAccount> = ns.api();
     sas.create(
         &PostParams::default(),
@@ -124,6 +135,7 @@ pub async fn start_client(ns: &TestNamespace, service: &str, http: &Http) -> Soc
     let client_pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "client"},
         "spec": {
+            "nodeName": node,
             "serviceAccountName": "client",
             "containers": [{
                 "name": "client",
@@ -288,6 +300,8 @@ pub struct Load {
     sent: Arc<AtomicU64>,
     failures: Arc<Mutex<BTreeMap<u16, u64>>>,
     last_failure: Arc<Mutex<Option<String>>>,
+    /// When each failed request was sent.
+    failed_at: Arc<Mutex<Vec<Instant>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -304,12 +318,14 @@ impl Load {
         let sent = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(Mutex::new(BTreeMap::new()));
         let last_failure = Arc::new(Mutex::new(None));
+        let failed_at = Arc::new(Mutex::new(Vec::new()));
         let task = {
-            let (stop, sent, failures, last, http, host, prefix) = (
+            let (stop, sent, failures, last, at, http, host, prefix) = (
                 stop.clone(),
                 sent.clone(),
                 failures.clone(),
                 last_failure.clone(),
+                failed_at.clone(),
                 http.clone(),
                 host.to_string(),
                 prefix.to_string(),
@@ -317,6 +333,7 @@ impl Load {
             tokio::spawn(async move {
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
                     let r = keyed(&http, proxy, &host, method, &format!("{prefix}-{i}")).await;
                     sent.fetch_add(1, Ordering::Relaxed);
                     let (status, what) = match r {
@@ -331,6 +348,7 @@ impl Load {
                             .entry(status)
                             .or_default() += 1;
                         *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(what);
+                        at.lock().unwrap_or_else(|e| e.into_inner()).push(started);
                     }
                     i += 1;
                 }
@@ -341,6 +359,7 @@ impl Load {
             sent,
             failures,
             last_failure,
+            failed_at,
             task,
         }
     }
@@ -348,6 +367,16 @@ impl Load {
     /// Requests sent so far.
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Failed requests so far that were sent at or after `t`.
+    pub fn failed_since(&self, t: Instant) -> usize {
+        self.failed_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|at| **at >= t)
+            .count()
     }
 
     /// Stops; returns (requests sent, failures by status, the last failure's body).

@@ -121,6 +121,84 @@ pub struct ShardedServiceSpec {
     /// How a change of `shards` hands keys over to their new owners while traffic continues.
     #[serde(default)]
     pub resharding: Resharding,
+
+    /// Which failure domains the pods of each shard are spread over, so that losing one node
+    /// (or zone) takes at most one replica of a shard when there are enough of them.
+    #[serde(default)]
+    pub placement: Placement,
+}
+
+/// Where the pods of each shard are placed. Replicas only survive the loss of a machine when
+/// they are not on the same machine: each shard's StatefulSet gets topology spread constraints
+/// selecting exactly that shard's pods. A topology spread constraint that the template's
+/// `spec.topologySpreadConstraints` already sets for the same `topologyKey` takes precedence
+/// (the status notes it).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// How a shard's pods are spread over nodes (`kubernetes.io/hostname`): `Hard` (default;
+    /// `whenUnsatisfiable: DoNotSchedule`, a pod stays Pending rather than join a node holding
+    /// more of its shard's pods than another), `Soft` (`ScheduleAnyway`, the scheduler prefers
+    /// spreading but places the pod anyway) or `None` (no spreading).
+    #[serde(default)]
+    pub spread: Spread,
+    /// Also spread each shard's pods over zones (`topology.kubernetes.io/zone`) the same way
+    /// (default false). Opt-in because the operator does not read nodes: with `Hard`, pods on
+    /// nodes without the zone label stay Pending, and with `Soft` such nodes would switch off
+    /// the scheduler's preference for spreading over nodes too.
+    #[serde(default)]
+    pub zones: bool,
+    /// Further topology spread constraints for each shard's pods (at most 8), e.g. over a rack
+    /// label. One for `kubernetes.io/hostname` (or the zone label) replaces the built-in one,
+    /// e.g. to allow a larger skew.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub constraints: Vec<SpreadConstraint>,
+}
+
+/// How strictly pods are spread: `Hard` (`whenUnsatisfiable: DoNotSchedule`), `Soft`
+/// (`ScheduleAnyway`) or `None` (only in `placement.spread`). Unset on an entry of
+/// `placement.constraints`: as `placement.spread`, or `Hard` when that is `None`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Spread {
+    /// `whenUnsatisfiable: DoNotSchedule`: a pod waits rather than be placed unevenly.
+    #[default]
+    Hard,
+    /// `whenUnsatisfiable: ScheduleAnyway`: spreading is a preference.
+    Soft,
+    /// No spreading constraint is added. Spelled `None`, not `Off`: YAML 1.1, which kubectl
+    /// and helm parse manifests with, reads an unquoted `Off` as the boolean false.
+    #[serde(rename = "None")]
+    Disabled,
+}
+
+impl Spread {
+    /// The topology spread constraint's `whenUnsatisfiable`, `None` for `Off`.
+    pub fn when_unsatisfiable(self) -> Option<&'static str> {
+        match self {
+            Spread::Hard => Some("DoNotSchedule"),
+            Spread::Soft => Some("ScheduleAnyway"),
+            Spread::Disabled => None,
+        }
+    }
+}
+
+/// One extra topology spread constraint over the pods of each shard.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SpreadConstraint {
+    /// Node label whose values are the domains to spread over, e.g.
+    /// `topology.example.com/rack` (a label key: optional DNS prefix and `/`, then at most 63
+    /// characters).
+    #[schemars(length(min = 1, max = 317))]
+    pub topology_key: String,
+    /// Most pods of a shard one domain may hold beyond the emptiest domain (1-100; default 1).
+    #[serde(default = "d_one")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_skew: i32,
+    /// `Hard` or `Soft` for this constraint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<Spread>,
 }
 
 /// Live resharding. Changing `shards` never restarts the pods of the shards that stay: new
@@ -624,7 +702,8 @@ pub struct ShardedServiceStatus {
     /// Per-shard state, one entry per shard index.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shards: Vec<ShardStatus>,
-    /// Capabilities the API server lacks and what shardmesh does without them.
+    /// Capabilities the API server lacks, and parts of the spec not applied as written (e.g. a
+    /// `spec.placement` constraint the template overrides), with what shardmesh does instead.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
     /// A change of the shard count in progress (absent when none is).

@@ -7,7 +7,7 @@ use std::{collections::HashSet, fmt, time::Duration};
 use crate::{
     duration::DurationString,
     labels, ports, template,
-    v1alpha1::{ShardedService, ShardedServiceSpec},
+    v1alpha1::{ShardedService, ShardedServiceSpec, Spread},
 };
 
 /// Name of the injected sidecar container; the template must not use it.
@@ -186,6 +186,7 @@ fn check_spec(c: &mut Check, spec: &ShardedServiceSpec) {
     check_resilience(c, spec);
     check_leader_election(c, spec);
     check_resharding(c, spec);
+    check_placement(c, spec);
     c.range(
         "spec.rollout.maxUnavailable",
         spec.rollout.max_unavailable.into(),
@@ -279,6 +280,96 @@ fn check_resharding(c: &mut Check, spec: &ShardedServiceSpec) {
             );
         }
     }
+}
+
+/// Most extra spread constraints: a pod's constraints are all evaluated for every node.
+const MAX_SPREAD_CONSTRAINTS: usize = 8;
+
+fn check_placement(c: &mut Check, spec: &ShardedServiceSpec) {
+    let p = &spec.placement;
+    if p.zones && p.spread == Spread::Disabled {
+        c.err(
+            "spec.placement.zones",
+            "zone spreading needs spec.placement.spread Hard or Soft; set one, or remove zones",
+        );
+    }
+    if p.constraints.len() > MAX_SPREAD_CONSTRAINTS {
+        c.err(
+            "spec.placement.constraints",
+            format!(
+                "has {} entries; list at most {MAX_SPREAD_CONSTRAINTS}",
+                p.constraints.len()
+            ),
+        );
+    }
+    let mut keys = HashSet::new();
+    for (i, sc) in p.constraints.iter().enumerate() {
+        let path = format!("spec.placement.constraints[{i}]");
+        if let Some(why) = label_key_problem(&sc.topology_key) {
+            c.err(
+                format!("{path}.topologyKey"),
+                format!(
+                    "{:?} is not a node label key ({why}); use e.g. \"topology.example.com/rack\"",
+                    sc.topology_key
+                ),
+            );
+        }
+        if !keys.insert(sc.topology_key.as_str()) {
+            c.err(
+                format!("{path}.topologyKey"),
+                format!(
+                    "{:?} is constrained by an earlier entry; merge the two into one",
+                    sc.topology_key
+                ),
+            );
+        }
+        c.range(&format!("{path}.maxSkew"), sc.max_skew.into(), 1, 100);
+        if sc.spread == Some(Spread::Disabled) {
+            c.err(
+                format!("{path}.spread"),
+                "None is only for spec.placement.spread; use Hard or Soft, or remove the entry",
+            );
+        }
+    }
+}
+
+/// Why `key` is not a valid label key (an optional DNS subdomain prefix and `/`, then a name
+/// of 1-63 alphanumerics, `-`, `_` and `.` starting and ending alphanumeric), if it is not.
+fn label_key_problem(key: &str) -> Option<&'static str> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let alnum_ends = |s: &str| {
+        s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+    };
+    if name.is_empty() || name.len() > 63 {
+        return Some("the name after any prefix must have 1 to 63 characters");
+    }
+    if !alnum_ends(name)
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Some(
+            "the name must be alphanumerics, '-', '_' or '.', starting and ending alphanumeric",
+        );
+    }
+    if let Some(prefix) = prefix {
+        let dns_ok = !prefix.is_empty()
+            && prefix.len() <= 253
+            && prefix.split('.').all(|l| {
+                !l.is_empty()
+                    && alnum_ends(l)
+                    && l.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            });
+        if !dns_ok {
+            return Some("the prefix must be a lowercase DNS subdomain");
+        }
+    }
+    None
 }
 
 fn check_template(c: &mut Check, spec: &ShardedServiceSpec) {
@@ -525,6 +616,17 @@ mod tests {
     }
 
     #[test]
+    fn placement_with_zones_and_label_keys_is_valid() {
+        let mut spec = base();
+        spec["placement"] = json!({"spread": "Soft", "zones": true, "constraints": [
+            {"topologyKey": "topology.example.com/rack", "maxSkew": 2, "spread": "Hard"},
+            {"topologyKey": "kubernetes.io/hostname"},
+            {"topologyKey": "rack_1.a"},
+        ]});
+        assert_eq!(validate(&svc(spec)), vec![]);
+    }
+
+    #[test]
     fn each_bad_field_is_named() {
         let cases: Vec<(serde_json::Value, &str)> = vec![
             (json!({"shards": 0}), "spec.shards"),
@@ -551,6 +653,31 @@ mod tests {
             (
                 json!({"rollout": {"canaryShards": 0}}),
                 "spec.rollout.canaryShards",
+            ),
+            (
+                json!({"placement": {"spread": "None", "zones": true}}),
+                "spec.placement.zones",
+            ),
+            (
+                json!({"placement": {"constraints": [{"topologyKey": "Rack/x"}]}}),
+                "spec.placement.constraints[0].topologyKey",
+            ),
+            (
+                json!({"placement": {"constraints": [{"topologyKey": "rack/"}]}}),
+                "spec.placement.constraints[0].topologyKey",
+            ),
+            (
+                json!({"placement": {"constraints": [
+                    {"topologyKey": "rack"}, {"topologyKey": "rack", "maxSkew": 2}]}}),
+                "spec.placement.constraints[1].topologyKey",
+            ),
+            (
+                json!({"placement": {"constraints": [{"topologyKey": "rack", "maxSkew": 0}]}}),
+                "spec.placement.constraints[0].maxSkew",
+            ),
+            (
+                json!({"placement": {"constraints": [{"topologyKey": "rack", "spread": "None"}]}}),
+                "spec.placement.constraints[0].spread",
             ),
             (
                 json!({"rollout": {"maxShardsInFlight": 2000}}),

@@ -315,6 +315,7 @@ fn check_policy(text: &str) -> Result<String, String> {
             rollout: Default::default(),
             leader_election: Default::default(),
             resharding: Default::default(),
+            placement: Default::default(),
         },
     );
     let problems: Vec<String> = validate(&probe)
