@@ -143,9 +143,14 @@ where
     addr
 }
 
-/// A free loopback port (bound and released; the sidecar binds it right after).
+/// A free loopback port (bound and released; the sidecar binds it right after), on a loopback
+/// address of its own (all of 127/8 is local): between the release and the sidecar's bind, a
+/// concurrent test binding `127.0.0.1:0` could be handed the same port, never this address.
 fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ip = std::net::Ipv4Addr::new(127, 81, (n >> 8) as u8, n as u8);
+    let l = std::net::TcpListener::bind((ip, 0)).expect("bind");
     l.local_addr().expect("addr")
 }
 
