@@ -111,7 +111,12 @@ async fn admin_live_ready_metrics_and_shutdown() {
 
 #[tokio::test]
 async fn ready_fails_while_the_app_is_not_answering() {
-    let port = refused_addr().port().to_string();
+    // The app is always on 127.0.0.1: a port released there, nothing listening.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+        .to_string();
     let sc = sidecar(&registry(&[]), FAST, &["--app-port", &port]).await;
     let r = get(sc.admin, &format!("http://{}/ready", sc.admin)).await;
     assert_eq!(r.status, 503);

@@ -267,9 +267,14 @@ async fn handle(mut stream: TcpStream, st: Arc<State>, port: u16) {
     }
 }
 
-/// An address nothing listens on (connections are refused).
+/// An address nothing listens on (connections are refused): a port bound and released on a
+/// loopback address of its own (all of 127/8 is local), which no concurrent test binding
+/// `127.0.0.1:0` can be handed.
 pub fn refused_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ip = std::net::Ipv4Addr::new(127, 82, (n >> 8) as u8, n as u8);
+    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
     l.local_addr().unwrap()
 }
 
