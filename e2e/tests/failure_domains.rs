@@ -123,6 +123,22 @@ fn spread_and_ready(
     Ok(())
 }
 
+/// Waits (up to `timeout`) until [`spread_and_ready`] holds, avoiding `avoid`; the layout seen.
+async fn spread(
+    pods: &Api<Pod>,
+    what: &str,
+    avoid: &[&str],
+    timeout: Duration,
+) -> BTreeMap<u32, Vec<(String, String, bool)>> {
+    wait_for(what, timeout, || async {
+        let l = layout(pods).await?;
+        spread_and_ready(&l, avoid)
+            .map(|()| Some(l))
+            .map_err(|e| anyhow::anyhow!(e))
+    })
+    .await
+}
+
 /// Polls the pods every 250 ms and keeps each shard's fewest Ready replicas seen.
 struct ReadyWatch {
     stop: Arc<AtomicBool>,
@@ -250,15 +266,11 @@ async fn failure_domains_drain_and_node_loss() {
     .await;
 
     // 1. Placement: the replicas of every shard on different nodes.
-    let placed = wait_for(
+    let placed = spread(
+        &pods,
         "every shard's replicas Ready on different nodes",
+        &[],
         WAIT,
-        || async {
-            let l = layout(&pods).await?;
-            spread_and_ready(&l, &[])
-                .map(|()| Some(l))
-                .map_err(|e| anyhow::anyhow!(e))
-        },
     )
     .await;
     say(&mut summary, t0, &format!("placed: {placed:?}"));
@@ -329,15 +341,11 @@ async fn failure_domains_drain_and_node_loss() {
         t0,
         &format!("drain completed in {:.1}s", t_drain.elapsed().as_secs_f64()),
     );
-    let after_drain = wait_for(
+    let after_drain = spread(
+        &pods,
         &format!("every shard Ready again on different nodes, none on {DRAINED}"),
+        &[DRAINED],
         WAIT,
-        || async {
-            let l = layout(&pods).await?;
-            spread_and_ready(&l, &[DRAINED])
-                .map(|()| Some(l))
-                .map_err(|e| anyhow::anyhow!(e))
-        },
     )
     .await;
     let min_ready = watch.finish().await;
@@ -417,15 +425,11 @@ async fn failure_domains_drain_and_node_loss() {
         .await
         .expect("delete the lost node's Node object");
     say(&mut summary, t0, &format!("deleted Node {LOST}"));
-    let healed = wait_for(
+    let healed = spread(
+        &pods,
         &format!("every shard Ready again on different nodes, none on {LOST}"),
+        &[LOST],
         NODE_LOSS_WAIT,
-        || async {
-            let l = layout(&pods).await?;
-            spread_and_ready(&l, &[LOST])
-                .map(|()| Some(l))
-                .map_err(|e| anyhow::anyhow!(e))
-        },
     )
     .await;
     let status = wait_obj(

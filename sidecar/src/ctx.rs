@@ -80,9 +80,4 @@ impl RequestCtx {
     pub fn lock(&self) -> MutexGuard<'_, Record> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
-
-    /// A copy of the record.
-    pub fn snapshot(&self) -> Record {
-        self.lock().clone()
-    }
 }
