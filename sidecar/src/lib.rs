@@ -189,6 +189,7 @@ pub async fn start_with(
     } else {
         None
     };
+    let live_maps = kube_client.is_some() && !shardmaps.is_empty();
     let discovery: Arc<dyn discovery::Discover> = match &kube_client {
         Some(client) if !shardmaps.is_empty() => {
             let live = Arc::new(shardmap_watch::LiveRegistry::new(registry));
@@ -220,6 +221,19 @@ pub async fn start_with(
             role,
             drain.clone(),
         )));
+    }
+    if let (Some(cfg), Some(own), true) = (&membership, &own, live_maps) {
+        let listed = gates.add(format!(
+            "this pod's listing in the shard map of {}",
+            cfg.identity.service
+        ));
+        tokio::spawn(shardmap_watch::wait_listed(
+            discovery.clone(),
+            own.authority.clone(),
+            own.shard,
+            cfg.identity.address,
+            listed,
+        ));
     }
     if let (Some(cfg), Some(client)) = (membership, kube_client) {
         let registered = gates.add("the registration of this pod's Lease");

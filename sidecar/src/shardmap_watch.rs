@@ -283,6 +283,51 @@ pub async fn watch(
     }
 }
 
+/// Opens `listed` once `authority`'s map lists `address` among shard `shard`'s members.
+///
+/// A member's `/ready` waits for this: the StatefulSet controller rolls on readiness, and a
+/// pod that turned Ready before callers could route to it would let the rollout delete the
+/// old pod while the published map still names only that one (an operator failover mid-rollout
+/// leaves the map unpublished for a Lease duration).
+pub async fn wait_listed(
+    discovery: Arc<dyn Discover>,
+    authority: String,
+    shard: u32,
+    address: std::net::SocketAddr,
+    listed: Gate,
+) {
+    let Some(mut changes) = discovery.changes() else {
+        listed.open();
+        return;
+    };
+    loop {
+        changes.borrow_and_update();
+        if lists(discovery.as_ref(), &authority, shard, address) {
+            tracing::info!(destination = %authority, shard, %address,
+                           "this pod is listed in its shard map");
+            listed.open();
+            return;
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn lists(
+    discovery: &dyn Discover,
+    authority: &str,
+    shard: u32,
+    address: std::net::SocketAddr,
+) -> bool {
+    match discovery.lookup(authority).as_deref().map(|d| &d.kind) {
+        Some(crate::discovery::DestinationKind::Sharded { shards, .. }) => shards
+            .get(shard as usize)
+            .is_some_and(|members| members.contains(&address)),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -471,5 +516,38 @@ mod tests {
         let d = wait_for_epoch(&*reg, "a:1", 2, Duration::from_secs(2)).await;
         assert_eq!(d.and_then(|d| d.epoch()), Some(3));
         assert_eq!(t1.elapsed(), Duration::from_millis(300));
+    }
+
+    #[tokio::test]
+    async fn a_member_is_ready_only_once_its_shard_lists_it() {
+        let reg = Arc::new(LiveRegistry::new(StaticRegistry::empty()));
+        let map = |epoch: i64, shard1: &str| {
+            let json = format!(
+                r#"{{"epoch":{epoch},"shards":[{{"index":0,"members":[{{"pod":"o-0-0","address":"10.0.0.9:4143"}}]}},{{"index":1,"members":[{shard1}]}}]}}"#
+            );
+            destination_from_configmap("o:80", &cm(&[("shardmap.json", &json)])).unwrap()
+        };
+        let gates = crate::admin::StartupGates::default();
+        let me: std::net::SocketAddr = "10.0.0.9:4143".parse().unwrap();
+        let waiter = tokio::spawn(wait_listed(
+            reg.clone(),
+            "o:80".into(),
+            1,
+            me,
+            gates.add("listing"),
+        ));
+        // No map yet, then a map listing this address under another shard only.
+        tokio::task::yield_now().await;
+        reg.set(map(1, ""));
+        tokio::task::yield_now().await;
+        assert_eq!(gates.pending(), ["listing"]);
+        assert!(!waiter.is_finished());
+        // Listed in its own shard: the gate opens and the task ends.
+        reg.set(map(2, r#"{"pod":"o-1-0","address":"10.0.0.9:4143"}"#));
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("wait_listed ends once listed")
+            .unwrap();
+        assert!(gates.pending().is_empty());
     }
 }
