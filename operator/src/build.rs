@@ -9,6 +9,7 @@ use k8s_openapi::{
             RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec,
             StatefulSetUpdateStrategy,
         },
+        coordination::v1::Lease,
         core::v1::{
             EnvVar, EnvVarSource, ObjectFieldSelector, PodTemplateSpec, Service, ServicePort,
             ServiceSpec,
@@ -23,7 +24,13 @@ use k8s_openapi::{
 use kube::{Resource, ResourceExt};
 use shardmesh_api::{labels, ports, ShardedService};
 
-use crate::{capabilities::Capabilities, placement, rollout, webhook::annotations, Error, Result};
+use crate::{
+    access::{self, Access},
+    capabilities::Capabilities,
+    placement, rollout,
+    webhook::annotations,
+    Error, Result,
+};
 
 /// Env vars the operator sets on every application container so the app knows its place.
 pub mod env {
@@ -45,7 +52,8 @@ pub mod env {
     pub const POD_UID: &str = "POD_UID";
 }
 
-/// Everything one ShardedService should own.
+/// Everything one ShardedService owns, but for the content of its shard map (membership, which
+/// [`crate::shardmap`] publishes).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Desired {
     /// One StatefulSet per shard, index order.
@@ -57,6 +65,10 @@ pub struct Desired {
     /// One PodDisruptionBudget per shard, in the `policy/v1` shape whichever API the server
     /// serves (see [`crate::disruption`]); empty when it serves none.
     pub disruption_budgets: Vec<PodDisruptionBudget>,
+    /// The pods' ServiceAccount and Roles (see [`crate::access`]).
+    pub access: Access,
+    /// One leader Lease per shard when the service elects leaders.
+    pub leader_leases: Vec<Lease>,
 }
 
 /// Operator settings that change the built objects (as opposed to what the server offers).
@@ -146,6 +158,8 @@ pub fn build_with(
     let revision = template_revision(svc);
     let mut desired = Desired {
         routing_service: routing_service(svc, &name, &ns, &owner, opts),
+        access: access::access(svc, &name, &ns, &owner, shards),
+        leader_leases: access::leader_leases(svc, &name, &ns, &owner, shards),
         ..Desired::default()
     };
     for i in 0..shards {
@@ -539,6 +553,15 @@ mod tests {
         for sts in &mut a2.stateful_sets {
             sts.spec.as_mut().expect("spec").replicas = Some(5);
         }
+        // The member Role names every pod, so it grows with the replicas too.
+        assert_eq!(
+            b.access.member_role.rules.as_ref().expect("rules")[1]
+                .resource_names
+                .as_ref()
+                .map(Vec::len),
+            Some(20)
+        );
+        a2.access.member_role = b.access.member_role.clone();
         assert_eq!(a2, b);
     }
 

@@ -289,12 +289,11 @@ mod tests {
         let map = shardmesh_api::shardmap::ShardMap::default();
         let cm = shardmap::configmap(&s, &map).expect("configmap");
         applied.insert(named(ConfigMap::KIND, &cm.metadata));
-        let (sa, member, reader, binding) = shardmap::access_objects(&s, 3).expect("access");
-        applied.insert(named(ServiceAccount::KIND, &sa.metadata));
-        applied.insert(named(Role::KIND, &member.metadata));
-        applied.insert(named(Role::KIND, &reader.metadata));
-        applied.insert(named(RoleBinding::KIND, &binding.metadata));
-        for l in shardmap::leader_leases(&s, 3).expect("leases") {
+        applied.insert(named(ServiceAccount::KIND, &d.access.account.metadata));
+        applied.insert(named(Role::KIND, &d.access.member_role.metadata));
+        applied.insert(named(Role::KIND, &d.access.reader_role.metadata));
+        applied.insert(named(RoleBinding::KIND, &d.access.binding.metadata));
+        for l in &d.leader_leases {
             applied.insert(named(Lease::KIND, &l.metadata));
         }
         let enumerated: BTreeSet<(&str, String)> = generated(&s)

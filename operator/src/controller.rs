@@ -2,33 +2,32 @@
 //! Controller that wakes on spec changes (not on its own status writes) and on changes of the
 //! objects it owns.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use k8s_openapi::{
     api::{
         apps::v1::StatefulSet,
-        core::v1::{ConfigMap, Pod, Service},
+        coordination::v1::Lease,
+        core::v1::{ConfigMap, Pod, Service, ServiceAccount},
         policy::v1::PodDisruptionBudget,
+        rbac::v1::{Role, RoleBinding},
     },
     jiff::Timestamp,
 };
 use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams},
+    core::PartialObjectMeta,
     runtime::{
-        controller::{Action, Controller},
+        controller::{self, Action, Controller},
         events::{Event, EventType, Recorder, Reporter},
         predicates,
-        reflector::{self, ObjectRef, Store},
+        reflector::{self, Store},
         watcher, WatchStreamExt,
     },
     Api, Client, Resource, ResourceExt,
 };
-use serde::{de::DeserializeOwned, Serialize};
+use serde::de::DeserializeOwned;
 use shardmesh_api::{labels, shardmap::ShardMap, validate, ShardedService, ShardedServiceStatus};
 use tracing::{info, instrument, warn};
 
@@ -39,6 +38,7 @@ use crate::{
     disruption::{PdbApi, PodDisruptionBudgetV1beta1},
     metrics::Metrics,
     placement, reshard, rollout,
+    runtime::{self, Failures},
     scope::{self, Scope},
     status::{self, InvalidReason, Observed},
     Error, Result,
@@ -48,9 +48,11 @@ use crate::{
 const RESYNC: Duration = Duration::from_secs(300);
 /// Requeue interval while shards are not ready.
 const RESYNC_NOT_READY: Duration = Duration::from_secs(30);
-/// First and largest delay of the per-object error backoff.
-const BACKOFF_BASE: Duration = Duration::from_secs(2);
-const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// How long a burst of events for one ShardedService (its objects appearing one by one at
+/// creation) is collected into one reconcile.
+const DEBOUNCE: Duration = Duration::from_millis(500);
+/// Reconciles in flight at once; the others wait their turn in the controller's queue.
+const CONCURRENCY: u16 = 16;
 
 /// State shared by all reconciles.
 pub struct Context {
@@ -66,8 +68,31 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Every ShardedService (the controller's reflector), for name collisions.
     services: Store<ShardedService>,
+    /// The metadata of the objects the services own, as watched: what is already applied.
+    owned: Owned,
     /// Consecutive failures per object, for exponential backoff.
-    failures: Mutex<HashMap<ObjectRef<ShardedService>, u32>>,
+    failures: Failures,
+}
+
+/// Watched metadata (trimmed, see [`runtime::trim`]) of every kind a ShardedService owns
+/// besides its StatefulSets (read with the reconcile's own list) and its shard map (written by
+/// the shard-map controller). Stores that are never filled read as "not applied yet".
+#[derive(Clone, Default)]
+pub struct Owned {
+    /// Shard and routing Services.
+    pub services: Option<Store<PartialObjectMeta<Service>>>,
+    /// `policy/v1` budgets.
+    pub budgets: Option<Store<PartialObjectMeta<PodDisruptionBudget>>>,
+    /// `policy/v1beta1` budgets.
+    pub budgets_v1beta1: Option<Store<PartialObjectMeta<PodDisruptionBudgetV1beta1>>>,
+    /// Member ServiceAccounts.
+    pub accounts: Option<Store<PartialObjectMeta<ServiceAccount>>>,
+    /// Member and reader Roles.
+    pub roles: Option<Store<PartialObjectMeta<Role>>>,
+    /// Member RoleBindings.
+    pub bindings: Option<Store<PartialObjectMeta<RoleBinding>>>,
+    /// Leader Leases.
+    pub leases: Option<Store<PartialObjectMeta<Lease>>>,
 }
 
 impl Context {
@@ -87,8 +112,15 @@ impl Context {
             options: BuildOptions::default(),
             metrics: Arc::default(),
             services,
-            failures: Mutex::new(HashMap::new()),
+            owned: Owned::default(),
+            failures: Failures::default(),
         }
+    }
+
+    /// The same context skipping applies the watched objects in `owned` already hold.
+    pub fn with_owned(mut self, owned: Owned) -> Self {
+        self.owned = owned;
+        self
     }
 
     /// The same context judging name collisions against `services`.
@@ -108,25 +140,16 @@ impl Context {
         self.options = options;
         self
     }
-
-    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<ShardedService>, u32>> {
-        // A poisoned lock only means a reconcile panicked mid-update of a counter; keep going.
-        self.failures.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
-/// Delay before retrying an object that failed `n` times in a row (n ≥ 1).
-pub fn backoff(n: u32) -> Duration {
-    shardmesh_api::backoff::ceiling(BACKOFF_BASE, BACKOFF_MAX, n)
-}
-
-/// Runs the controller until SIGTERM/SIGINT.
+/// Runs the controller until `shutdown` resolves.
 pub async fn run(
     client: Client,
     instance: Option<String>,
     options: BuildOptions,
     metrics: Arc<Metrics>,
     scope: Scope,
+    shutdown: runtime::Shutdown,
 ) -> anyhow::Result<()> {
     let caps = Capabilities::detect(&client).await?;
     for root in scope.roots() {
@@ -144,7 +167,11 @@ pub async fn run(
     }
     info!(scope = %scope.describe(), "controller started");
     // Beside it: membership Leases → one shard-map ConfigMap per service (shardmap.rs).
-    let shard_maps = tokio::spawn(crate::shardmap::run(client.clone(), scope.clone()));
+    let shard_maps = tokio::spawn(crate::shardmap::run(
+        client.clone(),
+        scope.clone(),
+        shutdown.clone(),
+    ));
     futures::future::join_all(scope.roots().into_iter().map(|root| {
         run_in(
             client.clone(),
@@ -153,6 +180,7 @@ pub async fn run(
             instance.clone(),
             options,
             metrics.clone(),
+            shutdown.clone(),
         )
     }))
     .await;
@@ -165,6 +193,35 @@ pub async fn run(
     Ok(())
 }
 
+/// Watches the metadata of the owned objects of kind `K` under `root` (selected by `config`)
+/// into a store, trimmed to what [`runtime::unchanged`] reads; the stream wakes the owners.
+fn watch_owned<K>(
+    client: &Client,
+    root: &Option<String>,
+    config: watcher::Config,
+) -> (
+    Store<PartialObjectMeta<K>>,
+    impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let kind = K::kind(&()).to_string();
+    let stream = watcher(scope::api::<PartialObjectMeta<K>>(client, root), config)
+        .default_backoff()
+        .modify(move |m: &mut PartialObjectMeta<K>| runtime::trim(&mut m.metadata, &kind))
+        .reflect(writer)
+        .touched_objects();
+    (reader, stream)
+}
+
 /// The controller over one root of the scope (every namespace, or one), with its own caches.
 async fn run_in(
     client: Client,
@@ -173,6 +230,7 @@ async fn run_in(
     instance: Option<String>,
     options: BuildOptions,
     metrics: Arc<Metrics>,
+    shutdown: runtime::Shutdown,
 ) {
     let svcs: Api<ShardedService> = scope::api(&client, &root);
     let (reader, writer) = reflector::store();
@@ -190,19 +248,63 @@ async fn run_in(
         ))
         .any_semantic();
     let services = reader.clone();
+    // Owned objects wake their service; only metadata is watched (status changes included),
+    // which is all the skip-unchanged check and the trigger need.
+    let sts = watcher(
+        scope::api::<PartialObjectMeta<StatefulSet>>(&client, &root),
+        managed.clone(),
+    )
+    .default_backoff()
+    .touched_objects();
+    // The published shard map: its epoch and members are mirrored into the status.
+    let maps = watcher(
+        scope::api::<PartialObjectMeta<ConfigMap>>(&client, &root),
+        managed.clone(),
+    )
+    .default_backoff()
+    .touched_objects();
+    let (svc_store, svc_events) = watch_owned::<Service>(&client, &root, managed.clone());
+    let (sa_store, sa_events) = watch_owned::<ServiceAccount>(&client, &root, managed.clone());
+    let (role_store, role_events) = watch_owned::<Role>(&client, &root, managed.clone());
+    let (rb_store, rb_events) = watch_owned::<RoleBinding>(&client, &root, managed.clone());
+    let leader_leases = watcher::Config::default()
+        .labels(&format!(
+            "{}={},{}={}",
+            labels::MANAGED_BY,
+            labels::MANAGED_BY_VALUE,
+            labels::LEASE_ROLE,
+            labels::LEASE_ROLE_LEADER
+        ))
+        .any_semantic();
+    let (lease_store, lease_events) = watch_owned::<Lease>(&client, &root, leader_leases);
+    let mut owned = Owned {
+        services: Some(svc_store),
+        accounts: Some(sa_store),
+        roles: Some(role_store),
+        bindings: Some(rb_store),
+        leases: Some(lease_store),
+        ..Owned::default()
+    };
     let mut controller = Controller::for_stream(trigger, reader)
-        .owns(scope::api::<StatefulSet>(&client, &root), managed.clone())
-        .owns(scope::api::<Service>(&client, &root), managed.clone())
-        // The published shard map: its epoch and members are mirrored into the status.
-        .owns(scope::api::<ConfigMap>(&client, &root), managed.clone());
+        .owns_stream(sts)
+        .owns_stream(maps)
+        .owns_stream(svc_events)
+        .owns_stream(sa_events)
+        .owns_stream(role_events)
+        .owns_stream(rb_events)
+        .owns_stream(lease_events);
     controller = match caps.pdb {
         Some(PdbApi::V1) => {
-            controller.owns(scope::api::<PodDisruptionBudget>(&client, &root), managed)
+            let (store, events) = watch_owned::<PodDisruptionBudget>(&client, &root, managed);
+            owned.budgets = Some(store);
+            controller.owns_stream(events)
         }
-        Some(PdbApi::V1beta1) => controller.owns(
-            scope::api::<PodDisruptionBudgetV1beta1>(&client, &root),
-            managed,
-        ),
+        Some(PdbApi::V1beta1) => {
+            let (store, events) =
+                watch_owned::<PodDisruptionBudgetV1beta1>(&client, &root, managed);
+            owned.budgets_v1beta1 = Some(store);
+            controller.owns_stream(events)
+        }
         None => controller,
     };
 
@@ -210,10 +312,16 @@ async fn run_in(
         Context::new(client, caps, instance)
             .with_options(options)
             .with_metrics(metrics)
-            .with_services(services),
+            .with_services(services)
+            .with_owned(owned),
     );
     controller
-        .shutdown_on_signal()
+        .with_config(
+            controller::Config::default()
+                .debounce(DEBOUNCE)
+                .concurrency(CONCURRENCY),
+        )
+        .graceful_shutdown_on(shutdown)
         .run(
             |svc, ctx: Arc<Context>| async move {
                 let started = std::time::Instant::now();
@@ -234,13 +342,7 @@ async fn run_in(
 }
 
 fn error_policy(svc: Arc<ShardedService>, err: &Error, ctx: Arc<Context>) -> Action {
-    let n = {
-        let mut failures = ctx.failures();
-        let n = failures.entry(ObjectRef::from_obj(&*svc)).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    };
-    let delay = backoff(n);
+    let (n, delay) = ctx.failures.failed(&svc);
     warn!(name = %svc.name_any(), namespace = svc.namespace().unwrap_or_default(),
           error = %err, reason = err.metric_label(), failures = n, retry_in_s = delay.as_secs(),
           "reconcile error");
@@ -286,7 +388,7 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         warn!(errors = %validate::summarize(&errors), "spec refused; existing objects left untouched");
         let st = status::invalid(&svc, reason, &errors, notes, Timestamp::now());
         write_status(&ctx, &svc, st).await?;
-        ctx.failures().remove(&ObjectRef::from_obj(&*svc));
+        ctx.failures.succeeded(&svc);
         // A spec change triggers a reconcile; the older ShardedService going away does not.
         return Ok(if reason == InvalidReason::NameCollision {
             Action::requeue(collision::RECHECK)
@@ -330,29 +432,52 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     let desired = build_with(&svc, &ctx.caps, ctx.options, &workloads)?;
 
     // 3. apply: one field manager, forced, so the operator owns exactly the fields it sets.
+    // An object whose watched copy already holds what would be applied is not written, so a
+    // resync of an unchanged service writes nothing. The pods' access objects go first: the
+    // StatefulSets' pods run under that ServiceAccount.
+    let owned = &ctx.owned;
+    let mut writes = 0u32;
+    let access = desired.access;
+    writes += put(client, &ns, access.account, &owned.accounts).await?;
+    writes += put(client, &ns, access.member_role, &owned.roles).await?;
+    writes += put(client, &ns, access.reader_role, &owned.roles).await?;
+    writes += put(client, &ns, access.binding, &owned.bindings).await?;
+    for lease in desired.leader_leases {
+        writes += put(client, &ns, lease, &owned.leases).await?;
+    }
     let mut observed = Observed::default();
-    for (i, sts) in desired.stateful_sets.iter().enumerate() {
-        observed
-            .stateful_sets
-            .insert(i as u32, apply(client, &ns, sts).await?);
+    for (i, mut sts) in desired.stateful_sets.into_iter().enumerate() {
+        let i = i as u32;
+        let hash = runtime::stamp(&mut sts)?;
+        let current = existing
+            .get(&i)
+            .filter(|cur| runtime::unchanged(&cur.metadata, &hash, &StatefulSet::kind(&())));
+        let sts = match current {
+            Some(cur) => cur.clone(),
+            None => {
+                writes += 1;
+                runtime::apply(client, &ns, &sts).await?
+            }
+        };
+        observed.stateful_sets.insert(i, sts);
     }
     for s in desired
         .shard_services
-        .iter()
-        .chain([&desired.routing_service])
+        .into_iter()
+        .chain([desired.routing_service])
     {
-        apply(client, &ns, s).await?;
+        writes += put(client, &ns, s, &owned.services).await?;
     }
-    for p in &desired.disruption_budgets {
-        match ctx.caps.pdb {
+    for p in desired.disruption_budgets {
+        writes += match ctx.caps.pdb {
             Some(PdbApi::V1beta1) => {
-                apply(client, &ns, &PodDisruptionBudgetV1beta1::from(p)).await?;
+                let p = PodDisruptionBudgetV1beta1::from(&p);
+                put(client, &ns, p, &owned.budgets_v1beta1).await?
             }
-            _ => {
-                apply(client, &ns, p).await?;
-            }
-        }
+            _ => put(client, &ns, p, &owned.budgets).await?,
+        };
     }
+    tracing::debug!(writes, "applied");
     if current_shards as u32 > workloads.shards {
         remove_shards(&ctx, &ns, &selector, &uid, workloads.shards).await?;
     }
@@ -367,7 +492,7 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         .iter()
         .any(|c| c.type_ == "Ready" && c.status == "True");
     write_status(&ctx, &svc, st).await?;
-    ctx.failures().remove(&ObjectRef::from_obj(&*svc));
+    ctx.failures.succeeded(&svc);
     let resync = if ready { RESYNC } else { RESYNC_NOT_READY };
     Ok(Action::requeue(
         plan.requeue.map_or(resync, |d| d.min(resync)),
@@ -420,24 +545,31 @@ async fn published_map(client: &Client, ns: &str, name: &str) -> Result<Option<S
         .and_then(|json| serde_json::from_str(json).ok()))
 }
 
-/// Server-side applies `obj` and returns the server's view of it.
-async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K>
+/// Applies `obj` unless the watched copy in `store` already holds it (no store: always);
+/// returns how many writes that took (0 or 1).
+async fn put<K>(
+    client: &Client,
+    ns: &str,
+    mut obj: K,
+    store: &Option<Store<PartialObjectMeta<K>>>,
+) -> Result<u32>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
         + DeserializeOwned
-        + Serialize
+        + serde::Serialize
         + std::fmt::Debug,
 {
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
-    let name = obj
-        .meta()
-        .name
-        .clone()
-        .ok_or(Error::MissingField("metadata.name"))?;
-    // SSA needs apiVersion/kind in the body; k8s-openapi types serialize them.
-    let params = PatchParams::apply(labels::FIELD_MANAGER).force();
-    Ok(api.patch(&name, &params, &Patch::Apply(obj)).await?)
+    match store {
+        Some(store) => Ok(u32::from(
+            runtime::apply_if_changed(client, ns, obj, store).await?,
+        )),
+        None => {
+            runtime::stamp(&mut obj)?;
+            runtime::apply(client, ns, &obj).await?;
+            Ok(1)
+        }
+    }
 }
 
 /// Objects of kind `K` labelled for the service and owned by this very ShardedService, by shard.
@@ -578,14 +710,6 @@ fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_and_caps() {
-        assert_eq!(backoff(1), Duration::from_secs(2));
-        assert_eq!(backoff(2), Duration::from_secs(4));
-        assert_eq!(backoff(5), Duration::from_secs(32));
-        assert_eq!(backoff(30), BACKOFF_MAX);
-    }
 
     #[test]
     fn truncate_on_char_boundary() {

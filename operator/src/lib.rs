@@ -5,6 +5,7 @@
 //! → apply (server-side apply, one field manager) → [`status`] (pure: observed → status).
 //! The [`webhook`] module serves sidecar injection and ShardedService validation at admission.
 
+pub mod access;
 pub mod build;
 pub mod capabilities;
 pub mod collision;
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod placement;
 pub mod reshard;
 pub mod rollout;
+pub mod runtime;
 pub mod scope;
 pub mod shardmap;
 pub mod status;

@@ -80,22 +80,6 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     shardmesh_api::duration::parse_duration(s).map_err(|e| e.to_string())
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 /// Runs the controller, behind leader election when asked to.
 async fn controller(
     client: kube::Client,
@@ -107,6 +91,8 @@ async fn controller(
     scope: shardmesh_operator::scope::Scope,
 ) -> anyhow::Result<()> {
     use shardmesh_operator::{leader, metrics};
+    // One signal listener for the whole process: the election and both controllers stop on it.
+    let shutdown = shardmesh_operator::runtime::shutdown_signal();
     let listener = tokio::net::TcpListener::bind(metrics_addr)
         .await
         .map_err(|e| {
@@ -116,7 +102,7 @@ async fn controller(
     let run = shardmesh_operator::controller::run;
     if !leader.leader_elect {
         metrics.set_leader(true);
-        return run(client, instance, options, metrics, scope).await;
+        return run(client, instance, options, metrics, scope, shutdown).await;
     }
     let namespace = leader.leader_lease_namespace.ok_or_else(|| {
         anyhow::anyhow!("--leader-elect needs the Lease namespace: set POD_NAMESPACE (downward API metadata.namespace) or --leader-lease-namespace")
@@ -143,11 +129,11 @@ async fn controller(
     );
     let until = tokio::select! {
         until = elector.acquire() => until,
-        _ = shutdown_signal() => return Ok(()),
+        _ = shutdown.clone() => return Ok(()),
     };
     metrics.set_leader(true);
     let result = tokio::select! {
-        r = run(client, instance, options, metrics.clone(), scope) => r,
+        r = run(client, instance, options, metrics.clone(), scope, shutdown) => r,
         _ = elector.hold(until) => Err(anyhow::anyhow!(
             "lost leadership; exiting so this replica restarts as a standby"
         )),

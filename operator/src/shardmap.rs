@@ -11,11 +11,9 @@
 //!   from the published ConfigMap, so it survives operator restarts and never goes backwards.
 //! - Reconciles come from Lease and ShardedService events and from a requeue at the next expiry
 //!   (no event marks a Lease expiring).
-//! - Per service it also applies the pods' ServiceAccount with a Role allowing exactly their
-//!   Lease writes and the shard-map read, and a reader Role client pods can be bound to. The
-//!   operator does this (not the chart) because the Role names the service's pods, which change
-//!   with `shards`/`replicasPerShard`, and the account must exist in every namespace a
-//!   ShardedService is created in.
+//! - It publishes membership only: everything else a service owns (the pods' access objects
+//!   and leader Leases included) is built by [`crate::build`] and applied by the main
+//!   reconciler, under the same field manager ([`crate::runtime`]).
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -23,14 +21,12 @@ use futures::StreamExt;
 use k8s_openapi::{
     api::{
         coordination::v1::Lease,
-        core::v1::{ConfigMap, Pod, ServiceAccount},
-        rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
+        core::v1::{ConfigMap, Pod},
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
     jiff::{SignedDuration, Timestamp},
 };
 use kube::{
-    api::{Patch, PatchParams},
     runtime::{
         controller::{Action, Controller},
         reflector::{self, ObjectRef, Store},
@@ -38,7 +34,6 @@ use kube::{
     },
     Api, Client, Resource, ResourceExt,
 };
-use serde::{de::DeserializeOwned, Serialize};
 use shardmesh_api::{
     labels, lease,
     shardmap::{Leader, Member, Shard, ShardMap},
@@ -46,12 +41,12 @@ use shardmesh_api::{
 };
 use tracing::{info, warn};
 
-use crate::{collision, controller::backoff, reshard, Error, Result};
+use crate::{
+    collision, reshard,
+    runtime::{self, Failures, Shutdown},
+    Error, Result,
+};
 
-/// Field manager of the shard-map controller's writes (separate from the main reconciler's so
-/// neither's server-side apply removes the other's fields).
-pub const FIELD_MANAGER: &str = "shardmesh-shardmap";
-/// `app.kubernetes.io/component` of the objects this controller owns.
 const COMPONENT: &str = "shardmap";
 /// Longest wait between reconciles of a service (a safety net; events drive the rest).
 const RESYNC: Duration = Duration::from_secs(300);
@@ -350,15 +345,6 @@ pub fn requeue_after(next_expiry: Option<Timestamp>, now: Timestamp) -> Duration
         .map_or(RESYNC, |d| (d + EXPIRY_SLACK).min(RESYNC))
 }
 
-/// Pod names of a service: StatefulSet `<name>-<shard>` names its pods `<name>-<shard>-<ordinal>`.
-pub fn pod_names(name: &str, shards: u32, replicas: u32) -> Vec<String> {
-    (0..shards)
-        .flat_map(|s| {
-            (0..replicas).map(move |r| format!("{}-{r}", labels::shard_object_name(name, s)))
-        })
-        .collect()
-}
-
 fn meta(name: String, ns: &str, service: &str, owner: &OwnerReference) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
@@ -421,32 +407,6 @@ fn configmap_data(svc: &ShardedService, json: String) -> BTreeMap<String, String
     data
 }
 
-/// The per-shard leader Leases of a service that elects leaders (none otherwise). The operator
-/// creates them, owned by the ShardedService, so they outlive every pod: their transition count
-/// is the fencing epoch and must never restart. Only metadata is applied; the sidecars write
-/// the spec.
-pub fn leader_leases(svc: &ShardedService, shards: u32) -> Result<Vec<Lease>> {
-    if !svc.spec.leader_election.enabled {
-        return Ok(Vec::new());
-    }
-    let (name, ns, owner) = identity(svc)?;
-    Ok((0..shards)
-        .map(|i| {
-            let mut m = meta(labels::leader_lease_name(&name, i), &ns, &name, &owner);
-            let l = m.labels.get_or_insert_with(BTreeMap::new);
-            l.insert(labels::SHARD.to_string(), i.to_string());
-            l.insert(
-                labels::LEASE_ROLE.to_string(),
-                labels::LEASE_ROLE_LEADER.to_string(),
-            );
-            Lease {
-                metadata: m,
-                spec: None,
-            }
-        })
-        .collect())
-}
-
 fn identity(svc: &ShardedService) -> Result<(String, String, OwnerReference)> {
     let owner = svc
         .controller_owner_ref(&())
@@ -455,87 +415,6 @@ fn identity(svc: &ShardedService) -> Result<(String, String, OwnerReference)> {
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     Ok((svc.name_any(), ns, owner))
-}
-
-fn rule(group: &str, resource: &str, verbs: &[&str], names: Option<Vec<String>>) -> PolicyRule {
-    PolicyRule {
-        api_groups: Some(vec![group.to_string()]),
-        resources: Some(vec![resource.to_string()]),
-        verbs: verbs.iter().map(|v| v.to_string()).collect(),
-        resource_names: names,
-        ..PolicyRule::default()
-    }
-}
-
-/// Access objects of a service: the member ServiceAccount, its Role and RoleBinding, and the
-/// reader Role for client pods.
-///
-/// The member Role allows `create` on Leases without a name restriction (Kubernetes cannot
-/// restrict creation by name), and `get`/`update`/`delete` only of the Leases named after the
-/// service's pods; the shard map is readable by name only (list/watch with a
-/// `metadata.name` field selector are authorized against `resourceNames`). `shards` is the
-/// number of shards with workloads (see [`reshard::workload_shards`]): removed shards keep
-/// renewing their Leases while they serve handoff reads.
-pub fn access_objects(
-    svc: &ShardedService,
-    shards: u32,
-) -> Result<(ServiceAccount, Role, Role, RoleBinding)> {
-    let (name, ns, owner) = identity(svc)?;
-    let account = labels::member_account_name(&name);
-    let replicas = u32::try_from(svc.spec.replicas_per_shard).unwrap_or(0);
-    let map_name = vec![labels::shardmap_name(&name)];
-    let read_map = rule("", "configmaps", &["get", "list", "watch"], Some(map_name));
-    let mut rules = vec![
-        rule("coordination.k8s.io", "leases", &["create"], None),
-        rule(
-            "coordination.k8s.io",
-            "leases",
-            &["get", "update", "delete"],
-            Some(pod_names(&name, shards, replicas)),
-        ),
-        read_map.clone(),
-    ];
-    if svc.spec.leader_election.enabled {
-        // Contend for and renew the shard leader Leases; never delete them (the transition
-        // count is the fencing epoch).
-        rules.push(rule(
-            "coordination.k8s.io",
-            "leases",
-            &["get", "update"],
-            Some(
-                (0..shards)
-                    .map(|i| labels::leader_lease_name(&name, i))
-                    .collect(),
-            ),
-        ));
-    }
-    let member_role = Role {
-        metadata: meta(account.clone(), &ns, &name, &owner),
-        rules: Some(rules),
-    };
-    let reader_role = Role {
-        metadata: meta(labels::shardmap_reader_name(&name), &ns, &name, &owner),
-        rules: Some(vec![read_map]),
-    };
-    let binding = RoleBinding {
-        metadata: meta(account.clone(), &ns, &name, &owner),
-        role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".into(),
-            kind: "Role".into(),
-            name: account.clone(),
-        },
-        subjects: Some(vec![Subject {
-            kind: "ServiceAccount".into(),
-            name: account.clone(),
-            namespace: Some(ns.clone()),
-            ..Subject::default()
-        }]),
-    };
-    let sa = ServiceAccount {
-        metadata: meta(account, &ns, &name, &owner),
-        ..ServiceAccount::default()
-    };
-    Ok((sa, member_role, reader_role, binding))
 }
 
 /// How complete the operator's view of the Leases is: while the Lease watch fails, nothing is
@@ -676,30 +555,7 @@ pub struct Context {
     services: Store<ShardedService>,
     view: Arc<LeaseView>,
     sightings: Sightings,
-    failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<ShardedService>, u32>>,
-    /// Per service: (uid, generation) whose access objects were applied, and when.
-    access_applied:
-        std::sync::Mutex<std::collections::HashMap<ObjectRef<ShardedService>, AccessStamp>>,
-}
-
-type AccessStamp = ((String, Option<i64>, u32), std::time::Instant);
-
-async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Serialize
-        + std::fmt::Debug,
-{
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
-    let name = obj
-        .meta()
-        .name
-        .clone()
-        .ok_or(Error::MissingField("metadata.name"))?;
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    Ok(api.patch(&name, &params, &Patch::Apply(obj)).await?)
+    failures: Failures,
 }
 
 /// The map currently published, if any, readable and consistent (anyone who may edit ConfigMaps
@@ -713,6 +569,7 @@ fn published(cm: &ConfigMap) -> Option<ShardMap> {
 }
 
 /// One reconcile of one ShardedService's shard map.
+#[tracing::instrument(skip_all, fields(namespace = svc.namespace().unwrap_or_default(), name = %svc.name_any()))]
 pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Action> {
     let (name, ns, _) = identity(&svc)?;
     // Deleted: garbage collection removes what we own. Invalid or colliding with an older
@@ -724,10 +581,6 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         || !shardmesh_api::validate::validate(&svc).is_empty()
         || colliding
     {
-        ctx.access_applied
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&ObjectRef::from_obj(&*svc));
         return Ok(if colliding {
             Action::requeue(collision::RECHECK)
         } else {
@@ -738,37 +591,6 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     let existing = cms.get_opt(&labels::shardmap_name(&name)).await?;
     let prev = existing.as_ref().and_then(published);
     let spec_shards = u32::try_from(svc.spec.shards).unwrap_or(0).max(1);
-    let workloads = reshard::workload_shards(prev.as_ref(), spec_shards);
-    // Lease renewals wake this reconcile every few seconds; the access objects only change
-    // with the spec and the shards that have workloads, so they are applied per change of
-    // those (and re-asserted every RESYNC).
-    let key = ObjectRef::from_obj(&*svc);
-    let stamp = (
-        svc.uid().unwrap_or_default(),
-        svc.metadata.generation,
-        workloads,
-    );
-    let fresh = ctx
-        .access_applied
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&key)
-        .is_some_and(|(s, at)| *s == stamp && at.elapsed() < RESYNC);
-    if !fresh {
-        let (sa, member, reader, binding) = access_objects(&svc, workloads)?;
-        apply(&ctx.client, &ns, &sa).await?;
-        apply(&ctx.client, &ns, &member).await?;
-        apply(&ctx.client, &ns, &reader).await?;
-        apply(&ctx.client, &ns, &binding).await?;
-        for lease in leader_leases(&svc, workloads)? {
-            apply(&ctx.client, &ns, &lease).await?;
-        }
-        let mut applied = ctx.access_applied.lock().unwrap_or_else(|e| e.into_inner());
-        // Stale entries would be re-applied anyway; dropping them bounds the map to the
-        // services seen in the last RESYNC (deleted services are never reconciled again).
-        applied.retain(|_, (_, at)| at.elapsed() < RESYNC);
-        applied.insert(key, (stamp, std::time::Instant::now()));
-    }
 
     let Some(grace_from) = ctx.view.grace_from() else {
         tracing::debug!(namespace = %ns, name = %name, "lease watch disrupted; not publishing");
@@ -837,45 +659,42 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         cm.metadata.resource_version = existing
             .as_ref()
             .and_then(|c| c.metadata.resource_version.clone());
-        apply(&ctx.client, &ns, &cm).await?;
+        runtime::apply(&ctx.client, &ns, &cm).await?;
         let live: usize = computed.map.shards.iter().map(|s| s.members.len()).sum();
         info!(namespace = %ns, name = %name, epoch = computed.map.epoch, live_members = live,
               empty_shards = computed.map.shards.iter().filter(|s| s.members.is_empty()).count(),
               "shard map published");
     }
-    ctx.failures
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&ObjectRef::from_obj(&*svc));
+    ctx.failures.succeeded(&svc);
     Ok(Action::requeue(requeue_after(computed.next_expiry, now)))
 }
 
 fn error_policy(svc: Arc<ShardedService>, err: &Error, ctx: Arc<Context>) -> Action {
-    let n = {
-        let mut f = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let n = f.entry(ObjectRef::from_obj(&*svc)).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    };
+    let (n, delay) = ctx.failures.failed(&svc);
     warn!(name = %svc.name_any(), namespace = svc.namespace().unwrap_or_default(),
-          error = %err, failures = n, "shard-map reconcile failed");
-    Action::requeue(backoff(n))
+          error = %err, reason = err.metric_label(), failures = n, retry_in_s = delay.as_secs(),
+          "shard-map reconcile error");
+    Action::requeue(delay)
 }
 
 /// Runs the shard-map controller over every root of `scope` until SIGTERM/SIGINT.
-pub async fn run(client: Client, scope: crate::scope::Scope) -> anyhow::Result<()> {
+pub async fn run(
+    client: Client,
+    scope: crate::scope::Scope,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     futures::future::join_all(
         scope
             .roots()
             .into_iter()
-            .map(|root| run_in(client.clone(), root)),
+            .map(|root| run_in(client.clone(), root, shutdown.clone())),
     )
     .await;
     Ok(())
 }
 
 /// The shard-map controller over one root of the scope, with its own caches.
-async fn run_in(client: Client, root: Option<String>) {
+async fn run_in(client: Client, root: Option<String>, shutdown: Shutdown) {
     use crate::scope::api;
     let svcs: Api<ShardedService> = api(&client, &root);
     let leases: Api<Lease> = api(&client, &root);
@@ -939,15 +758,14 @@ async fn run_in(client: Client, root: Option<String>) {
         services: services.clone(),
         view,
         sightings: Sightings::default(),
-        failures: Default::default(),
-        access_applied: Default::default(),
+        failures: Failures::default(),
     });
     // A map computed before the Lease cache is filled would drop live members (and bump the
     // epoch twice); the cache fills once the controller polls its streams, so each reconcile
     // waits for it rather than waiting before `run`.
     info!("shard-map controller started");
     controller
-        .shutdown_on_signal()
+        .graceful_shutdown_on(shutdown)
         .run(
             move |svc, ctx: Arc<Context>| {
                 let ready = lease_reader.clone();
@@ -1350,29 +1168,9 @@ mod tests {
     }
 
     #[test]
-    fn leader_leases_and_rights_only_when_enabled() {
-        assert!(leader_leases(&svc(), 2).unwrap().is_empty());
-        let (_, member, _, _) = access_objects(&svc(), 2).unwrap();
-        assert_eq!(member.rules.unwrap().len(), 3);
+    fn configmap_says_how_writes_are_recognised_when_leaders_are_elected() {
         let mut s = svc();
         s.spec.leader_election.enabled = true;
-        let leases = leader_leases(&s, u32::try_from(s.spec.shards).unwrap()).unwrap();
-        let names: Vec<_> = leases.iter().map(|l| l.name_any()).collect();
-        assert_eq!(names, ["orders-0-leader", "orders-1-leader"]);
-        assert_eq!(leases[1].labels()[labels::SHARD], "1");
-        assert_eq!(leases[1].labels()[labels::LEASE_ROLE], "leader");
-        assert_eq!(
-            leases[1].metadata.owner_references.as_ref().unwrap()[0].uid,
-            "u-1"
-        );
-        assert!(leases[1].spec.is_none(), "the sidecars own the spec");
-        let (_, member, _, _) = access_objects(&s, u32::try_from(s.spec.shards).unwrap()).unwrap();
-        let rules = member.rules.unwrap();
-        assert_eq!(rules[3].verbs, vec!["get", "update"]);
-        assert_eq!(
-            rules[3].resource_names.as_deref().unwrap(),
-            ["orders-0-leader", "orders-1-leader"]
-        );
         let cm = configmap(&s, &comp(2, &[], t(0), None).map).unwrap();
         assert_eq!(
             cm.data.as_ref().unwrap()[labels::SHARDMAP_WRITES_KEY],
@@ -1504,31 +1302,6 @@ mod tests {
         let back: ShardMap = serde_json::from_str(&data[labels::SHARDMAP_KEY]).unwrap();
         assert_eq!(back, map);
         assert_eq!(data[labels::SHARDMAP_HEADER_KEY], "x-user");
-    }
-
-    #[test]
-    fn member_role_names_exactly_the_pods_and_the_map() {
-        let (sa, member, reader, binding) = access_objects(&svc(), 2).unwrap();
-        assert_eq!(sa.metadata.name.as_deref(), Some("orders-shardmesh-member"));
-        let rules = member.rules.unwrap();
-        assert_eq!(rules[0].verbs, vec!["create"]);
-        assert_eq!(rules[0].resource_names, None);
-        assert_eq!(
-            rules[1].resource_names.as_deref().unwrap(),
-            ["orders-0-0", "orders-0-1", "orders-1-0", "orders-1-1"]
-        );
-        assert_eq!(rules[1].verbs, vec!["get", "update", "delete"]);
-        assert_eq!(
-            rules[2].resource_names.as_deref().unwrap(),
-            ["orders-shardmap"]
-        );
-        assert_eq!(reader.rules.unwrap(), vec![rules[2].clone()]);
-        assert_eq!(binding.role_ref.name, "orders-shardmesh-member");
-        let subject = &binding.subjects.unwrap()[0];
-        assert_eq!(
-            (subject.name.as_str(), subject.namespace.as_deref()),
-            ("orders-shardmesh-member", Some("shop"))
-        );
     }
 
     #[test]

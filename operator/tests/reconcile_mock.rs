@@ -1,20 +1,27 @@
-//! Reconcile edge cases against kube's tower-test mock: for a refused spec (or a name an older
+//! Reconciles against kube's tower-test mock: for a refused spec (or a name an older
 //! ShardedService keeps) the reconciler writes the Invalid status (and an Event) and touches
-//! nothing else.
+//! nothing else; on the happy path it applies every owned object once and then writes nothing
+//! until something changes.
 
 use std::sync::Arc;
 
 use http::{Request, Response};
 use kube::{
     client::Body,
-    runtime::{controller::Action, reflector, watcher},
-    Client,
+    core::PartialObjectMeta,
+    runtime::{
+        controller::Action,
+        reflector::{self, Store},
+        watcher,
+    },
+    Client, Resource,
 };
 use serde_json::{json, Value};
 use shardmesh_api::ShardedService;
 use shardmesh_operator::{
     capabilities::Capabilities,
-    controller::{reconcile, Context},
+    controller::{reconcile, Context, Owned},
+    runtime,
 };
 use tower_test::mock;
 
@@ -203,5 +210,245 @@ async fn a_name_an_older_service_generates_is_refused_and_looked_at_again() {
     assert_eq!(
         next,
         Action::requeue(shardmesh_operator::collision::RECHECK)
+    );
+}
+
+/// A fake API server remembering what was applied: server-side applies are stored (with a
+/// managed-fields entry of the operator's field manager) and served back by the StatefulSet
+/// list; the shard map is absent and no pods exist.
+struct FakeApi {
+    applied: std::sync::Mutex<std::collections::BTreeMap<String, Value>>,
+    seen: std::sync::Mutex<Vec<String>>,
+    status: std::sync::Mutex<Value>,
+}
+
+impl FakeApi {
+    fn serve(self: Arc<Self>) -> Client {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let path = req.uri().path().to_string();
+                let line = format!("{} {path}", req.method());
+                self.seen.lock().expect("seen").push(line.clone());
+                let applied = |kind: &str| -> Vec<Value> {
+                    let a = self.applied.lock().expect("applied");
+                    a.values().filter(|v| v["kind"] == kind).cloned().collect()
+                };
+                let resp = match line.as_str() {
+                    "GET /apis/apps/v1/namespaces/shop/statefulsets" => respond(json!({
+                        "apiVersion": "apps/v1", "kind": "StatefulSetList", "metadata": {},
+                        "items": applied("StatefulSet")})),
+                    "GET /api/v1/namespaces/shop/pods" => respond(
+                        json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}),
+                    ),
+                    "GET /api/v1/namespaces/shop/configmaps/orders-shardmap" => Response::builder()
+                        .status(404)
+                        .body(Body::from(
+                            serde_json::to_vec(&json!({"kind": "Status", "apiVersion": "v1",
+                                "metadata": {}, "status": "Failure", "reason": "NotFound",
+                                "code": 404, "message": "not found"}))
+                            .expect("json"),
+                        ))
+                        .expect("response"),
+                    "POST /apis/events.k8s.io/v1/namespaces/shop/events" => {
+                        respond(body_json(req).await)
+                    }
+                    l if l.ends_with("/status") => {
+                        let body = body_json(req).await;
+                        *self.status.lock().expect("status") = body["status"].clone();
+                        respond(json!({
+                            "apiVersion": "shardmesh.io/v1alpha1", "kind": "ShardedService",
+                            "metadata": {"name": "orders", "namespace": "shop"},
+                            "spec": {"shards": 1, "replicasPerShard": 1, "port": 1, "template": {}},
+                            "status": body["status"].clone()
+                        }))
+                    }
+                    l if l.starts_with("PATCH ") => {
+                        let mut body = body_json(req).await;
+                        body["metadata"]["resourceVersion"] = json!("1");
+                        body["metadata"]["managedFields"] = json!([{
+                            "manager": "shardmesh-operator", "operation": "Apply",
+                            "apiVersion": body["apiVersion"].clone(),
+                            "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1",
+                            "fieldsV1": {"f:metadata": {}, "f:spec": {}}}]);
+                        self.applied
+                            .lock()
+                            .expect("applied")
+                            .insert(path, body.clone());
+                        respond(body)
+                    }
+                    other => panic!("unexpected request {other}"),
+                };
+                send.send_response(resp);
+            }
+        });
+        Client::new(service, "default")
+    }
+
+    /// The request lines since the last call.
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.seen.lock().expect("seen"))
+    }
+
+    /// A store of the applied objects of kind `K`, as the operator's metadata watch fills it.
+    fn store<K>(&self) -> Store<PartialObjectMeta<K>>
+    where
+        K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned,
+    {
+        let (reader, mut writer) = reflector::store();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        let kind = K::kind(&()).to_string();
+        for v in self.applied.lock().expect("applied").values() {
+            if v["kind"] != kind.as_str() {
+                continue;
+            }
+            let mut m: PartialObjectMeta<K> = serde_json::from_value(json!({
+                "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                "metadata": v["metadata"].clone()}))
+            .expect("metadata");
+            runtime::trim(&mut m.metadata, &kind);
+            writer.apply_watcher_event(&watcher::Event::InitApply(m));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        reader
+    }
+
+    fn owned(&self) -> Owned {
+        Owned {
+            services: Some(self.store()),
+            accounts: Some(self.store()),
+            roles: Some(self.store()),
+            bindings: Some(self.store()),
+            leases: Some(self.store()),
+            ..Owned::default()
+        }
+    }
+}
+
+fn services_store(svc: &ShardedService) -> Store<ShardedService> {
+    let (store, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    writer.apply_watcher_event(&watcher::Event::InitApply(svc.clone()));
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    store
+}
+
+/// The happy path: the first reconcile applies every object the service owns (access objects
+/// first) and writes the status; a second one over the same state writes nothing at all; an
+/// object someone else edited afterwards is applied again, and only that one.
+#[tokio::test]
+async fn applies_everything_once_then_writes_nothing_until_something_changes() {
+    let api = Arc::new(FakeApi {
+        applied: Default::default(),
+        seen: Default::default(),
+        status: Default::default(),
+    });
+    let client = api.clone().serve();
+    let caps = Capabilities {
+        version: "1.20".into(),
+        pdb: None,
+        native_sidecars: false,
+    };
+    let mut svc = svc(2, 8080);
+    let ctx = |svc: &ShardedService, owned: Owned| {
+        Arc::new(
+            Context::new(client.clone(), caps.clone(), Some("test".into()))
+                .with_services(services_store(svc))
+                .with_owned(owned),
+        )
+    };
+
+    // 1. Nothing exists: every object is applied once, the pods' access objects first.
+    reconcile(Arc::new(svc.clone()), ctx(&svc, api.owned()))
+        .await
+        .expect("first reconcile");
+    let seen = api.take();
+    let applies: Vec<&str> = seen
+        .iter()
+        .filter_map(|l| l.strip_prefix("PATCH "))
+        .filter(|p| !p.ends_with("/status"))
+        .collect();
+    assert_eq!(
+        applies,
+        [
+            "/api/v1/namespaces/shop/serviceaccounts/orders-shardmesh-member",
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/orders-shardmesh-member",
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/orders-shardmap-reader",
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings/orders-shardmesh-member",
+            "/apis/apps/v1/namespaces/shop/statefulsets/orders-0",
+            "/apis/apps/v1/namespaces/shop/statefulsets/orders-1",
+            "/api/v1/namespaces/shop/services/orders-0",
+            "/api/v1/namespaces/shop/services/orders-1",
+            "/api/v1/namespaces/shop/services/orders",
+        ],
+        "{seen:#?}"
+    );
+    assert!(seen.iter().any(|l| l.ends_with("/orders/status")));
+    for v in api.applied.lock().expect("applied").values() {
+        assert!(
+            v["metadata"]["annotations"][runtime::APPLIED].is_string(),
+            "every applied object carries its intent's hash: {v}"
+        );
+    }
+
+    // 2. The same spec, its objects as the watches deliver them, the status as written: a
+    // resync reads but writes nothing.
+    svc.status =
+        Some(serde_json::from_value(api.status.lock().expect("status").clone()).expect("status"));
+    let next = reconcile(Arc::new(svc.clone()), ctx(&svc, api.owned()))
+        .await
+        .expect("resync");
+    let seen = api.take();
+    assert!(
+        seen.iter().all(|l| l.starts_with("GET ")),
+        "a resync of an unchanged service must not write: {seen:#?}"
+    );
+    assert_ne!(next, Action::await_change());
+
+    // 3. Someone edits the routing Service's ports after the operator's apply: that object,
+    // and only that one, is applied again.
+    {
+        let mut applied = api.applied.lock().expect("applied");
+        let routing = applied
+            .get_mut("/api/v1/namespaces/shop/services/orders")
+            .expect("routing service");
+        routing["metadata"]["managedFields"]
+            .as_array_mut()
+            .expect("managed fields")
+            .push(
+                json!({"manager": "kubectl-edit", "operation": "Update", "apiVersion": "v1",
+                "time": "2026-01-01T00:05:00Z", "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:spec": {"f:ports": {}}}}),
+            );
+    }
+    reconcile(Arc::new(svc.clone()), ctx(&svc, api.owned()))
+        .await
+        .expect("after an edit");
+    let writes: Vec<String> = api
+        .take()
+        .into_iter()
+        .filter(|l| !l.starts_with("GET "))
+        .collect();
+    assert_eq!(writes, ["PATCH /api/v1/namespaces/shop/services/orders"]);
+
+    // 4. A spec change (more replicas) re-applies what it changes: the StatefulSets and the
+    // member Role (which names every pod), nothing else.
+    svc.spec.replicas_per_shard = 3;
+    svc.metadata.generation = Some(3);
+    reconcile(Arc::new(svc.clone()), ctx(&svc, api.owned()))
+        .await
+        .expect("after a spec change");
+    let applies: Vec<String> = api
+        .take()
+        .into_iter()
+        .filter(|l| l.starts_with("PATCH ") && !l.ends_with("/status"))
+        .collect();
+    assert_eq!(
+        applies,
+        [
+            "PATCH /apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/orders-shardmesh-member",
+            "PATCH /apis/apps/v1/namespaces/shop/statefulsets/orders-0",
+            "PATCH /apis/apps/v1/namespaces/shop/statefulsets/orders-1",
+        ]
     );
 }

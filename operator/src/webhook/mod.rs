@@ -296,7 +296,7 @@ pub async fn run(client: Client, mut opts: WebhookOptions) -> anyhow::Result<()>
     info!(listen = %opts.listen, "admission webhook serving");
     let drain = opts.drain;
     let shutdown = async move {
-        shutdown_signal().await;
+        crate::runtime::shutdown_signal().await;
         // Endpoints drop a terminating pod asynchronously; keep answering meanwhile so no
         // admission fails (with failurePolicy Fail) on the way out.
         info!(
@@ -308,28 +308,6 @@ pub async fn run(client: Client, mut opts: WebhookOptions) -> anyhow::Result<()>
     server::serve(listener, server::tls_config(resolver)?, admission, shutdown).await;
     info!("admission webhook stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
 
 #[cfg(test)]
