@@ -54,11 +54,13 @@ while [ $# -gt 0 ]; do
   shift
 done
 if [ "$SMOKE" = 1 ]; then
+  QUIET=35
   SERVICES=${SERVICES:-200}
   PER_NS=${PER_NS:-$SERVICES}
   PODS=${PODS:-30}
   PROFILE=${PROFILE:-debug}
 else
+  QUIET=60
   SERVICES=${SERVICES:-1000}
   PER_NS=${PER_NS:-100}
   PODS=${PODS:-200}
@@ -175,7 +177,7 @@ if [ "$RUN_OPERATOR" = 1 ]; then
   # Let it finish the initial listing of the ShardedServices already in the cluster.
   sleep 3
   in_ns "${BENCH[@]}" operator --services "$SERVICES" --per-namespace "$PER_NS" --operator-pid "$OP_PID" \
-    --metrics "127.0.0.1:$METRICS_PORT" --deadline "$DEADLINE" --clk-tck "$(getconf CLK_TCK)" \
+    --metrics "127.0.0.1:$METRICS_PORT" --deadline "$DEADLINE" --clk-tck "$(getconf CLK_TCK)" --quiet "$QUIET" \
     | tee -a "$RESULTS"
 fi
 
@@ -207,5 +209,15 @@ for r in rows:
               f"{c['api_requests']:.0f} API requests = {c['api_requests_per_reconcile']:.1f}/reconcile "
               f"{c['api_requests_by_verb']}; after settling: {s['reconciles']:.0f} reconciles, "
               f"{s['api_requests_per_reconcile']:.1f} requests/reconcile")
+        q = r["quiet"]
+        print(f"operator per service until settled: CPU {s['cpu_ms_per_service']:.2f} ms, "
+              f"{s['reconciles_per_service']:.2f} reconciles, {s['writes_per_service']:.2f} writes; "
+              f"writes per owned object {s['writes_per_owned_object']:.2f} "
+              f"(owned-object applies {s['owned_object_applies_per_object']:.2f}); "
+              f"converged {r['converged_after_last_apply_seconds']:.1f} s after the last apply; "
+              f"peak RSS {r['rss_peak_mib_per_1000_services']:.1f} MiB per 1000 services")
+        print(f"operator, {q['seconds']:.0f} s with nothing changing: {q['reconciles_main']:.0f} "
+              f"reconciles ({q['reconciles_main'] / r['services']:.2f} per service), "
+              f"{q['writes']:.0f} writes {q['api_requests_by_verb']}, CPU {q['cpu_seconds']:.2f} s")
 EOF
 log "bench: done in $(elapsed_since "$T0")s; results in $RESULTS, operator log in $OUT"

@@ -20,7 +20,7 @@ use kube::{
     core::PartialObjectMeta,
     runtime::{
         controller::{self, Action, Controller},
-        events::{Event, EventType, Recorder, Reporter},
+        events::Recorder,
         predicates,
         reflector::{self, Store},
         watcher, WatchStreamExt,
@@ -95,13 +95,35 @@ pub struct Owned {
     pub leases: Option<Store<PartialObjectMeta<Lease>>>,
 }
 
+impl Owned {
+    /// Waits until every store has its first complete listing.
+    async fn wait_until_ready(&self) -> Result<()> {
+        async fn ready<K>(store: &Option<Store<PartialObjectMeta<K>>>) -> Result<()>
+        where
+            K: Resource<DynamicType = ()> + Clone + 'static,
+        {
+            match store {
+                Some(s) => s
+                    .wait_until_ready()
+                    .await
+                    .map_err(|_| Error::CacheUnavailable("owned objects")),
+                None => Ok(()),
+            }
+        }
+        ready(&self.services).await?;
+        ready(&self.budgets).await?;
+        ready(&self.budgets_v1beta1).await?;
+        ready(&self.accounts).await?;
+        ready(&self.roles).await?;
+        ready(&self.bindings).await?;
+        ready(&self.leases).await
+    }
+}
+
 impl Context {
     /// A context reporting Events as `instance` (usually the pod name).
     pub fn new(client: Client, caps: Capabilities, instance: Option<String>) -> Self {
-        let reporter = Reporter {
-            controller: labels::MANAGED_BY_VALUE.into(),
-            instance,
-        };
+        let reporter = runtime::reporter(instance);
         // Until `with_services`: a store known to be empty, so a reconcile need not wait.
         let (services, mut writer) = reflector::store();
         writer.apply_watcher_event(&watcher::Event::InitDone);
@@ -170,6 +192,8 @@ pub async fn run(
     let shard_maps = tokio::spawn(crate::shardmap::run(
         client.clone(),
         scope.clone(),
+        instance.clone(),
+        metrics.clone(),
         shutdown.clone(),
     ));
     futures::future::join_all(scope.roots().into_iter().map(|root| {
@@ -327,7 +351,7 @@ async fn run_in(
                 let started = std::time::Instant::now();
                 let res = reconcile(svc, ctx.clone()).await;
                 let label = res.as_ref().err().map(Error::metric_label);
-                ctx.metrics.reconciled(started.elapsed(), label);
+                ctx.metrics.reconciled("main", started.elapsed(), label);
                 res
             },
             error_policy,
@@ -436,6 +460,14 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     // resync of an unchanged service writes nothing. The pods' access objects go first: the
     // StatefulSets' pods run under that ServiceAccount.
     let owned = &ctx.owned;
+    // Before the first listing of the owned objects arrived, everything would look unapplied.
+    owned.wait_until_ready().await?;
+    let compared = 4
+        + desired.leader_leases.len()
+        + desired.stateful_sets.len()
+        + desired.shard_services.len()
+        + 1
+        + desired.disruption_budgets.len();
     let mut writes = 0u32;
     let access = desired.access;
     writes += put(client, &ns, access.account, &owned.accounts).await?;
@@ -477,7 +509,11 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
             _ => put(client, &ns, p, &owned.budgets).await?,
         };
     }
-    tracing::debug!(writes, "applied");
+    let unchanged = u32::try_from(compared)
+        .unwrap_or(u32::MAX)
+        .saturating_sub(writes);
+    ctx.metrics.applied(writes, unchanged);
+    tracing::debug!(writes, unchanged, "applied");
     if current_shards as u32 > workloads.shards {
         remove_shards(&ctx, &ns, &selector, &uid, workloads.shards).await?;
     }
@@ -679,41 +715,6 @@ async fn write_status(ctx: &Context, svc: &ShardedService, st: ShardedServiceSta
     let params = PatchParams::apply(labels::FIELD_MANAGER).force();
     api.patch_status(&svc.name_any(), &params, &Patch::Apply(&body))
         .await?;
-    let reference = svc.object_ref(&());
-    for t in status::transitions(&prev, &st) {
-        let event = Event {
-            type_: if t.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: t.reason.clone(),
-            note: Some(truncate(&t.note, 1000)),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        // An Event is informational: failing to publish one must not fail the reconcile.
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            warn!(error = %e, reason = %t.reason, "could not publish event");
-        }
-    }
+    runtime::tell(&ctx.recorder, svc, &status::transitions(&prev, &st)).await;
     Ok(())
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn truncate_on_char_boundary() {
-        assert_eq!(truncate("héllo", 2), "hé…");
-        assert_eq!(truncate("hi", 5), "hi");
-    }
 }

@@ -1,22 +1,19 @@
-//! Prometheus metrics and health endpoints of the controller: a few atomics and a fixed-bucket
-//! histogram rendered in the text exposition format, served on a small HTTP listener. The
-//! controller's Kubernetes client counts its own API requests by verb ([`count_api_requests`]).
+//! Prometheus metrics and health endpoints of the operator binary: one `prometheus-client`
+//! registry (counters, gauges, histograms) rendered in the text exposition format and served on
+//! a small HTTP listener. The controller's Kubernetes client counts its own API requests by verb
+//! ([`count_api_requests`]).
 
-use std::{
-    collections::BTreeMap,
-    convert::Infallible,
-    fmt::Write,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
-    },
-    time::Duration,
-};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
 use tokio::net::TcpListener;
 use tower::util::MapRequestLayer;
 use tracing::{info, warn};
@@ -28,57 +25,8 @@ const ADMISSION_BUCKETS: [f64; 10] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05, 0.25,
 ];
 
-/// A cumulative histogram with fixed buckets.
-struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<AtomicU64>,
-    sum_micros: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Histogram {
-            bounds,
-            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            sum_micros: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
-    }
-
-    fn observe(&self, took: Duration) {
-        let secs = took.as_secs_f64();
-        for (le, n) in self.bounds.iter().zip(&self.counts) {
-            if secs <= *le {
-                n.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn render(&self, s: &mut String, name: &str, help: &str) {
-        header(s, name, "histogram", help);
-        for (le, n) in self.bounds.iter().zip(&self.counts) {
-            let _ = writeln!(
-                s,
-                "{name}_bucket{{le=\"{le}\"}} {}",
-                n.load(Ordering::Relaxed)
-            );
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(s, "{name}_sum {sum}");
-        let _ = writeln!(s, "{name}_count {count}");
-    }
-}
-
-fn header(s: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(s, "# HELP {name} {help}");
-    let _ = writeln!(s, "# TYPE {name} {kind}");
-}
+/// A label set of `N` fixed names with values from a bounded set.
+type Labels<const N: usize> = [(&'static str, &'static str); N];
 
 /// Verbs of Kubernetes API requests, as the API server names them (`apply` is a server-side
 /// apply PATCH); `other` covers non-resource paths that are not GETs.
@@ -97,39 +45,33 @@ const API_VERBS: [&str; 10] = [
 
 /// Client-side count of Kubernetes API requests by verb, updated by the layer that
 /// [`count_api_requests`] puts on the controller's client.
-#[derive(Default)]
-pub struct ApiRequests {
-    counts: [AtomicU64; API_VERBS.len()],
+#[derive(Clone)]
+pub struct ApiRequests(Family<Labels<1>, Counter>);
+
+impl Default for ApiRequests {
+    /// Every verb's series exists from the start (at 0), so a rate over a window that begins
+    /// before the first request of a kind is still defined.
+    fn default() -> Self {
+        let family = Family::default();
+        for verb in API_VERBS {
+            let _ = family.get_or_create(&[("verb", verb)]);
+        }
+        ApiRequests(family)
+    }
 }
 
 impl ApiRequests {
     /// Counts one request.
     pub fn record<B>(&self, req: &http::Request<B>) {
-        let verb = api_verb(req);
-        if let Some(i) = API_VERBS.iter().position(|v| *v == verb) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
-        }
+        self.0.get_or_create(&[("verb", api_verb(req))]).inc();
     }
 
     /// Requests counted so far with `verb` (one of the API server's verbs).
     pub fn count(&self, verb: &str) -> u64 {
         API_VERBS
             .iter()
-            .position(|v| *v == verb)
-            .map_or(0, |i| self.counts[i].load(Ordering::Relaxed))
-    }
-
-    fn render(&self, s: &mut String) {
-        let name = "shardmesh_operator_api_requests_total";
-        header(
-            s,
-            name,
-            "counter",
-            "Kubernetes API requests sent by the controller, by verb.",
-        );
-        for (verb, n) in API_VERBS.iter().zip(&self.counts) {
-            let _ = writeln!(s, "{name}{{verb=\"{verb}\"}} {}", n.load(Ordering::Relaxed));
-        }
+            .find(|v| **v == verb)
+            .map_or(0, |v| self.0.get_or_create(&[("verb", *v)]).get())
     }
 }
 
@@ -197,58 +139,131 @@ pub fn count_api_requests(
     })
 }
 
-/// Metrics of the operator binary: the controller records reconciles, the webhook admissions.
-/// Cheap to update from every reconcile and admission.
+/// Metrics of the operator binary: both controllers record reconciles, the webhook
+/// admissions. Cheap to update from every reconcile and admission.
 pub struct Metrics {
-    ok: AtomicU64,
-    failed: AtomicU64,
-    errors: Mutex<BTreeMap<&'static str, u64>>,
-    reconcile_duration: Histogram,
-    leader: AtomicBool,
-    admissions: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    registry: Registry,
+    reconciles: Family<Labels<2>, Counter>,
+    errors: Family<Labels<2>, Counter>,
+    reconcile_duration: Family<Labels<1>, Histogram>,
+    applies: Family<Labels<1>, Counter>,
+    leader: Gauge,
+    admissions: Family<Labels<2>, Counter>,
     admission_duration: Histogram,
     api_requests: Arc<ApiRequests>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
+        let mut registry = Registry::default();
+        let reconciles = Family::<Labels<2>, Counter>::default();
+        registry.register(
+            "shardmesh_operator_reconciles",
+            "Reconciles by controller (main: the ShardedService's objects and status; shardmap: its published membership) and result",
+            reconciles.clone(),
+        );
+        let errors = Family::<Labels<2>, Counter>::default();
+        registry.register(
+            "shardmesh_operator_reconcile_errors",
+            "Failed reconciles by controller and reason",
+            errors.clone(),
+        );
+        let reconcile_duration = Family::<Labels<1>, Histogram>::new_with_constructor(|| {
+            Histogram::new(RECONCILE_BUCKETS)
+        });
+        registry.register(
+            "shardmesh_operator_reconcile_duration_seconds",
+            "Reconcile duration by controller",
+            reconcile_duration.clone(),
+        );
+        let applies = Family::<Labels<1>, Counter>::default();
+        registry.register(
+            "shardmesh_operator_applies",
+            "Owned objects a reconcile compared with what it would apply, by result: written, or unchanged (no request sent)",
+            applies.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "shardmesh_operator_leader",
+            "1 when this replica leads and reconciles",
+            leader.clone(),
+        );
+        let admissions = Family::<Labels<2>, Counter>::default();
+        registry.register(
+            "shardmesh_webhook_admissions",
+            "Admission requests by webhook and outcome",
+            admissions.clone(),
+        );
+        let admission_duration = Histogram::new(ADMISSION_BUCKETS);
+        registry.register(
+            "shardmesh_webhook_admission_duration_seconds",
+            "Time the admission handler took per request",
+            admission_duration.clone(),
+        );
+        let api_requests = Arc::new(ApiRequests::default());
+        registry.register(
+            "shardmesh_operator_api_requests",
+            "Kubernetes API requests sent by the controller, by verb",
+            api_requests.0.clone(),
+        );
         Metrics {
-            ok: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            errors: Mutex::default(),
-            reconcile_duration: Histogram::new(&RECONCILE_BUCKETS),
-            leader: AtomicBool::new(false),
-            admissions: Mutex::default(),
-            admission_duration: Histogram::new(&ADMISSION_BUCKETS),
-            api_requests: Arc::default(),
+            registry,
+            reconciles,
+            errors,
+            reconcile_duration,
+            applies,
+            leader,
+            admissions,
+            admission_duration,
+            api_requests,
         }
     }
 }
 
 impl Metrics {
-    /// Records one reconcile: its duration and, when it failed, the error's metric label.
-    pub fn reconciled(&self, took: Duration, error: Option<&'static str>) {
-        match error {
-            None => self.ok.fetch_add(1, Ordering::Relaxed),
-            Some(label) => {
-                let mut errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
-                *errors.entry(label).or_default() += 1;
-                self.failed.fetch_add(1, Ordering::Relaxed)
+    /// Records one reconcile of `controller` (`main` or `shardmap`): its duration and, when it
+    /// failed, the error's metric label.
+    pub fn reconciled(
+        &self,
+        controller: &'static str,
+        took: Duration,
+        error: Option<&'static str>,
+    ) {
+        let result = match error {
+            None => "ok",
+            Some(reason) => {
+                self.errors
+                    .get_or_create(&[("controller", controller), ("reason", reason)])
+                    .inc();
+                "error"
             }
         };
-        self.reconcile_duration.observe(took);
+        self.reconciles
+            .get_or_create(&[("controller", controller), ("result", result)])
+            .inc();
+        self.reconcile_duration
+            .get_or_create(&[("controller", controller)])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records how many owned objects a reconcile wrote and how many it left alone because
+    /// they already held what would be applied.
+    pub fn applied(&self, written: u32, unchanged: u32) {
+        self.applies
+            .get_or_create(&[("result", "written")])
+            .inc_by(u64::from(written));
+        self.applies
+            .get_or_create(&[("result", "unchanged")])
+            .inc_by(u64::from(unchanged));
     }
 
     /// Records one admission request: which webhook (`mutate`, `validate`, `other`), its
     /// outcome (`answered`, `bad_request`, `not_found`) and how long the handler took.
     pub fn admitted(&self, webhook: &'static str, outcome: &'static str, took: Duration) {
-        *self
-            .admissions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry((webhook, outcome))
-            .or_default() += 1;
-        self.admission_duration.observe(took);
+        self.admissions
+            .get_or_create(&[("webhook", webhook), ("outcome", outcome)])
+            .inc();
+        self.admission_duration.observe(took.as_secs_f64());
     }
 
     /// The API request counter to hand to [`count_api_requests`].
@@ -258,70 +273,14 @@ impl Metrics {
 
     /// Whether this replica currently leads (and so reconciles).
     pub fn set_leader(&self, leading: bool) {
-        self.leader.store(leading, Ordering::Relaxed);
+        self.leader.set(i64::from(leading));
     }
 
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let name = "shardmesh_operator_reconciles_total";
-        header(&mut s, name, "counter", "Reconciles by result.");
-        let _ = writeln!(
-            s,
-            "{name}{{result=\"ok\"}} {}",
-            self.ok.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            s,
-            "{name}{{result=\"error\"}} {}",
-            self.failed.load(Ordering::Relaxed)
-        );
-        let name = "shardmesh_operator_reconcile_errors_total";
-        header(&mut s, name, "counter", "Failed reconciles by reason.");
-        for (reason, n) in self.errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(s, "{name}{{reason=\"{reason}\"}} {n}");
-        }
-        self.reconcile_duration.render(
-            &mut s,
-            "shardmesh_operator_reconcile_duration_seconds",
-            "Reconcile duration.",
-        );
-        let name = "shardmesh_operator_leader";
-        header(
-            &mut s,
-            name,
-            "gauge",
-            "1 when this replica leads and reconciles.",
-        );
-        let _ = writeln!(
-            s,
-            "{name} {}",
-            u8::from(self.leader.load(Ordering::Relaxed))
-        );
-        let name = "shardmesh_webhook_admissions_total";
-        header(
-            &mut s,
-            name,
-            "counter",
-            "Admission requests by webhook and outcome.",
-        );
-        for ((webhook, outcome), n) in self
-            .admissions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                s,
-                "{name}{{webhook=\"{webhook}\",outcome=\"{outcome}\"}} {n}"
-            );
-        }
-        self.admission_duration.render(
-            &mut s,
-            "shardmesh_webhook_admission_duration_seconds",
-            "Time the admission handler took per request.",
-        );
-        self.api_requests.render(&mut s);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut s, &self.registry);
         s
     }
 }
@@ -358,7 +317,7 @@ fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
         "/metrics" => (
             StatusCode::OK,
             metrics.render(),
-            "text/plain; version=0.0.4",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
         // A standby replica is healthy and ready: it is waiting to take over.
         "/healthz" | "/readyz" => (StatusCode::OK, "ok\n".to_string(), "text/plain"),
@@ -383,27 +342,35 @@ mod tests {
     #[test]
     fn renders_counts_buckets_and_reasons() {
         let m = Metrics::default();
-        m.reconciled(Duration::from_millis(3), None);
-        m.reconciled(Duration::from_millis(300), Some("api_error"));
+        m.reconciled("main", Duration::from_millis(3), None);
+        m.reconciled("main", Duration::from_millis(300), Some("api_error"));
+        m.reconciled("shardmap", Duration::from_millis(3), None);
+        m.applied(2, 7);
         m.set_leader(true);
         let t = m.render();
-        assert!(
-            t.contains("shardmesh_operator_reconciles_total{result=\"ok\"} 1"),
-            "{t}"
-        );
-        assert!(t.contains("shardmesh_operator_reconciles_total{result=\"error\"} 1"));
-        assert!(t.contains("shardmesh_operator_reconcile_errors_total{reason=\"api_error\"} 1"));
-        assert!(t.contains("shardmesh_operator_reconcile_duration_seconds_bucket{le=\"0.005\"} 1"));
-        assert!(t.contains("shardmesh_operator_reconcile_duration_seconds_bucket{le=\"0.5\"} 2"));
-        assert!(t.contains("shardmesh_operator_reconcile_duration_seconds_count 2"));
-        assert!(t.contains("shardmesh_operator_leader 1"));
+        let has = |series: &str| assert!(t.contains(series), "{series} missing from:\n{t}");
+        has("shardmesh_operator_reconciles_total{controller=\"main\",result=\"ok\"} 1\n");
+        has("shardmesh_operator_reconciles_total{controller=\"main\",result=\"error\"} 1\n");
+        has("shardmesh_operator_reconciles_total{controller=\"shardmap\",result=\"ok\"} 1\n");
+        has("shardmesh_operator_reconcile_errors_total{controller=\"main\",reason=\"api_error\"} 1\n");
+        has("shardmesh_operator_reconcile_duration_seconds_bucket{le=\"0.005\",controller=\"main\"} 1\n");
+        has("shardmesh_operator_reconcile_duration_seconds_bucket{le=\"0.5\",controller=\"main\"} 2\n");
+        has("shardmesh_operator_reconcile_duration_seconds_count{controller=\"main\"} 2\n");
+        has("# TYPE shardmesh_operator_reconcile_duration_seconds histogram\n");
+        has("shardmesh_operator_applies_total{result=\"written\"} 2\n");
+        has("shardmesh_operator_applies_total{result=\"unchanged\"} 7\n");
+        has("shardmesh_operator_leader 1\n");
         m.admitted("mutate", "answered", Duration::from_micros(40));
         let t = m.render();
         let series =
             "shardmesh_webhook_admissions_total{webhook=\"mutate\",outcome=\"answered\"} 1";
         assert!(t.contains(series), "{t}");
-        assert!(t.contains("shardmesh_webhook_admission_duration_seconds_bucket{le=\"0.00005\"} 1"));
+        assert!(
+            t.contains("shardmesh_webhook_admission_duration_seconds_bucket{le=\"0.00005\"} 1"),
+            "{t}"
+        );
         assert!(t.contains("shardmesh_webhook_admission_duration_seconds_count 1"));
+        assert!(t.ends_with("# EOF\n"), "{t}");
     }
 
     fn req(method: &str, uri: &str, content_type: Option<&str>) -> http::Request<()> {

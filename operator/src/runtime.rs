@@ -1,6 +1,7 @@
 //! What both controllers (the main reconciler and the shard-map publisher) share: one way to
 //! write — server-side apply under one field manager, skipped when the object as watched already
-//! holds what would be applied — one error backoff per ShardedService, and one shutdown signal.
+//! holds what would be applied — one error backoff per ShardedService, one way to tell the user
+//! (Events on the ShardedService), and one shutdown signal.
 //!
 //! **Writes only when something changed.** Every applied object carries the hash of what the
 //! operator applies (annotation [`APPLIED`]). A reconcile compares it with the watched object's
@@ -16,13 +17,16 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectM
 use kube::{
     api::{Patch, PatchParams},
     core::PartialObjectMeta,
-    runtime::reflector::{ObjectRef, Store},
+    runtime::{
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{ObjectRef, Store},
+    },
     Api, Client, Resource, ResourceExt,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use shardmesh_api::{labels, ShardedService};
 
-use crate::{Error, Result};
+use crate::{status::Transition, Error, Result};
 
 /// Annotation holding the hash of what the operator last applied to an object.
 pub const APPLIED: &str = "shardmesh.io/applied";
@@ -83,6 +87,43 @@ pub fn shutdown_signal() -> Shutdown {
     }
     .boxed()
     .shared()
+}
+
+/// Who the operator's Events say reported them: the operator, as `instance` (its pod name).
+pub fn reporter(instance: Option<String>) -> Reporter {
+    Reporter {
+        controller: labels::MANAGED_BY_VALUE.into(),
+        instance,
+    }
+}
+
+/// Publishes `transitions` as Events on `svc`. An Event is informational: failing to publish
+/// one is logged and never fails the reconcile.
+pub async fn tell(recorder: &Recorder, svc: &ShardedService, transitions: &[Transition]) {
+    let reference = svc.object_ref(&());
+    for t in transitions {
+        let event = Event {
+            type_: if t.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: t.reason.clone(),
+            note: Some(truncate(&t.note, 1000)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, reason = %t.reason, "could not publish event");
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
 }
 
 /// Stamps `obj` with the hash of everything it says (annotation [`APPLIED`]) and returns the
@@ -249,6 +290,12 @@ mod tests {
         s.metadata.name = Some("orders".into());
         s.metadata.labels = Some([("a".to_string(), "b".to_string())].into());
         s
+    }
+
+    #[test]
+    fn truncate_on_char_boundary() {
+        assert_eq!(truncate("héllo", 2), "hé…");
+        assert_eq!(truncate("hi", 5), "hi");
     }
 
     #[test]

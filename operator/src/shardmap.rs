@@ -29,6 +29,7 @@ use k8s_openapi::{
 use kube::{
     runtime::{
         controller::{Action, Controller},
+        events::Recorder,
         reflector::{self, ObjectRef, Store},
         watcher, WatchStreamExt,
     },
@@ -42,8 +43,11 @@ use shardmesh_api::{
 use tracing::{info, warn};
 
 use crate::{
-    collision, reshard,
+    collision,
+    metrics::Metrics,
+    reshard,
     runtime::{self, Failures, Shutdown},
+    status::Transition,
     Error, Result,
 };
 
@@ -338,6 +342,42 @@ pub fn compute(input: Inputs<'_>, leases: &[Lease], now: Timestamp) -> Computed 
     }
 }
 
+/// Leader changes between the published map `prev` and `next`, told as Events: who leads
+/// each shard at which epoch, and a shard left without a live leader.
+pub fn leader_events(prev: Option<&ShardMap>, next: &ShardMap) -> Vec<Transition> {
+    let before = |i: usize| {
+        prev.and_then(|p| p.shards.get(i))
+            .and_then(|s| s.leader.as_ref())
+    };
+    next.shards
+        .iter()
+        .enumerate()
+        .filter_map(|(i, shard)| match (before(i), shard.leader.as_ref()) {
+            (old, Some(new))
+                if old.is_none_or(|o| (o.pod.as_str(), o.epoch) != (new.pod.as_str(), new.epoch)) =>
+            {
+                Some(Transition {
+                    warning: false,
+                    reason: "LeaderElected".into(),
+                    note: format!(
+                        "shard {i}: {} leads at epoch {} (map epoch {})",
+                        new.pod, new.epoch, next.epoch
+                    ),
+                })
+            }
+            (Some(old), None) => Some(Transition {
+                warning: true,
+                reason: "LeaderLost".into(),
+                note: format!(
+                    "shard {i}: no live leader (was {} at epoch {}); writes to it fail until one is elected",
+                    old.pod, old.epoch
+                ),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
 /// How long to wait before looking again: just past the next expiry, at most [`RESYNC`].
 pub fn requeue_after(next_expiry: Option<Timestamp>, now: Timestamp) -> Duration {
     next_expiry
@@ -549,6 +589,8 @@ impl Sightings {
 /// State shared by the reconciles.
 pub struct Context {
     client: Client,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
     leases: Store<Lease>,
     pods: Store<Pod>,
     /// Every ShardedService (the controller's own cache), for name collisions.
@@ -660,6 +702,12 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
             .as_ref()
             .and_then(|c| c.metadata.resource_version.clone());
         runtime::apply(&ctx.client, &ns, &cm).await?;
+        runtime::tell(
+            &ctx.recorder,
+            &svc,
+            &leader_events(prev.as_ref(), &computed.map),
+        )
+        .await;
         let live: usize = computed.map.shards.iter().map(|s| s.members.len()).sum();
         info!(namespace = %ns, name = %name, epoch = computed.map.epoch, live_members = live,
               empty_shards = computed.map.shards.iter().filter(|s| s.members.is_empty()).count(),
@@ -681,20 +729,31 @@ fn error_policy(svc: Arc<ShardedService>, err: &Error, ctx: Arc<Context>) -> Act
 pub async fn run(
     client: Client,
     scope: crate::scope::Scope,
+    instance: Option<String>,
+    metrics: Arc<Metrics>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    futures::future::join_all(
-        scope
-            .roots()
-            .into_iter()
-            .map(|root| run_in(client.clone(), root, shutdown.clone())),
-    )
+    futures::future::join_all(scope.roots().into_iter().map(|root| {
+        run_in(
+            client.clone(),
+            root,
+            instance.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        )
+    }))
     .await;
     Ok(())
 }
 
 /// The shard-map controller over one root of the scope, with its own caches.
-async fn run_in(client: Client, root: Option<String>, shutdown: Shutdown) {
+async fn run_in(
+    client: Client,
+    root: Option<String>,
+    instance: Option<String>,
+    metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+) {
     use crate::scope::api;
     let svcs: Api<ShardedService> = api(&client, &root);
     let leases: Api<Lease> = api(&client, &root);
@@ -748,10 +807,14 @@ async fn run_in(client: Client, root: Option<String>, shutdown: Shutdown) {
             Some(ObjectRef::<ShardedService>::new(&svc).within(&pod.namespace()?))
         })
         .with_config(
-            kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)),
+            kube::runtime::controller::Config::default()
+                .debounce(Duration::from_millis(500))
+                .concurrency(16),
         );
     let services = controller.store();
     let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), runtime::reporter(instance)),
+        metrics,
         client,
         leases: lease_reader.clone(),
         pods: pod_reader.clone(),
@@ -784,7 +847,11 @@ async fn run_in(client: Client, root: Option<String>, shutdown: Shutdown) {
                         .wait_until_ready()
                         .await
                         .map_err(|_| Error::CacheUnavailable("pods"))?;
-                    reconcile(svc, ctx).await
+                    let started = std::time::Instant::now();
+                    let res = reconcile(svc, ctx.clone()).await;
+                    let label = res.as_ref().err().map(Error::metric_label);
+                    ctx.metrics.reconciled("shardmap", started.elapsed(), label);
+                    res
                 }
             },
             error_policy,
@@ -1184,6 +1251,53 @@ mod tests {
         );
         let cm = configmap(&svc(), &comp(2, &[], t(0), None).map).unwrap();
         assert!(!cm.data.unwrap().contains_key(labels::SHARDMAP_WRITES_KEY));
+    }
+
+    #[test]
+    fn leader_changes_are_told_once() {
+        let leader = |pod: &str, epoch: i64| Leader {
+            pod: pod.into(),
+            address: "10.0.0.1:4143".into(),
+            epoch,
+        };
+        let map = |epoch: i64, leaders: [Option<Leader>; 2]| ShardMap {
+            epoch,
+            shards: leaders
+                .into_iter()
+                .enumerate()
+                .map(|(i, leader)| Shard {
+                    index: i as u32,
+                    members: vec![],
+                    leader,
+                })
+                .collect(),
+            ..ShardMap::default()
+        };
+        let a = map(1, [Some(leader("o-0-0", 1)), None]);
+        let reasons = |v: Vec<Transition>| -> Vec<(String, String)> {
+            v.into_iter().map(|t| (t.reason, t.note)).collect()
+        };
+        assert_eq!(
+            reasons(leader_events(None, &a)),
+            [(
+                "LeaderElected".to_string(),
+                "shard 0: o-0-0 leads at epoch 1 (map epoch 1)".to_string()
+            )]
+        );
+        // Unchanged leaders: nothing to tell.
+        assert!(leader_events(Some(&a), &map(2, [Some(leader("o-0-0", 1)), None])).is_empty());
+        // Shard 0 loses its leader, shard 1 gets one.
+        let b = map(3, [None, Some(leader("o-1-1", 4))]);
+        let told = leader_events(Some(&a), &b);
+        assert_eq!(
+            told.iter()
+                .map(|t| (t.reason.as_str(), t.warning))
+                .collect::<Vec<_>>(),
+            [("LeaderLost", true), ("LeaderElected", false)]
+        );
+        // The same pod re-elected at a new epoch is a new term.
+        let c = map(4, [None, Some(leader("o-1-1", 5))]);
+        assert_eq!(leader_events(Some(&b), &c).len(), 1);
     }
 
     fn pods(m: &ShardMap) -> Vec<Vec<&str>> {

@@ -49,7 +49,8 @@ const SIDECAR_CONTAINER: &str = "shardmesh-sidecar";
 
 const USAGE: &str = "\
 usage: scale_bench operator --services N --operator-pid PID --metrics HOST:PORT
-                            [--per-namespace M] [--deadline SECS] [--concurrency C] [--settle SECS] [--clk-tck HZ] [--keep]
+                            [--per-namespace M] [--deadline SECS] [--concurrency C] [--settle SECS] [--quiet SECS]
+                            [--clk-tck HZ] [--keep]
        scale_bench webhook  --pods K [--warmup W] [--keep]
 Run inside the cluster's network namespace with SHARDMESH_E2E=1 and KUBECONFIG (e2e/bench/run.sh).";
 
@@ -115,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
                 deadline: Duration::from_secs(args.num("--deadline", Some(600))?),
                 concurrency: args.num("--concurrency", Some(8))?,
                 settle: Duration::from_secs(args.num("--settle", Some(5))?),
+                quiet: Duration::from_secs(args.num("--quiet", Some(60))?),
                 clk_tck: args.num("--clk-tck", Some(100.0))?,
                 keep: args.flag("--keep"),
             };
@@ -209,6 +211,17 @@ fn scrape(addr: &str) -> anyhow::Result<BTreeMap<String, f64>> {
         .collect())
 }
 
+/// The API server's verbs that write.
+const WRITE_VERBS: [&str; 6] = [
+    "create",
+    "update",
+    "patch",
+    "apply",
+    "delete",
+    "deletecollection",
+];
+
+
 struct Sample {
     at: Instant,
     cpu: f64,
@@ -232,8 +245,35 @@ impl Sample {
             .sum()
     }
 
+    /// The sum of the series of `name` whose labels include every one of `labels`
+    /// (`key="value"`).
+    fn sum_where(&self, name: &str, labels: &[&str]) -> f64 {
+        self.metrics
+            .iter()
+            .filter(|(k, _)| {
+                k.strip_prefix(name).is_some_and(|rest| {
+                    rest.starts_with('{') && labels.iter().all(|l| rest.contains(l))
+                })
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+
     fn reconciles(&self) -> f64 {
         self.sum("shardmesh_operator_reconciles_total{")
+    }
+
+    /// Requests that change something on the API server.
+    fn writes(&self) -> f64 {
+        WRITE_VERBS
+            .iter()
+            .map(|v| {
+                self.sum_where(
+                    "shardmesh_operator_api_requests_total",
+                    &[&format!("verb=\"{v}\"")],
+                )
+            })
+            .sum()
     }
 
     fn requests(&self) -> f64 {
@@ -281,6 +321,10 @@ struct OperatorOpts {
     deadline: Duration,
     concurrency: usize,
     settle: Duration,
+    /// How long the operator is watched with nothing changing, after convergence: at least
+    /// the 30 s after which a service that is not Ready is looked at again, so every service
+    /// is resynced in it.
+    quiet: Duration,
     clk_tck: f64,
     keep: bool,
 }
@@ -316,9 +360,25 @@ where
 }
 
 /// One look at everything the benchmark waits for in `namespaces`.
-async fn snapshot(client: &Client, namespaces: &[&str]) -> anyhow::Result<Seen> {
+async fn snapshot(
+    client: &Client,
+    namespaces: &[&str],
+    budgets: Option<&kube::discovery::ApiResource>,
+) -> anyhow::Result<Seen> {
     let mut seen = Seen::default();
     for ns in namespaces {
+        if let Some(ar) = budgets {
+            let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), ns, ar);
+            let list = api
+                .list_metadata(&ListParams::default().match_any())
+                .await
+                .with_context(|| format!("listing PodDisruptionBudgets in {ns}"))?;
+            seen.names.entry("PodDisruptionBudget").or_default().extend(
+                list.items
+                    .into_iter()
+                    .map(|o| format!("{ns}/{}", o.name_any())),
+            );
+        }
         let (sts, svcs, cms, sas, roles, bindings, shsvcs) = futures::try_join!(
             list_names::<StatefulSet>(client, ns, "StatefulSet"),
             list_names::<Service>(client, ns, "Service"),
@@ -355,7 +415,11 @@ async fn snapshot(client: &Client, namespaces: &[&str]) -> anyhow::Result<Seen> 
 }
 
 /// Per service, what is still missing (an empty map: all converged); and objects seen per kind.
-fn missing(seen: &Seen, services: &[(String, String)]) -> (BTreeMap<String, Vec<String>>, Value) {
+fn missing(
+    seen: &Seen,
+    services: &[(String, String)],
+    budgets: bool,
+) -> (BTreeMap<String, Vec<String>>, Value) {
     let empty = BTreeSet::new();
     let has = |kind: &str, name: &str| seen.names.get(kind).unwrap_or(&empty).contains(name);
     let mut missing = BTreeMap::new();
@@ -364,6 +428,9 @@ fn missing(seen: &Seen, services: &[(String, String)]) -> (BTreeMap<String, Vec<
         for i in 0..SHARDS {
             let shard = labels::shard_object_name(name, i);
             wanted.push(("StatefulSet", shard.clone()));
+            if budgets {
+                wanted.push(("PodDisruptionBudget", shard.clone()));
+            }
             wanted.push(("Service", shard));
         }
         wanted.push(("Service", name.clone()));
@@ -399,10 +466,28 @@ fn missing(seen: &Seen, services: &[(String, String)]) -> (BTreeMap<String, Vec<
     (missing, Value::Object(present))
 }
 
-fn objects_per_service() -> usize {
+fn objects_per_service(budgets: bool) -> usize {
     // 4 StatefulSets, 4 headless Services, the routing Service, the shard-map ConfigMap, the
-    // member ServiceAccount, Role and RoleBinding, the shard-map reader Role.
-    2 * SHARDS as usize + 6
+    // member ServiceAccount, Role and RoleBinding, the shard-map reader Role; 4
+    // PodDisruptionBudgets where the server serves a policy API.
+    2 * SHARDS as usize + 6 + if budgets { SHARDS as usize } else { 0 }
+}
+
+/// The PodDisruptionBudget API the server serves (`policy/v1`, else `policy/v1beta1`), if any.
+async fn budget_api(client: &Client) -> Option<kube::discovery::ApiResource> {
+    for version in ["v1", "v1beta1"] {
+        let gvk = kube::api::GroupVersionKind::gvk("policy", version, "PodDisruptionBudget");
+        let ar = kube::discovery::ApiResource::from_gvk_with_plural(&gvk, "poddisruptionbudgets");
+        let api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &ar);
+        if api
+            .list_metadata(&ListParams::default().limit(1))
+            .await
+            .is_ok()
+        {
+            return Some(ar);
+        }
+    }
+    None
 }
 
 /// A ResourceQuota of 0 pods in `ns`: the StatefulSet controller's pod creates are refused, so
@@ -438,6 +523,8 @@ async fn operator_bench(o: OperatorOpts) -> anyhow::Result<()> {
     let idle_rss = status_kib(o.pid, "VmRSS")?;
     scrape(&o.metrics)?;
     let per_ns = o.per_namespace.clamp(1, o.services.max(1));
+    let budgets = budget_api(&client).await;
+    let owned_per_service = objects_per_service(budgets.is_some());
     let mut namespaces = Vec::new();
     for _ in 0..o.services.div_ceil(per_ns) {
         let ns = TestNamespace::create(&client, "bench-operator").await;
@@ -454,7 +541,7 @@ async fn operator_bench(o: OperatorOpts) -> anyhow::Result<()> {
              per namespace in {ns_names:?} ({} child objects expected), {} applies in flight; \
              operator pid {} (RSS idle {:.1} MiB)",
             o.services,
-            o.services * objects_per_service(),
+            o.services * owned_per_service,
             o.concurrency,
             o.pid,
             idle_rss as f64 / 1024.0
@@ -487,7 +574,7 @@ async fn operator_bench(o: OperatorOpts) -> anyhow::Result<()> {
         let mut last_report = Instant::now();
         let (converged, at_convergence) = loop {
             // Polls served from the API server's watch cache: cheap for it, unlike quorum lists.
-            let seen = match snapshot(&client, &ns_names).await {
+            let seen = match snapshot(&client, &ns_names, budgets.as_ref()).await {
                 Ok(seen) => seen,
                 Err(e) => {
                     eprintln!("[bench] poll failed (retrying): {e:#}");
@@ -495,7 +582,7 @@ async fn operator_bench(o: OperatorOpts) -> anyhow::Result<()> {
                     continue;
                 }
             };
-            let (m, present) = missing(&seen, &services);
+            let (m, present) = missing(&seen, &services, budgets.is_some());
             let elapsed = start.elapsed();
             if m.is_empty() {
                 break (elapsed, Sample::take(&o)?);
@@ -525,7 +612,7 @@ async fn operator_bench(o: OperatorOpts) -> anyhow::Result<()> {
                     o.deadline,
                     o.services,
                     ns_names,
-                    objects_per_service(),
+                    owned_per_service,
                     m.len(),
                     what.join(", "),
                 );
@@ -549,6 +636,12 @@ async fn operator_bench(o: OperatorOpts) -> anyhow::Result<()> {
         );
         tokio::time::sleep(o.settle).await;
         let settled = Sample::take(&o)?;
+        eprintln!(
+            "[bench] nothing changes for {}s: every service is resynced, nothing may be written",
+            o.quiet.as_secs()
+        );
+        tokio::time::sleep(o.quiet).await;
+        let quiet = Sample::take(&o)?;
         stop.store(true, Ordering::Relaxed);
         let _ = sampler.join();
         let hwm = status_kib(o.pid, "VmHWM")?;
@@ -556,26 +649,43 @@ async fn operator_bench(o: OperatorOpts) -> anyhow::Result<()> {
             .load(Ordering::Relaxed)
             .max(status_kib(o.pid, "VmRSS")?);
 
-        let window = |end: &Sample| {
-            let reconciles = end.reconciles() - base.reconciles();
-            let requests = end.requests() - base.requests();
+        let between = |from: &Sample, end: &Sample| {
+            let reconciles = end.reconciles() - from.reconciles();
+            let requests = end.requests() - from.requests();
+            let delta = |name: &str, labels: &[&str]| {
+                end.sum_where(name, labels) - from.sum_where(name, labels)
+            };
+            let n = o.services as f64;
+            let writes = end.writes() - from.writes();
+            let owned_writes = delta("shardmesh_operator_applies_total", &["result=\"written\""]);
+            let owned = (o.services * owned_per_service) as f64;
             json!({
-                "seconds": (end.at - base.at).as_secs_f64(),
-                "cpu_seconds": end.cpu - base.cpu,
+                "seconds": (end.at - from.at).as_secs_f64(),
+                "cpu_seconds": end.cpu - from.cpu,
+                "cpu_ms_per_service": (end.cpu - from.cpu) * 1000.0 / n,
                 "reconciles": reconciles,
-                "reconcile_errors": end.sum("shardmesh_operator_reconciles_total{result=\"error\"")
-                    - base.sum("shardmesh_operator_reconciles_total{result=\"error\""),
+                "reconciles_main": delta("shardmesh_operator_reconciles_total", &["controller=\"main\""]),
+                "reconciles_shardmap": delta("shardmesh_operator_reconciles_total", &["controller=\"shardmap\""]),
+                "reconciles_per_service": reconciles / n,
+                "reconcile_errors": delta("shardmesh_operator_reconciles_total", &["result=\"error\""]),
                 "api_requests": requests,
                 "api_requests_per_reconcile": if reconciles > 0.0 { requests / reconciles } else { 0.0 },
-                "api_requests_by_verb": end.requests_by_verb(&base),
+                "api_requests_by_verb": end.requests_by_verb(from),
+                "writes": writes,
+                "writes_per_service": writes / n,
+                "writes_per_owned_object": writes / owned,
+                "owned_object_applies": owned_writes,
+                "owned_object_applies_per_object": owned_writes / owned,
+                "owned_objects_left_unchanged": delta("shardmesh_operator_applies_total", &["result=\"unchanged\""]),
             })
         };
+        let window = |end: &Sample| between(&base, end);
         let result = json!({
             "benchmark": "operator",
             "services": o.services,
             "shards": SHARDS,
             "replicas_per_shard": REPLICAS,
-            "child_objects": o.services * objects_per_service(),
+            "child_objects": o.services * owned_per_service,
             "applied_seconds": applied.as_secs_f64(),
             "converged_seconds": converged.as_secs_f64(),
             "rss_idle_mib": idle_rss as f64 / 1024.0,
@@ -583,6 +693,9 @@ async fn operator_bench(o: OperatorOpts) -> anyhow::Result<()> {
             "vm_hwm_mib": hwm as f64 / 1024.0,
             "until_converged": window(&at_convergence),
             "until_settled": window(&settled),
+            "converged_after_last_apply_seconds": (converged - applied).as_secs_f64(),
+            "rss_peak_mib_per_1000_services": peak_rss as f64 / 1024.0 * 1000.0 / o.services as f64,
+            "quiet": between(&settled, &quiet),
             "services_per_namespace": per_ns,
             "namespaces": ns_names,
         });
