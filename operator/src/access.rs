@@ -36,7 +36,8 @@ pub struct Access {
     pub binding: RoleBinding,
 }
 
-fn meta(
+/// Metadata of an object the operator owns for `service`, labelled with its component.
+pub(crate) fn meta(
     name: String,
     ns: &str,
     service: &str,

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use futures::StreamExt;
+use futures::{future::BoxFuture, FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::{
     api::{
         apps::v1::StatefulSet,
@@ -22,7 +22,7 @@ use kube::{
         controller::{self, Action, Controller},
         events::Recorder,
         predicates,
-        reflector::{self, Store},
+        reflector::{self, ObjectRef, Store},
         watcher, WatchStreamExt,
     },
     Api, Client, Resource, ResourceExt,
@@ -237,10 +237,9 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
-    let kind = K::kind(&()).to_string();
     let stream = watcher(scope::api::<PartialObjectMeta<K>>(client, root), config)
         .default_backoff()
-        .modify(move |m: &mut PartialObjectMeta<K>| runtime::trim(&mut m.metadata, &kind))
+        .modify(|m: &mut PartialObjectMeta<K>| runtime::trim(&mut m.metadata))
         .reflect(writer)
         .touched_objects();
     (reader, stream)
@@ -309,7 +308,21 @@ async fn run_in(
         leases: Some(lease_store),
         ..Owned::default()
     };
+    // Pods of every service (metadata only: a change of any pod's status is an event): a
+    // rollout moves on, or halts, when its pods do, without polling.
+    let pods = watcher(
+        scope::api::<PartialObjectMeta<Pod>>(&client, &root),
+        watcher::Config::default()
+            .labels(labels::SERVICE)
+            .any_semantic(),
+    )
+    .default_backoff()
+    .touched_objects();
     let mut controller = Controller::for_stream(trigger, reader)
+        .watches_stream(pods, |pod| {
+            let svc = pod.labels().get(labels::SERVICE)?.clone();
+            Some(ObjectRef::<ShardedService>::new(&svc).within(&pod.namespace()?))
+        })
         .owns_stream(sts)
         .owns_stream(maps)
         .owns_stream(svc_events)
@@ -468,47 +481,59 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         + desired.shard_services.len()
         + 1
         + desired.disruption_budgets.len();
-    let mut writes = 0u32;
+    // Within a reconcile the applies go out together (bounded): a reconcile costs two round
+    // trips of the API server's latency, not one per object.
     let access = desired.access;
-    writes += put(client, &ns, access.account, &owned.accounts).await?;
-    writes += put(client, &ns, access.member_role, &owned.roles).await?;
-    writes += put(client, &ns, access.reader_role, &owned.roles).await?;
-    writes += put(client, &ns, access.binding, &owned.bindings).await?;
+    let mut first = vec![
+        put(client, &ns, access.account, &owned.accounts).boxed(),
+        put(client, &ns, access.member_role, &owned.roles).boxed(),
+        put(client, &ns, access.reader_role, &owned.roles).boxed(),
+        put(client, &ns, access.binding, &owned.bindings).boxed(),
+    ];
     for lease in desired.leader_leases {
-        writes += put(client, &ns, lease, &owned.leases).await?;
+        first.push(put(client, &ns, lease, &owned.leases).boxed());
     }
-    let mut observed = Observed::default();
-    for (i, mut sts) in desired.stateful_sets.into_iter().enumerate() {
-        let i = i as u32;
-        let hash = runtime::stamp(&mut sts)?;
-        let current = existing
-            .get(&i)
-            .filter(|cur| runtime::unchanged(&cur.metadata, &hash, &StatefulSet::kind(&())));
-        let sts = match current {
-            Some(cur) => cur.clone(),
-            None => {
-                writes += 1;
-                runtime::apply(client, &ns, &sts).await?
+    let mut writes = together(first).await?.into_iter().sum::<u32>();
+    let ns_ref = ns.as_str();
+    let sets = desired
+        .stateful_sets
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut sts)| {
+            let current = existing.get(&(i as u32));
+            async move {
+                let intent = runtime::stamp(&mut sts)?;
+                Ok(
+                    match current.filter(|c| runtime::unchanged(&c.metadata, &intent)) {
+                        Some(cur) => (i as u32, cur.clone(), 0),
+                        None => (i as u32, runtime::apply(client, ns_ref, &sts).await?, 1),
+                    },
+                )
             }
-        };
-        observed.stateful_sets.insert(i, sts);
-    }
-    for s in desired
+            .boxed()
+        });
+    let mut rest: Vec<BoxFuture<'_, Result<u32>>> = desired
         .shard_services
         .into_iter()
         .chain([desired.routing_service])
-    {
-        writes += put(client, &ns, s, &owned.services).await?;
-    }
+        .map(|s| put(client, &ns, s, &owned.services).boxed())
+        .collect();
     for p in desired.disruption_budgets {
-        writes += match ctx.caps.pdb {
+        rest.push(match ctx.caps.pdb {
             Some(PdbApi::V1beta1) => {
                 let p = PodDisruptionBudgetV1beta1::from(&p);
-                put(client, &ns, p, &owned.budgets_v1beta1).await?
+                put(client, &ns, p, &owned.budgets_v1beta1).boxed()
             }
-            _ => put(client, &ns, p, &owned.budgets).await?,
-        };
+            _ => put(client, &ns, p, &owned.budgets).boxed(),
+        });
     }
+    let (sets, rest) = futures::try_join!(together(sets.collect()), together(rest))?;
+    let mut observed = Observed::default();
+    for (i, sts, wrote) in sets {
+        writes += wrote;
+        observed.stateful_sets.insert(i, sts);
+    }
+    writes += rest.into_iter().sum::<u32>();
     let unchanged = u32::try_from(compared)
         .unwrap_or(u32::MAX)
         .saturating_sub(writes);
@@ -579,6 +604,18 @@ async fn published_map(client: &Client, ns: &str, name: &str) -> Result<Option<S
         .as_ref()
         .and_then(|d| d.get(labels::SHARDMAP_KEY))
         .and_then(|json| serde_json::from_str(json).ok()))
+}
+
+/// How many applies of one reconcile are in flight at once.
+const APPLIES_IN_FLIGHT: usize = 8;
+
+/// Runs `futures`, at most [`APPLIES_IN_FLIGHT`] at a time; their outputs in order, or the
+/// first error.
+async fn together<'a, T: Send + 'a>(futures: Vec<BoxFuture<'a, Result<T>>>) -> Result<Vec<T>> {
+    futures::stream::iter(futures)
+        .buffered(APPLIES_IN_FLIGHT)
+        .try_collect()
+        .await
 }
 
 /// Applies `obj` unless the watched copy in `store` already holds it (no store: always);

@@ -39,9 +39,20 @@ pub const TEMPLATE: &str = "shardmesh.io/template-revision";
 /// Pod label the StatefulSet controller sets to the pod's revision.
 const POD_REVISION: &str = "controller-revision-hash";
 
-/// How often a rollout in progress is looked at without any event (a crash loop does not
-/// change the StatefulSet's status).
-pub const POLL: Duration = Duration::from_secs(5);
+/// How long a rollout in progress goes without being looked at when nothing happens: a safety
+/// net only. Progress and failures arrive as events (the controller watches the StatefulSets
+/// and the pods of every service; a crash loop changes its pod's status on every restart), and
+/// the deadlines it waits for (progress deadline, bake time) are requeued at exactly.
+pub const POLL: Duration = Duration::from_secs(60);
+
+/// The time left until `deadline` has passed since `from` (at least a second), capped at
+/// [`POLL`].
+fn until_past(from: Timestamp, deadline: Duration, now: Timestamp) -> Duration {
+    deadline
+        .saturating_sub(elapsed(from, now))
+        .saturating_add(Duration::from_secs(1))
+        .min(POLL)
+}
 
 /// Phase names of `status.rollout.phase`.
 pub mod phase {
@@ -351,7 +362,7 @@ pub fn plan(
         return Plan {
             released,
             status,
-            requeue: Some(POLL),
+            requeue: Some(until_past(wave_started, policy.deadline, now)),
         };
     }
 
@@ -371,7 +382,7 @@ pub fn plan(
             return Plan {
                 released,
                 status,
-                requeue: Some((policy.bake - baked).min(POLL)),
+                requeue: Some(until_past(baking_since, policy.bake, now)),
             };
         }
     }
@@ -397,7 +408,7 @@ pub fn plan(
     Plan {
         released,
         status,
-        requeue: Some(POLL),
+        requeue: Some(until_past(now, policy.deadline, now)),
     }
 }
 
@@ -506,7 +517,8 @@ mod tests {
         assert_eq!(bake.released, set(&[0]));
         let still = plan(&p, "new", &obs, Some(&bake.status), at(69));
         assert_eq!(still.status.phase, phase::BAKING);
-        assert!(still.requeue.is_some_and(|d| d <= Duration::from_secs(1)));
+        // Looked at again just after the bake time, not before.
+        assert_eq!(still.requeue, Some(Duration::from_secs(2)));
 
         // Baked: the next wave has maxShardsInFlight = 2 shards, in index order.
         let wave2 = plan(&p, "new", &obs, Some(&still.status), at(71));
@@ -621,8 +633,11 @@ mod tests {
             updated: 1,
             ..rolling()
         };
+        // Nothing happening is looked at after POLL at the latest, and right after the deadline.
+        assert_eq!(first.requeue, Some(POLL));
         let on_time = plan(&p, "new", &obs, Some(&first.status), at(299));
         assert_eq!(on_time.status.phase, phase::ROLLING);
+        assert_eq!(on_time.requeue, Some(Duration::from_secs(2)));
         let late = plan(&p, "new", &obs, Some(&on_time.status), at(301));
         assert_eq!(late.status.phase, phase::HALTED);
         assert!(late

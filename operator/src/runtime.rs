@@ -126,9 +126,19 @@ fn truncate(s: &str, max: usize) -> String {
     }
 }
 
+/// What the operator applies to one object: the hash stamped on it, and its JSON (to tell
+/// whether another manager's write touched any of it).
+#[derive(Clone, Debug)]
+pub struct Intent {
+    /// Hash of everything the object says (the [`APPLIED`] annotation's value).
+    pub hash: String,
+    /// The object as applied, annotation included.
+    pub json: serde_json::Value,
+}
+
 /// Stamps `obj` with the hash of everything it says (annotation [`APPLIED`]) and returns the
-/// hash. Built objects hold only ordered maps, so equal intent serializes to equal bytes.
-pub fn stamp<K: Resource<DynamicType = ()> + Serialize>(obj: &mut K) -> Result<String> {
+/// intent. Built objects hold only ordered maps, so equal intent serializes to equal bytes.
+pub fn stamp<K: Resource<DynamicType = ()> + Serialize>(obj: &mut K) -> Result<Intent> {
     let meta = obj.meta_mut();
     if let Some(a) = meta.annotations.as_mut() {
         a.remove(APPLIED);
@@ -136,74 +146,95 @@ pub fn stamp<K: Resource<DynamicType = ()> + Serialize>(obj: &mut K) -> Result<S
             meta.annotations = None;
         }
     }
-    let bytes = serde_json::to_vec(obj).map_err(|source| Error::Serialize {
+    let serialize_error = |obj: &K, source| Error::Serialize {
         what: format!(
             "{} {}",
             K::kind(&()),
             obj.meta().name.as_deref().unwrap_or("")
         ),
         source,
-    })?;
+    };
+    let bytes = serde_json::to_vec(obj).map_err(|e| serialize_error(obj, e))?;
     let hash = format!("{:016x}", shardmesh_api::routing::key_hash(&bytes));
     obj.meta_mut()
         .annotations
         .get_or_insert_with(Default::default)
         .insert(APPLIED.to_string(), hash.clone());
-    Ok(hash)
+    let json = serde_json::to_value(&*obj).map_err(|e| serialize_error(obj, e))?;
+    Ok(Intent { hash, json })
 }
 
-/// Top-level fields of an object other managers may write without that counting as a change
-/// of the operator's intent: status always; for a Lease also the spec (its holders renew it).
-fn others_may_write(kind: &str) -> &'static [&'static str] {
-    match kind {
-        "Lease" => &["f:status", "f:spec"],
-        _ => &["f:status"],
-    }
+/// Whether a managed-fields set (`FieldsV1`) names any field `desired` (an object's JSON) sets.
+/// Maps are followed key by key; a list or a scalar the object sets counts whole (lists are
+/// not matched item by item). Keys other than `f:` (`.`, `k:`, `v:`, `i:`) name no field of ours.
+fn touches(fields: &serde_json::Value, desired: &serde_json::Value) -> bool {
+    let serde_json::Value::Object(fields) = fields else {
+        return false;
+    };
+    fields.iter().any(|(key, sub)| {
+        let Some(mine) = key.strip_prefix("f:").and_then(|name| desired.get(name)) else {
+            return false;
+        };
+        match (mine, sub) {
+            // A whole map of ours claimed as a leaf.
+            (serde_json::Value::Object(_), serde_json::Value::Object(s)) if s.is_empty() => true,
+            (serde_json::Value::Object(_), _) => touches(sub, mine),
+            _ => true,
+        }
+    })
 }
 
-/// Whether a managed-fields entry records a write by another manager to fields besides those
-/// [`others_may_write`].
-fn foreign_write(entry: &ManagedFieldsEntry, kind: &str) -> bool {
+/// Whether a managed-fields entry records a write by another manager that may touch what the
+/// operator sets: not the operator's own, not a status write (those never touch the intent).
+fn foreign(entry: &ManagedFieldsEntry) -> bool {
     if entry.manager.as_deref() == Some(labels::FIELD_MANAGER)
         || entry.subresource.as_deref() == Some("status")
     {
         return false;
     }
-    let allowed = others_may_write(kind);
     match entry.fields_v1.as_ref().map(|f| &f.0) {
-        Some(serde_json::Value::Object(fields)) => fields
-            .keys()
-            .any(|k| k != "." && !allowed.contains(&k.as_str())),
-        // Without the field set, assume the worst.
+        // Before 1.22 status writes carry no subresource: they set only `f:status`.
+        Some(serde_json::Value::Object(fields)) => {
+            fields.keys().any(|k| k != "." && k != "f:status")
+        }
         _ => true,
     }
 }
 
-/// Reduces a watched object's metadata to what [`unchanged`] reads: managed-fields entries
-/// lose their field sets (the bulk of an object's metadata) after being judged, and writes by
-/// others confined to status (or a Lease's spec) are dropped.
-pub fn trim(meta: &mut ObjectMeta, kind: &str) {
+/// Reduces a watched object's metadata to what [`unchanged`] and the owner lookup read (the
+/// stores hold one entry per owned object, so this is most of the operator's memory): name,
+/// namespace, owner references, the [`APPLIED`] annotation, and the managed fields, where the
+/// operator's own entry loses its field set and status writes are dropped; other managers'
+/// entries are kept whole (rare: an edit, or a controller such as the token controller adding
+/// a ServiceAccount's `secrets`).
+pub fn trim(meta: &mut ObjectMeta) {
+    meta.labels = None;
+    meta.creation_timestamp = None;
+    meta.generation = None;
+    meta.resource_version = None;
+    meta.uid = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.retain(|k, _| k == APPLIED);
+    }
     if let Some(entries) = meta.managed_fields.as_mut() {
-        // A kept foreign entry without its field set still reads as a foreign write.
         entries.retain_mut(|e| {
-            let keep =
-                e.manager.as_deref() == Some(labels::FIELD_MANAGER) || foreign_write(e, kind);
-            e.fields_v1 = None;
-            keep
+            if e.manager.as_deref() == Some(labels::FIELD_MANAGER) {
+                e.fields_v1 = None;
+                true
+            } else {
+                foreign(e)
+            }
         });
     }
 }
 
-/// Whether `current` (as watched, possibly [`trim`]med) already holds the intent `hash`: it
-/// carries the hash, and no other manager wrote the object's fields after the operator did.
-pub fn unchanged(current: &ObjectMeta, hash: &str, kind: &str) -> bool {
-    if current
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(APPLIED))
-        .map(String::as_str)
-        != Some(hash)
-    {
+/// Whether `current` (as watched, possibly [`trim`]med) already holds `intent`: it carries the
+/// intent's hash, and no other manager wrote a field the intent sets after the operator's last
+/// change (a user's edit of a Service's ports is applied over; the token controller adding a
+/// ServiceAccount's `secrets`, or a holder renewing a leader Lease's spec, is not a change).
+pub fn unchanged(current: &ObjectMeta, intent: &Intent) -> bool {
+    let stamped = current.annotations.as_ref().and_then(|a| a.get(APPLIED));
+    if stamped.map(String::as_str) != Some(intent.hash.as_str()) {
         return false;
     }
     let entries = current.managed_fields.as_deref().unwrap_or_default();
@@ -214,9 +245,14 @@ pub fn unchanged(current: &ObjectMeta, hash: &str, kind: &str) -> bool {
     else {
         return false;
     };
-    !entries
-        .iter()
-        .any(|e| foreign_write(e, kind) && e.time.as_ref().is_none_or(|t| t.0 > ours.0))
+    !entries.iter().any(|e| {
+        let later = e.time.as_ref().is_none_or(|t| t.0 > ours.0);
+        let touching = match e.fields_v1.as_ref() {
+            Some(f) => touches(&f.0, &intent.json),
+            None => true,
+        };
+        later && foreign(e) && touching
+    })
 }
 
 /// Server-side applies `obj` (forced, the operator's one field manager) and returns the
@@ -254,11 +290,11 @@ where
         + Serialize
         + std::fmt::Debug,
 {
-    let hash = stamp(&mut obj)?;
+    let intent = stamp(&mut obj)?;
     let key = ObjectRef::<PartialObjectMeta<K>>::new(&obj.name_any()).within(ns);
     if store
         .get(&key)
-        .is_some_and(|cur| unchanged(&cur.metadata, &hash, &K::kind(&())))
+        .is_some_and(|cur| unchanged(&cur.metadata, &intent))
     {
         return Ok(false);
     }
@@ -270,7 +306,7 @@ where
 mod tests {
     use super::*;
     use k8s_openapi::{
-        api::core::v1::Service,
+        api::{coordination::v1::Lease, core::v1::Service},
         apimachinery::pkg::apis::meta::v1::{FieldsV1, Time},
         jiff::Timestamp,
     };
@@ -309,83 +345,84 @@ mod tests {
     #[test]
     fn the_stamp_follows_the_intent_only() {
         let mut a = svc();
-        let h = stamp(&mut a).unwrap();
+        let h = stamp(&mut a).unwrap().hash;
         // Stamping again (the annotation present) gives the same hash.
-        assert_eq!(stamp(&mut a.clone()).unwrap(), h);
+        assert_eq!(stamp(&mut a.clone()).unwrap().hash, h);
         assert_eq!(a.annotations()[APPLIED], h);
         let mut b = svc();
         b.metadata.labels = Some([("a".to_string(), "c".to_string())].into());
-        assert_ne!(stamp(&mut b).unwrap(), h);
+        assert_ne!(stamp(&mut b).unwrap().hash, h);
     }
 
     #[test]
-    fn unchanged_only_with_our_hash_and_no_later_foreign_write() {
+    fn unchanged_only_with_our_hash_and_no_later_write_to_what_we_set() {
         let mut applied = svc();
-        let hash = stamp(&mut applied).unwrap();
+        applied.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
+            ports: Some(vec![Default::default()]),
+            ..Default::default()
+        });
+        let intent = stamp(&mut applied).unwrap();
         let mut cur = applied.metadata.clone();
         let ours = entry(labels::FIELD_MANAGER, 10, serde_json::json!({"f:spec": {}}));
         cur.managed_fields = Some(vec![ours.clone()]);
-        assert!(unchanged(&cur, &hash, "Service"));
+        assert!(unchanged(&cur, &intent));
         // Another intent: changed.
-        assert!(!unchanged(&cur, "0000000000000000", "Service"));
+        let other = Intent {
+            hash: "0000000000000000".into(),
+            ..intent.clone()
+        };
+        assert!(!unchanged(&cur, &other));
         // Never applied by us (no entry of ours): changed.
         let mut theirs = cur.clone();
         theirs.managed_fields = Some(vec![]);
-        assert!(!unchanged(&theirs, &hash, "Service"));
-        // A controller writing the status after us: still unchanged.
-        let mut st = cur.clone();
-        st.managed_fields = Some(vec![
-            ours.clone(),
-            entry(
-                "kube-controller-manager",
-                20,
-                serde_json::json!({"f:status": {}}),
-            ),
-        ]);
-        assert!(!foreign_write(
-            &st.managed_fields.as_ref().unwrap()[1],
-            "Service"
+        assert!(!unchanged(&theirs, &intent));
+        // `cur` with one more managed-fields entry: `manager` wrote `fields` at `at`, as the
+        // store keeps it.
+        let with = |manager: &str, at: i64, fields: serde_json::Value| {
+            let mut m = cur.clone();
+            m.managed_fields = Some(vec![ours.clone(), entry(manager, at, fields)]);
+            trim(&mut m);
+            m
+        };
+        // A controller writing the status after us: still unchanged (and not even kept).
+        let st = with(
+            "kube-controller-manager",
+            20,
+            serde_json::json!({"f:status": {}}),
+        );
+        assert_eq!(st.managed_fields.as_ref().unwrap().len(), 1);
+        assert!(unchanged(&st, &intent));
+        // A user editing the ports after us: changed.
+        let ports = serde_json::json!({"f:spec": {"f:ports": {}}});
+        assert!(!unchanged(
+            &with("kubectl-edit", 20, ports.clone()),
+            &intent
         ));
-        assert!(unchanged(&st, &hash, "Service"));
-        // A user editing the spec after us: changed, also once trimmed for the store.
-        let mut edited = cur.clone();
-        edited.managed_fields = Some(vec![
-            ours.clone(),
-            entry(
-                "kubectl-edit",
-                20,
-                serde_json::json!({"f:spec": {"f:ports": {}}}),
-            ),
-        ]);
-        assert!(!unchanged(&edited, &hash, "Service"));
-        trim(&mut edited, "Service");
-        assert_eq!(edited.managed_fields.as_ref().unwrap().len(), 2);
-        assert!(!unchanged(&edited, &hash, "Service"));
-        // ... but not when that edit came before our last apply (which took the fields back).
-        let mut older = cur.clone();
-        older.managed_fields = Some(vec![
-            ours.clone(),
-            entry(
-                "kubectl-edit",
-                5,
-                serde_json::json!({"f:spec": {"f:ports": {}}}),
-            ),
-        ]);
-        trim(&mut older, "Service");
-        assert!(unchanged(&older, &hash, "Service"));
-        // A Lease's holders write its spec: that is not a change of the operator's intent.
-        let mut lease = cur.clone();
-        lease.managed_fields = Some(vec![
-            ours,
-            entry(
-                "shardmesh-sidecar",
-                30,
-                serde_json::json!({"f:spec": {"f:holderIdentity": {}}}),
-            ),
-        ]);
-        trim(&mut lease, "Lease");
-        assert_eq!(lease.managed_fields.as_ref().unwrap().len(), 1);
-        assert!(unchanged(&lease, &hash, "Lease"));
+        // ... a label of ours too; one of their own is none of our business.
+        let label =
+            |k: &str| serde_json::json!({"f:metadata": {"f:labels": {(format!("f:{k}")): {}}}});
+        assert!(!unchanged(&with("kubectl-label", 20, label("a")), &intent));
+        assert!(unchanged(
+            &with("kubectl-label", 20, label("team")),
+            &intent
+        ));
+        // ... nor a field we never set (the token controller filling a ServiceAccount's secrets).
+        let secrets = serde_json::json!({"f:secrets": {".": {}, "k:{\"name\":\"t\"}": {}}});
+        assert!(unchanged(
+            &with("kube-controller-manager", 20, secrets),
+            &intent
+        ));
+        // An edit before our last apply (which took the fields back): unchanged.
+        assert!(unchanged(&with("kubectl-edit", 5, ports), &intent));
+        // A Lease's holders write its spec, which the operator never sets.
+        let holder = serde_json::json!({"f:spec": {"f:holderIdentity": {}}});
+        let mut lease = Lease::default();
+        lease.metadata.name = Some("orders-0-leader".into());
+        let lease_intent = stamp(&mut lease).unwrap();
+        let mut l = lease.metadata.clone();
+        l.managed_fields = Some(vec![ours, entry("shardmesh-sidecar", 30, holder)]);
+        trim(&mut l);
+        assert!(unchanged(&l, &lease_intent));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use k8s_openapi::{
         coordination::v1::Lease,
         core::v1::{ConfigMap, Pod},
     },
-    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
     jiff::{SignedDuration, Timestamp},
 };
 use kube::{
@@ -385,23 +385,6 @@ pub fn requeue_after(next_expiry: Option<Timestamp>, now: Timestamp) -> Duration
         .map_or(RESYNC, |d| (d + EXPIRY_SLACK).min(RESYNC))
 }
 
-fn meta(name: String, ns: &str, service: &str, owner: &OwnerReference) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name),
-        namespace: Some(ns.to_string()),
-        labels: Some(BTreeMap::from([
-            (labels::SERVICE.to_string(), service.to_string()),
-            (
-                labels::MANAGED_BY.to_string(),
-                labels::MANAGED_BY_VALUE.to_string(),
-            ),
-            (labels::COMPONENT.to_string(), COMPONENT.to_string()),
-        ])),
-        owner_references: Some(vec![owner.clone()]),
-        ..ObjectMeta::default()
-    }
-}
-
 /// The published shard-map ConfigMap.
 pub fn configmap(svc: &ShardedService, map: &ShardMap) -> Result<ConfigMap> {
     let (name, ns, owner) = identity(svc)?;
@@ -410,7 +393,7 @@ pub fn configmap(svc: &ShardedService, map: &ShardMap) -> Result<ConfigMap> {
         source,
     })?;
     Ok(ConfigMap {
-        metadata: meta(labels::shardmap_name(&name), &ns, &name, &owner),
+        metadata: crate::access::meta(labels::shardmap_name(&name), &ns, &name, &owner, COMPONENT),
         data: Some(configmap_data(svc, json)),
         ..ConfigMap::default()
     })
@@ -869,6 +852,7 @@ async fn run_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use k8s_openapi::{
         api::coordination::v1::LeaseSpec, apimachinery::pkg::apis::meta::v1::MicroTime,
     };

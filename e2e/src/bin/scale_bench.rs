@@ -221,7 +221,6 @@ const WRITE_VERBS: [&str; 6] = [
     "deletecollection",
 ];
 
-
 struct Sample {
     at: Instant,
     cpu: f64,
