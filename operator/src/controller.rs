@@ -260,6 +260,7 @@ async fn run_in(
     // Only generation changes of the ShardedService itself trigger: our status writes do not.
     let trigger = watcher(svcs, watcher::Config::default().any_semantic())
         .default_backoff()
+        .modify(runtime::slim)
         .reflect(writer)
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());

@@ -126,6 +126,12 @@ fn truncate(s: &str, max: usize) -> String {
     }
 }
 
+/// Drops what no reconcile reads from a cached ShardedService: its managed fields (the field
+/// sets of every writer, often larger than the spec).
+pub fn slim(svc: &mut ShardedService) {
+    svc.metadata.managed_fields = None;
+}
+
 /// What the operator applies to one object: the hash stamped on it, and its JSON (to tell
 /// whether another manager's write touched any of it).
 #[derive(Clone, Debug)]

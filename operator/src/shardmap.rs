@@ -740,7 +740,6 @@ async fn run_in(
     use crate::scope::api;
     let svcs: Api<ShardedService> = api(&client, &root);
     let leases: Api<Lease> = api(&client, &root);
-    let cms: Api<ConfigMap> = api(&client, &root);
     let (lease_reader, lease_writer) = reflector::store();
     let view = Arc::new(LeaseView::default());
     let seen = view.clone();
@@ -779,8 +778,22 @@ async fn run_in(
     let owned = watcher::Config::default()
         .labels(&format!("{}={COMPONENT}", labels::COMPONENT))
         .any_semantic();
-    let controller = Controller::new(svcs, watcher::Config::default().any_semantic())
-        .owns(cms, owned)
+    // Every change of a ShardedService (its status carries the epoch floor) wakes its map.
+    let (reader, writer) = reflector::store();
+    let services = watcher(svcs, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(runtime::slim)
+        .reflect(writer)
+        .applied_objects();
+    // The published maps, metadata only: their content is read when a reconcile runs.
+    let maps = watcher(
+        crate::scope::api::<kube::core::PartialObjectMeta<ConfigMap>>(&client, &root),
+        owned,
+    )
+    .default_backoff()
+    .touched_objects();
+    let controller = Controller::for_stream(services, reader)
+        .owns_stream(maps)
         .watches_stream(lease_events, |lease: Lease| {
             let svc = lease.labels().get(labels::SERVICE)?.clone();
             Some(ObjectRef::<ShardedService>::new(&svc).within(&lease.namespace()?))
