@@ -13,6 +13,7 @@
 #   --release | --debug   which build of shardmesh-operator and the benchmark client to run
 #   --skip-operator | --skip-webhook   run one part only
 #   --out DIR        results and the operator's log (default $SHARDMESH_E2E_DIR/logs/bench-<time>)
+# Env: SHARDMESH_BENCH_LOG  the operator's RUST_LOG filter (default info)
 #   -h, --help
 # Needs: root, the cluster and the Helm release that `e2e/test.sh --keep` leaves running
 # (e2e/scripts/cluster-up.sh, build-images.sh, helm install). Honours CARGO_TARGET_DIR.
@@ -48,7 +49,7 @@ while [ $# -gt 0 ]; do
     --skip-operator) RUN_OPERATOR=0 ;;
     --skip-webhook) RUN_WEBHOOK=0 ;;
     --out) OUT=${2:?--out needs a directory}; shift ;;
-    -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see e2e/bench/run.sh --help)" ;;
   esac
   shift
@@ -161,7 +162,7 @@ if [ "$RUN_OPERATOR" = 1 ]; then
   # Same settings as the chart with the webhook on (--sidecar-injection, info logs as JSON),
   # without leader election: it is the only controller now.
   # nsenter and env exec: $! is the operator's own PID.
-  nsenter --net="/run/netns/$E2E_NS" env KUBECONFIG="$KUBECONFIG_FILE" RUST_LOG=info \
+  nsenter --net="/run/netns/$E2E_NS" env KUBECONFIG="$KUBECONFIG_FILE" RUST_LOG="${SHARDMESH_BENCH_LOG:-info}" \
     SHARDMESH_LOG_FORMAT=json "$BIN_DIR/shardmesh-operator" controller --sidecar-injection \
     --metrics-addr "127.0.0.1:$METRICS_PORT" --instance bench >"$OUT/operator.log" 2>&1 &
   OP_PID=$!

@@ -237,8 +237,14 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
+    let kind = K::kind(&()).to_string();
     let stream = watcher(scope::api::<PartialObjectMeta<K>>(client, root), config)
         .default_backoff()
+        .inspect(move |e| {
+            if let Err(e) = e {
+                warn!(kind = %kind, error = %e, "watch of owned objects failed; retrying with backoff (until it recovers, their applies are not skipped)");
+            }
+        })
         .modify(|m: &mut PartialObjectMeta<K>| runtime::trim(&mut m.metadata))
         .reflect(writer)
         .touched_objects();

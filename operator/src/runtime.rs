@@ -304,6 +304,8 @@ where
     {
         return Ok(false);
     }
+    tracing::debug!(kind = %K::kind(&()), name = %obj.name_any(),
+                    cached = store.get(&key).is_some(), "applying: not as watched");
     apply(client, ns, &obj).await?;
     Ok(true)
 }

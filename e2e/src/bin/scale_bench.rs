@@ -641,6 +641,7 @@ async fn operator_bench(o: OperatorOpts) -> anyhow::Result<()> {
         );
         tokio::time::sleep(o.quiet).await;
         let quiet = Sample::take(&o)?;
+        let rss_after_quiet = status_kib(o.pid, "VmRSS")?;
         stop.store(true, Ordering::Relaxed);
         let _ = sampler.join();
         let hwm = status_kib(o.pid, "VmHWM")?;
@@ -694,6 +695,7 @@ async fn operator_bench(o: OperatorOpts) -> anyhow::Result<()> {
             "until_settled": window(&settled),
             "converged_after_last_apply_seconds": (converged - applied).as_secs_f64(),
             "rss_peak_mib_per_1000_services": peak_rss as f64 / 1024.0 * 1000.0 / o.services as f64,
+            "rss_after_quiet_mib": rss_after_quiet as f64 / 1024.0,
             "quiet": between(&settled, &quiet),
             "services_per_namespace": per_ns,
             "namespaces": ns_names,
