@@ -225,7 +225,7 @@ fn watch_owned<K>(
     config: watcher::Config,
 ) -> (
     Store<PartialObjectMeta<K>>,
-    impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static,
+    impl futures::Stream<Item = ObjectRef<ShardedService>> + Send + 'static,
 )
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
@@ -248,7 +248,7 @@ where
         .modify(|m: &mut PartialObjectMeta<K>| runtime::trim(&mut m.metadata))
         .reflect(writer)
         .touched_objects();
-    (reader, stream)
+    (reader, runtime::detach(stream, runtime::controller_of))
 }
 
 /// The controller over one root of the scope (every namespace, or one), with its own caches.
@@ -332,22 +332,22 @@ async fn run_in(
         })
         .owns_stream(sts)
         .owns_stream(maps)
-        .owns_stream(svc_events)
-        .owns_stream(sa_events)
-        .owns_stream(role_events)
-        .owns_stream(rb_events)
-        .owns_stream(lease_events);
+        .reconcile_on(svc_events)
+        .reconcile_on(sa_events)
+        .reconcile_on(role_events)
+        .reconcile_on(rb_events)
+        .reconcile_on(lease_events);
     controller = match caps.pdb {
         Some(PdbApi::V1) => {
             let (store, events) = watch_owned::<PodDisruptionBudget>(&client, &root, managed);
             owned.budgets = Some(store);
-            controller.owns_stream(events)
+            controller.reconcile_on(events)
         }
         Some(PdbApi::V1beta1) => {
             let (store, events) =
                 watch_owned::<PodDisruptionBudgetV1beta1>(&client, &root, managed);
             owned.budgets_v1beta1 = Some(store);
-            controller.owns_stream(events)
+            controller.reconcile_on(events)
         }
         None => controller,
     };

@@ -30,7 +30,7 @@ use kube::{
     runtime::{
         controller::{Action, Controller},
         events::Recorder,
-        reflector::{self, ObjectRef, Store},
+        reflector::{self, Store},
         watcher, WatchStreamExt,
     },
     Api, Client, Resource, ResourceExt,
@@ -794,14 +794,10 @@ async fn run_in(
     .touched_objects();
     let controller = Controller::for_stream(services, reader)
         .owns_stream(maps)
-        .watches_stream(lease_events, |lease: Lease| {
-            let svc = lease.labels().get(labels::SERVICE)?.clone();
-            Some(ObjectRef::<ShardedService>::new(&svc).within(&lease.namespace()?))
-        })
-        .watches_stream(pod_events, |pod: Pod| {
-            let svc = pod.labels().get(labels::SERVICE)?.clone();
-            Some(ObjectRef::<ShardedService>::new(&svc).within(&pod.namespace()?))
-        })
+        // The Lease and pod caches are fed outside the controller (see `runtime::detach`): a
+        // renewal must be seen when it happens, however busy the reconciles are.
+        .reconcile_on(runtime::detach(lease_events, runtime::labelled_for))
+        .reconcile_on(runtime::detach(pod_events, runtime::labelled_for))
         .with_config(
             kube::runtime::controller::Config::default()
                 .debounce(Duration::from_millis(500))
