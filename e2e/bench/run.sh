@@ -21,7 +21,9 @@
 # The operator part scales the release's operator Deployment to 0, runs `shardmesh-operator
 # controller` as a process in the cluster's network namespace with the admin kubeconfig (so its
 # CPU and memory come from /proc), and scales the Deployment back afterwards. Its namespaces have a
-# ResourceQuota of 0 pods: the StatefulSets get no pods and the node stays idle.
+# ResourceQuota of 0 pods: the StatefulSets get no pods and the node stays idle. After they
+# converge and settle, nothing changes for a quiet window (60 s; smoke: 35 s), in which every
+# service is resynced: the writes counted there are writes of nothing.
 # Exits non-zero only when the benchmark cannot run or objects do not converge by the deadline.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
