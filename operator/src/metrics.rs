@@ -206,6 +206,18 @@ impl Default for Metrics {
             "Kubernetes API requests sent by the controller, by verb",
             api_requests.0.clone(),
         );
+        // Every series a dashboard or an alert reads exists from the start, at 0: a family
+        // without series is not rendered at all, and a rate over a window that begins before
+        // the first reconcile is still defined.
+        for controller in ["main", "shardmap"] {
+            for result in ["ok", "error"] {
+                let _ = reconciles.get_or_create(&[("controller", controller), ("result", result)]);
+            }
+            let _ = reconcile_duration.get_or_create(&[("controller", controller)]);
+        }
+        for result in ["written", "unchanged"] {
+            let _ = applies.get_or_create(&[("result", result)]);
+        }
         Metrics {
             registry,
             reconciles,
@@ -342,6 +354,17 @@ mod tests {
     #[test]
     fn renders_counts_buckets_and_reasons() {
         let m = Metrics::default();
+        // Before anything happened, the series exist at 0.
+        let t = m.render();
+        for series in [
+            "# TYPE shardmesh_operator_reconcile_duration_seconds histogram\n",
+            "shardmesh_operator_reconciles_total{controller=\"main\",result=\"ok\"} 0\n",
+            "shardmesh_operator_reconciles_total{controller=\"shardmap\",result=\"error\"} 0\n",
+            "shardmesh_operator_applies_total{result=\"written\"} 0\n",
+            "shardmesh_operator_api_requests_total{verb=\"apply\"} 0\n",
+        ] {
+            assert!(t.contains(series), "{series} missing from:\n{t}");
+        }
         m.reconciled("main", Duration::from_millis(3), None);
         m.reconciled("main", Duration::from_millis(300), Some("api_error"));
         m.reconciled("shardmap", Duration::from_millis(3), None);
