@@ -278,24 +278,8 @@ async fn failure_domains_drain_and_node_loss() {
     // Every shard has a disruption budget, on the API the server serves.
     let caps = Capabilities::detect(&client).await.expect("capabilities");
     let mut budgets = match caps.pdb {
-        Some(PdbApi::V1) => ns
-            .api::<PodDisruptionBudget>()
-            .list(&Default::default())
-            .await
-            .expect("list pdbs")
-            .items
-            .iter()
-            .map(|p| p.name_any())
-            .collect::<Vec<_>>(),
-        Some(PdbApi::V1beta1) => ns
-            .api::<PodDisruptionBudgetV1beta1>()
-            .list(&Default::default())
-            .await
-            .expect("list pdbs")
-            .items
-            .iter()
-            .map(|p| p.name_any())
-            .collect::<Vec<_>>(),
+        Some(PdbApi::V1) => names(ns.api::<PodDisruptionBudget>()).await,
+        Some(PdbApi::V1beta1) => names(ns.api::<PodDisruptionBudgetV1beta1>()).await,
         None => panic!(
             "the server {} serves no PodDisruptionBudget API",
             caps.version
@@ -471,4 +455,18 @@ async fn failure_domains_drain_and_node_loss() {
         "requests failed later than one per-try timeout after the node's loss"
     );
     ns.delete().await;
+}
+
+/// The names of every object `api` lists.
+async fn names<K>(api: kube::Api<K>) -> Vec<String>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.list(&Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("list {}s: {e}", K::kind(&())))
+        .items
+        .iter()
+        .map(|o| o.name_any())
+        .collect()
 }

@@ -203,19 +203,8 @@ pub fn access(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shardmap::tests::svc;
     use kube::{Resource, ResourceExt};
-
-    fn svc() -> ShardedService {
-        let mut s: ShardedService = serde_json::from_value(serde_json::json!({
-            "apiVersion": "shardmesh.io/v1alpha1", "kind": "ShardedService",
-            "metadata": {"name": "orders", "namespace": "shop", "uid": "u-1"},
-            "spec": {"shards": 2, "replicasPerShard": 2, "port": 8080, "template": {},
-                     "shardKey": {"header": "X-User"}}
-        }))
-        .unwrap();
-        s.metadata.uid = Some("u-1".into());
-        s
-    }
 
     fn access_of(s: &ShardedService, shards: u32) -> Access {
         let owner = s.controller_owner_ref(&()).unwrap();

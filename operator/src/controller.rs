@@ -506,16 +506,18 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         .stateful_sets
         .into_iter()
         .enumerate()
-        .map(|(i, mut sts)| {
-            let current = existing.get(&(i as u32));
+        .map(|(i, sts)| {
+            let i = i as u32;
+            let current = existing.get(&i);
             async move {
-                let intent = runtime::stamp(&mut sts)?;
-                Ok(
-                    match current.filter(|c| runtime::unchanged(&c.metadata, &intent)) {
-                        Some(cur) => (i as u32, cur.clone(), 0),
-                        None => (i as u32, runtime::apply(client, ns_ref, &sts).await?, 1),
-                    },
-                )
+                let written =
+                    runtime::apply_unless_held(client, ns_ref, sts, current.map(|c| &c.metadata))
+                        .await?;
+                // Not written means the current copy holds it.
+                Ok(match written {
+                    Some(new) => (i, new, 1),
+                    None => (i, current.cloned().unwrap_or_default(), 0),
+                })
             }
             .boxed()
         });
@@ -630,7 +632,7 @@ async fn together<'a, T: Send + 'a>(futures: Vec<BoxFuture<'a, Result<T>>>) -> R
 async fn put<K>(
     client: &Client,
     ns: &str,
-    mut obj: K,
+    obj: K,
     store: &Option<Store<PartialObjectMeta<K>>>,
 ) -> Result<u32>
 where
@@ -640,16 +642,11 @@ where
         + serde::Serialize
         + std::fmt::Debug,
 {
-    match store {
-        Some(store) => Ok(u32::from(
-            runtime::apply_if_changed(client, ns, obj, store).await?,
-        )),
-        None => {
-            runtime::stamp(&mut obj)?;
-            runtime::apply(client, ns, &obj).await?;
-            Ok(1)
-        }
-    }
+    let key = ObjectRef::<PartialObjectMeta<K>>::new(&obj.name_any()).within(ns);
+    let current = store.as_ref().and_then(|s| s.get(&key));
+    let written =
+        runtime::apply_unless_held(client, ns, obj, current.as_ref().map(|c| &c.metadata)).await?;
+    Ok(u32::from(written.is_some()))
 }
 
 /// Objects of kind `K` labelled for the service and owned by this very ShardedService, by shard.

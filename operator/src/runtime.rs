@@ -16,10 +16,9 @@ use futures::{future::Shared, FutureExt};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
 use kube::{
     api::{Patch, PatchParams},
-    core::PartialObjectMeta,
     runtime::{
         events::{Event, EventType, Recorder, Reporter},
-        reflector::{ObjectRef, Store},
+        reflector::ObjectRef,
     },
     Api, Client, Resource, ResourceExt,
 };
@@ -330,13 +329,14 @@ where
     Ok(api.patch(&name, &params, &Patch::Apply(obj)).await?)
 }
 
-/// Applies `obj` unless the watched copy in `store` already holds it; returns whether it wrote.
-pub async fn apply_if_changed<K>(
+/// Applies `obj` unless `current` (its metadata as watched) already holds it: the server's
+/// view when it wrote, `None` when nothing needed writing. Without `current` it always writes.
+pub async fn apply_unless_held<K>(
     client: &Client,
     ns: &str,
     mut obj: K,
-    store: &Store<PartialObjectMeta<K>>,
-) -> Result<bool>
+    current: Option<&ObjectMeta>,
+) -> Result<Option<K>>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -345,17 +345,12 @@ where
         + std::fmt::Debug,
 {
     let intent = stamp(&mut obj)?;
-    let key = ObjectRef::<PartialObjectMeta<K>>::new(&obj.name_any()).within(ns);
-    if store
-        .get(&key)
-        .is_some_and(|cur| unchanged(&cur.metadata, &intent))
-    {
-        return Ok(false);
+    if current.is_some_and(|cur| unchanged(cur, &intent)) {
+        return Ok(None);
     }
     tracing::debug!(kind = %K::kind(&()), name = %obj.name_any(),
-                    cached = store.get(&key).is_some(), "applying: not as watched");
-    apply(client, ns, &obj).await?;
-    Ok(true)
+                    cached = current.is_some(), "applying: not as watched");
+    Ok(Some(apply(client, ns, &obj).await?))
 }
 
 #[cfg(test)]

@@ -859,7 +859,7 @@ async fn run_in(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use k8s_openapi::{
@@ -1387,7 +1387,8 @@ mod tests {
         assert_eq!(requeue_after(Some(t(0)), t(5)), RESYNC);
     }
 
-    fn svc() -> ShardedService {
+    /// A valid 2 × 2 ShardedService `shop/orders` (uid `u-1`), shared with other modules' tests.
+    pub(crate) fn svc() -> ShardedService {
         let mut s: ShardedService = serde_json::from_value(serde_json::json!({
             "apiVersion": "shardmesh.io/v1alpha1", "kind": "ShardedService",
             "metadata": {"name": "orders", "namespace": "shop", "uid": "u-1"},
