@@ -64,10 +64,11 @@ collect_diagnostics() {
   fi
   log "collecting diagnostics into $d"
   local t=(--request-timeout=30s)
-  kc get all,shardedservices,leases,pdb,configmaps,mutatingwebhookconfigurations,validatingwebhookconfigurations \
+  kc get all,shardedservices,shardmapslices,leases,pdb,configmaps,mutatingwebhookconfigurations,validatingwebhookconfigurations \
     -A -o wide "${t[@]}" >"$d/get-all.txt" 2>&1 || true
   kc get nodes -o yaml "${t[@]}" >"$d/nodes.yaml" 2>&1 || true
   kc get shardedservices -A -o yaml "${t[@]}" >"$d/shardedservices.yaml" 2>&1 || true
+  kc get shardmapslices -A -o yaml "${t[@]}" >"$d/shardmapslices.yaml" 2>&1 || true
   kc describe pods -A "${t[@]}" >"$d/describe-pods.txt" 2>&1 || true
   kc get events -A --sort-by=.lastTimestamp "${t[@]}" >"$d/events.txt" 2>&1 || true
   local ns pod c

@@ -19,17 +19,14 @@ mod mesh;
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::{
-    apps::v1::Deployment,
-    coordination::v1::Lease,
-    core::v1::{ConfigMap, Pod},
-};
+use k8s_openapi::api::{apps::v1::Deployment, coordination::v1::Lease, core::v1::Pod};
 use kube::{
     api::{DeleteParams, ListParams},
     Api, ResourceExt,
 };
 use mesh::{members, shard_map, Load};
 use serde_json::json;
+use shardmesh_api::shardmap::ShardMapSlice;
 use shardmesh_api::{labels, shardmap::ShardMap, ShardedService};
 use shardmesh_e2e::{
     apply_service, client, demo_service, wait_for, TestNamespace, OPERATOR_NAMESPACE, WAIT,
@@ -50,7 +47,7 @@ async fn control_plane_restarts_keep_membership_and_routing() {
     mesh::add_sidecar_if_not_injected(&mut body, injected, &[]);
     let svcs: Api<ShardedService> = ns.api();
     apply_service(&svcs, &body).await.expect("apply steady");
-    let cms: Api<ConfigMap> = ns.api();
+    let cms: Api<ShardMapSlice> = ns.api();
     let leases: Api<Lease> = ns.api();
     wait_for("all members in the map", WAIT, || async {
         let m = shard_map(&cms, "steady").await?;

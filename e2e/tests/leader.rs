@@ -8,10 +8,11 @@ mod mesh;
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::{coordination::v1::Lease, core::v1::ConfigMap};
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use mesh::{keyed, keyed_with, shard_map};
 use serde_json::json;
+use shardmesh_api::shardmap::ShardMapSlice;
 use shardmesh_api::{headers, labels, shardmap::ShardMap, ShardedService};
 use shardmesh_e2e::{apply_service, client, demo_service, wait_for, TestNamespace, WAIT};
 
@@ -57,7 +58,7 @@ async fn shard_leaders_take_writes_fenced_by_epoch_and_fail_over() {
     mesh::add_sidecar_if_not_injected(&mut body, injected, &["--leader-lease", &lease_flag]);
     let svcs: Api<ShardedService> = ns.api();
     apply_service(&svcs, &body).await.expect("apply ledger");
-    let cms: Api<ConfigMap> = ns.api();
+    let cms: Api<ShardMapSlice> = ns.api();
     let leases: Api<Lease> = ns.api();
 
     // 1. Every shard gets a leader that is one of its members; the status mirrors it.

@@ -7,7 +7,7 @@ use k8s_openapi::{
     api::{
         admissionregistration::v1::ValidatingWebhookConfiguration,
         apps::v1::{Deployment, StatefulSet},
-        core::v1::{ConfigMap, Namespace, Pod, Service},
+        core::v1::{Namespace, Pod, Service},
         events::v1::Event,
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -18,6 +18,7 @@ use kube::{
     Api, Client, ResourceExt,
 };
 use serde_json::{json, Value};
+use shardmesh_api::shardmap::ShardMapSlice;
 use shardmesh_api::{shardmap::ShardMap, v1alpha1::condition, ShardedService};
 use shardmesh_e2e::*;
 
@@ -103,13 +104,14 @@ async fn lifecycle_scale_shards_and_garbage_collection() {
     apply_service(&svcs, &body).await.expect("apply 3x2");
     wait_ready(&svcs, "orders", "3x2 orders Ready").await;
     // Members come from the registry (each pod's sidecar Lease): they follow readiness closely.
+    // The status counts them; the names are in the shard map's slices.
     let s = wait_obj(
         &svcs,
         "orders",
-        "status lists 2 members per shard",
+        "status counts 2 live members per shard",
         |s| {
             s.status.as_ref().is_some_and(|st| {
-                st.shards.len() == 3 && st.shards.iter().all(|sh| sh.members.len() == 2)
+                st.shards.len() == 3 && st.shards.iter().all(|sh| sh.live_members == 2)
             })
         },
         show,
@@ -117,18 +119,23 @@ async fn lifecycle_scale_shards_and_garbage_collection() {
     .await;
     let st = s.status.expect("status");
     assert_eq!(st.shards.len(), 3);
+    let slices: Api<ShardMapSlice> = ns.api();
+    let map = mesh::shard_map(&slices, "orders")
+        .await
+        .expect("the shard map");
     for (i, sh) in st.shards.iter().enumerate() {
         assert_eq!(
             (sh.index, sh.replicas, sh.ready_replicas),
             (i as i32, 2, 2),
             "{sh:?}"
         );
-        assert_eq!(sh.members.len(), 2);
+        let members = &map.shards[i].members;
+        assert_eq!(members.len(), 2, "{map:?}");
         assert!(
-            sh.members
+            members
                 .iter()
-                .all(|m| m.starts_with(&format!("orders-{i}-"))),
-            "{sh:?}"
+                .all(|m| m.pod.starts_with(&format!("orders-{i}-"))),
+            "{map:?}"
         );
     }
     assert_eq!(st.ready.as_deref(), Some("6/6"));
@@ -283,7 +290,7 @@ async fn pod_loss_is_degraded_then_healed() {
         .await
         .expect("apply");
     wait_ready(&svcs, "carts", "carts Ready").await;
-    let cms: Api<ConfigMap> = ns.api();
+    let cms: Api<ShardMapSlice> = ns.api();
     let address_of = |m: &ShardMap| {
         m.shards
             .iter()

@@ -23,10 +23,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use mesh::{keyed, shard_map};
 use serde_json::json;
+use shardmesh_api::shardmap::ShardMapSlice;
 use shardmesh_api::{shardmap::ShardMap, ShardedService};
 use shardmesh_e2e::{
     apply_service, client, demo_service, wait_for, write_artifact, TestNamespace, WAIT,
@@ -80,7 +80,7 @@ async fn a_cut_off_leader_steps_down_before_anyone_takes_over() {
     mesh::add_sidecar_if_not_injected(&mut body, injected, &["--leader-lease", &lease_flag]);
     let svcs: Api<ShardedService> = ns.api();
     apply_service(&svcs, &body).await.expect("apply fence");
-    let cms: Api<ConfigMap> = ns.api();
+    let cms: Api<ShardMapSlice> = ns.api();
     let map = wait_for(
         "a leader and two members in the shard map",
         WAIT,

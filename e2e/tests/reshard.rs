@@ -22,11 +22,12 @@ use std::{
 
 use k8s_openapi::api::{
     apps::v1::StatefulSet,
-    core::v1::{ConfigMap, Pod, Service},
+    core::v1::{Pod, Service},
 };
 use kube::{api::ListParams, Api, ResourceExt};
 use mesh::{keyed_value, shard_map, Http, Reply};
 use serde_json::json;
+use shardmesh_api::shardmap::ShardMapSlice;
 use shardmesh_api::{
     labels, routing::shard_for_key, shardmap::ShardMap, v1alpha1::condition, ShardedService,
 };
@@ -519,7 +520,7 @@ fn transition(current: usize, m: &ShardMap) -> Option<usize> {
 }
 
 impl Watcher {
-    fn start(cms: &Api<ConfigMap>, svcs: &Api<ShardedService>, clock: Arc<Clock>) -> Watcher {
+    fn start(cms: &Api<ShardMapSlice>, svcs: &Api<ShardedService>, clock: Arc<Clock>) -> Watcher {
         let stop = Arc::new(AtomicBool::new(false));
         let state = Arc::new(Mutex::new(Watched::default()));
         let task = {
@@ -892,7 +893,7 @@ async fn reshard_under_load_loses_no_request_and_no_read() {
         show,
     )
     .await;
-    let cms: Api<ConfigMap> = ns.api();
+    let cms: Api<ShardMapSlice> = ns.api();
     let initial = wait_for(
         "the shard map of rs lists 3 live members, one per shard",
         WAIT,
@@ -1430,12 +1431,22 @@ async fn reshard_under_load_loses_no_request_and_no_read() {
         .await
         .expect("the shard map before deleting it")
         .epoch;
-    cms.delete(
-        &shardmesh_api::labels::shardmap_name(NAME),
+    // Every slice and the index: nothing published is left to read the epoch from.
+    cms.delete_collection(
         &Default::default(),
+        &kube::api::ListParams::default()
+            .labels(&format!("{}={NAME}", shardmesh_api::labels::SERVICE)),
     )
     .await
-    .expect("delete the shard-map ConfigMap");
+    .expect("delete the shard-map slices");
+    let index: Api<k8s_openapi::api::core::v1::ConfigMap> = ns.api();
+    index
+        .delete(
+            &shardmesh_api::labels::shardmap_name(NAME),
+            &Default::default(),
+        )
+        .await
+        .expect("delete the shard-map index");
     let rebuilt = wait_for(
         &format!("the shard map rebuilt with an epoch above {last}"),
         RESHARD_WAIT,

@@ -11,9 +11,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    authorization::v1::SubjectAccessReview,
-    coordination::v1::Lease,
-    core::v1::{ConfigMap, Pod},
+    authorization::v1::SubjectAccessReview, coordination::v1::Lease, core::v1::Pod,
 };
 use kube::{
     api::{DeleteParams, ListParams, PostParams},
@@ -21,6 +19,7 @@ use kube::{
 };
 use mesh::{keyed, members, shard_map, Load};
 use serde_json::json;
+use shardmesh_api::shardmap::ShardMapSlice;
 use shardmesh_api::{labels, ShardedService};
 use shardmesh_e2e::{apply_service, client, demo_service, wait_for, TestNamespace, WAIT};
 
@@ -42,7 +41,7 @@ async fn keyed_requests_reach_their_shard_and_membership_follows_pods() {
     mesh::add_sidecar_if_not_injected(&mut body, injected, &[]);
     let svcs: Api<ShardedService> = ns.api();
     apply_service(&svcs, &body).await.expect("apply demo");
-    let cms: Api<ConfigMap> = ns.api();
+    let cms: Api<ShardMapSlice> = ns.api();
     let leases: Api<Lease> = ns.api();
     let t0 = Instant::now();
     let map = wait_for("shard map lists all 8 members", WAIT, || async {
@@ -200,7 +199,7 @@ async fn expired_leases_leave_the_map_and_members_get_exactly_their_rights() {
     apply_service(&svcs, &demo_service("solo", 2, 1))
         .await
         .expect("apply solo");
-    let cms: Api<ConfigMap> = ns.api();
+    let cms: Api<ShardMapSlice> = ns.api();
     let settled = wait_for("both pods registered", WAIT, || async {
         let m = shard_map(&cms, "solo").await?;
         Ok((members(&m).len() == 2).then_some(m))
@@ -300,7 +299,7 @@ async fn expired_leases_leave_the_map_and_members_get_exactly_their_rights() {
         "the operator never deletes Leases"
     );
 
-    // The member account: its own Leases and the shard map, nothing else.
+    // The member account: its own Leases and reading the shard map, nothing else.
     let user = format!(
         "system:serviceaccount:{}:{}",
         ns.name,
@@ -308,7 +307,7 @@ async fn expired_leases_leave_the_map_and_members_get_exactly_their_rights() {
     );
     let lease_res = ("coordination.k8s.io", "leases");
     let cm_res = ("", "configmaps");
-    let map_name = labels::shardmap_name("solo");
+    let slice_res = ("shardmesh.io", "shardmapslices");
     let cases = [
         (lease_res, "create", None, true),
         (lease_res, "update", Some("solo-0-0"), true),
@@ -316,9 +315,11 @@ async fn expired_leases_leave_the_map_and_members_get_exactly_their_rights() {
         (lease_res, "get", Some("solo-1-0"), true),
         (lease_res, "update", Some("forged"), false),
         (lease_res, "list", None, false),
-        (cm_res, "watch", Some(map_name.as_str()), true),
-        (cm_res, "list", Some(map_name.as_str()), true),
-        (cm_res, "get", Some("other"), false),
+        (slice_res, "watch", None, true),
+        (slice_res, "list", None, true),
+        (slice_res, "create", None, false),
+        (slice_res, "update", Some("solo-0"), false),
+        (cm_res, "get", Some("solo-shardmap"), false),
         (cm_res, "list", None, false),
         (("", "pods"), "get", Some("solo-0-0"), false),
     ];

@@ -121,8 +121,8 @@ fn rule(group: &str, resource: &str, verbs: &[&str], names: Option<Vec<String>>)
 ///
 /// The member Role allows `create` on Leases without a name restriction (Kubernetes cannot
 /// restrict creation by name), and `get`/`update`/`delete` only of the Leases named after the
-/// service's pods; the shard map is readable by name only (list/watch with a
-/// `metadata.name` field selector are authorized against `resourceNames`). `shards` is the
+/// service's pods; the shard map's slices are read by label (see
+/// [`labels::shardmap_reader_name`]). `shards` is the
 /// number of shards with workloads (see [`crate::reshard::workload_shards`]): removed shards keep
 /// renewing their Leases while they serve handoff reads.
 pub fn access(
@@ -134,8 +134,12 @@ pub fn access(
 ) -> Access {
     let account = labels::member_account_name(name);
     let replicas = u32::try_from(svc.spec.replicas_per_shard).unwrap_or(0);
-    let map_name = vec![labels::shardmap_name(name)];
-    let read_map = rule("", "configmaps", &["get", "list", "watch"], Some(map_name));
+    let read_map = rule(
+        labels::GROUP,
+        "shardmapslices",
+        &["get", "list", "watch"],
+        None,
+    );
     let mut rules = vec![
         rule("coordination.k8s.io", "leases", &["create"], None),
         rule(
@@ -243,7 +247,7 @@ mod tests {
     }
 
     #[test]
-    fn member_role_names_exactly_the_pods_and_the_map() {
+    fn member_role_names_exactly_the_pods_and_reads_the_map() {
         let Access {
             account: sa,
             member_role: member,
@@ -259,10 +263,15 @@ mod tests {
             ["orders-0-0", "orders-0-1", "orders-1-0", "orders-1-1"]
         );
         assert_eq!(rules[1].verbs, vec!["get", "update", "delete"]);
+        // The map's slices: read by the service's label, so by no name.
         assert_eq!(
-            rules[2].resource_names.as_deref().unwrap(),
-            ["orders-shardmap"]
+            (
+                rules[2].resources.as_deref().unwrap(),
+                rules[2].resource_names.as_ref()
+            ),
+            (&["shardmapslices".to_string()][..], None)
         );
+        assert_eq!(rules[2].api_groups.as_deref().unwrap(), ["shardmesh.io"]);
         assert_eq!(reader.rules.unwrap(), vec![rules[2].clone()]);
         assert_eq!(binding.role_ref.name, "orders-shardmesh-member");
         let subject = &binding.subjects.unwrap()[0];

@@ -42,6 +42,9 @@ pub struct Generated {
     pub shard: Option<u32>,
 }
 
+/// Kind of the shard-map slices (a custom resource: no `k8s_openapi::Resource::KIND`).
+const SLICE_KIND: &str = "ShardMapSlice";
+
 impl Generated {
     fn of<K: Resource>(name: String, shard: Option<u32>) -> Self {
         Generated {
@@ -85,7 +88,12 @@ pub fn generated(svc: &ShardedService) -> Vec<Generated> {
         let shard = labels::shard_object_name(&name, i);
         out.push(Generated::of::<StatefulSet>(shard.clone(), Some(i)));
         out.push(Generated::of::<Service>(shard.clone(), Some(i)));
-        out.push(Generated::of::<PodDisruptionBudget>(shard, Some(i)));
+        out.push(Generated::of::<PodDisruptionBudget>(shard.clone(), Some(i)));
+        out.push(Generated {
+            kind: SLICE_KIND,
+            name: shard,
+            shard: Some(i),
+        });
         if svc.spec.leader_election.enabled {
             out.push(Generated::of::<Lease>(
                 labels::leader_lease_name(&name, i),
@@ -286,9 +294,22 @@ mod tests {
                 .iter()
                 .map(|o| named(PodDisruptionBudget::KIND, &o.metadata)),
         );
-        let map = shardmesh_api::shardmap::ShardMap::default();
-        let cm = shardmap::configmap(&s, &map).expect("configmap");
+        let cm = shardmap::index(&s, 1).expect("index");
         applied.insert(named(ConfigMap::KIND, &cm.metadata));
+        // Every shard listed, as the shard-map controller publishes it.
+        let map = shardmesh_api::shardmap::ShardMap {
+            shards: (0..3)
+                .map(|index| shardmesh_api::shardmap::Shard {
+                    index,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let next = shardmap::publication(map, None, shardmap::settings(&s), 0);
+        for slice in shardmap::slice_objects(&s, &next).expect("slices") {
+            applied.insert(named(SLICE_KIND, &slice.metadata));
+        }
         applied.insert(named(ServiceAccount::KIND, &d.access.account.metadata));
         applied.insert(named(Role::KIND, &d.access.member_role.metadata));
         applied.insert(named(Role::KIND, &d.access.reader_role.metadata));

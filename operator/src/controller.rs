@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use futures::{future::BoxFuture, FutureExt, StreamExt, TryStreamExt};
+use futures::{future::BoxFuture, FutureExt, StreamExt};
 use k8s_openapi::{
     api::{
         apps::v1::StatefulSet,
@@ -28,7 +28,7 @@ use kube::{
     Api, Client, Resource, ResourceExt,
 };
 use serde::de::DeserializeOwned;
-use shardmesh_api::{labels, shardmap::ShardMap, validate, ShardedService, ShardedServiceStatus};
+use shardmesh_api::{labels, validate, ShardedService, ShardedServiceStatus};
 use tracing::{info, instrument, warn};
 
 use crate::{
@@ -176,15 +176,32 @@ pub async fn run(
     let caps = Capabilities::detect(&client).await?;
     for root in scope.roots() {
         let svcs: Api<ShardedService> = scope::api(&client, &root);
-        if let Err(e) = svcs.list(&ListParams::default().limit(1)).await {
+        let slices: Api<shardmesh_api::shardmap::ShardMapSlice> = scope::api(&client, &root);
+        let probes = [
+            (
+                "shardedservices",
+                svcs.list_metadata(&ListParams::default().limit(1))
+                    .await
+                    .err(),
+            ),
+            (
+                "shardmapslices",
+                slices
+                    .list_metadata(&ListParams::default().limit(1))
+                    .await
+                    .err(),
+            ),
+        ];
+        for (resource, err) in probes {
+            let Some(e) = err else { continue };
             let hint = match &root {
-                None => "install the CRD first: kubectl apply -f crds/shardedservices.shardmesh.io.yaml".to_string(),
+                None => "install the CRDs first: kubectl apply -f crds/".to_string(),
                 Some(ns) => format!(
-                    "install the CRD first (kubectl apply -f crds/shardedservices.shardmesh.io.yaml), \
-                     and check the operator's Role in namespace {ns}"
+                    "install the CRDs first (kubectl apply -f crds/), and check the operator's \
+                     Role in namespace {ns}"
                 ),
             };
-            anyhow::bail!("cannot list shardedservices.shardmesh.io ({e}); {hint}");
+            anyhow::bail!("cannot list {resource}.shardmesh.io ({e}); {hint}");
         }
     }
     info!(scope = %scope.describe(), "controller started");
@@ -443,7 +460,7 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
 
     // 2. build (pure). Removed shards keep their workloads while the published map lists
     // them (they serve handoff reads); existing shards keep what their pods were first told.
-    let map = published_map(client, &ns, &name).await?;
+    let map = crate::shardmap::published(client, &svc).await?;
     let spec_shards = u32::try_from(svc.spec.shards).unwrap_or(0);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let pod_list = pods
@@ -500,7 +517,7 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     for lease in desired.leader_leases {
         first.push(put(client, &ns, lease, &owned.leases).boxed());
     }
-    let mut writes = together(first).await?.into_iter().sum::<u32>();
+    let mut writes = runtime::together(first).await?.into_iter().sum::<u32>();
     let ns_ref = ns.as_str();
     let sets = desired
         .stateful_sets
@@ -536,7 +553,8 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
             _ => put(client, &ns, p, &owned.budgets).boxed(),
         });
     }
-    let (sets, rest) = futures::try_join!(together(sets.collect()), together(rest))?;
+    let (sets, rest) =
+        futures::try_join!(runtime::together(sets.collect()), runtime::together(rest))?;
     let mut observed = Observed::default();
     for (i, sts, wrote) in sets {
         writes += wrote;
@@ -599,32 +617,6 @@ fn plan_rollout(
         svc.status.as_ref().and_then(|s| s.rollout.as_ref()),
         now,
     )
-}
-
-/// The shard map the shard-map controller published for service `name`, if any. A map that
-/// does not parse is treated as absent (the shard-map controller rewrites it).
-async fn published_map(client: &Client, ns: &str, name: &str) -> Result<Option<ShardMap>> {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    let Some(cm) = api.get_opt(&labels::shardmap_name(name)).await? else {
-        return Ok(None);
-    };
-    Ok(cm
-        .data
-        .as_ref()
-        .and_then(|d| d.get(labels::SHARDMAP_KEY))
-        .and_then(|json| serde_json::from_str(json).ok()))
-}
-
-/// How many applies of one reconcile are in flight at once.
-const APPLIES_IN_FLIGHT: usize = 8;
-
-/// Runs `futures`, at most [`APPLIES_IN_FLIGHT`] at a time; their outputs in order, or the
-/// first error.
-async fn together<'a, T: Send + 'a>(futures: Vec<BoxFuture<'a, Result<T>>>) -> Result<Vec<T>> {
-    futures::stream::iter(futures)
-        .buffered(APPLIES_IN_FLIGHT)
-        .try_collect()
-        .await
 }
 
 /// Applies `obj` unless the watched copy in `store` already holds it (no store: always);

@@ -50,11 +50,11 @@ enum Command {
     /// Serve the sidecar-injection and ShardedService-validation admission webhooks over HTTPS,
     /// with a self-managed CA and serving certificate.
     Webhook(Box<WebhookArgs>),
-    /// Print the ShardedService CRD (YAML), or write it to each --out file.
+    /// Print the CRDs (YAML), or write one file per CRD into each --dir.
     Crdgen {
-        /// Write to this file instead of stdout (repeatable).
+        /// Write into this directory instead of stdout (repeatable).
         #[arg(long)]
-        out: Vec<PathBuf>,
+        dir: Vec<PathBuf>,
     },
 }
 
@@ -263,14 +263,19 @@ fn init_logging(format: LogFormat) {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crdgen { out } => {
-            let yaml = shardmesh_operator::crdgen::crd_yaml()?;
-            if out.is_empty() {
-                print!("{yaml}");
+        Command::Crdgen { dir } => {
+            let crds = shardmesh_operator::crdgen::crds()?;
+            if dir.is_empty() {
+                for (_, yaml) in &crds {
+                    print!("{yaml}");
+                }
             }
-            for path in out {
-                std::fs::write(&path, &yaml)
-                    .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+            for d in dir {
+                for (file, yaml) in &crds {
+                    let path = d.join(file);
+                    std::fs::write(&path, yaml)
+                        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+                }
             }
             Ok(())
         }

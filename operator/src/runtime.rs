@@ -12,7 +12,10 @@
 
 use std::{collections::HashMap, sync::Mutex, time::Duration};
 
-use futures::{future::Shared, FutureExt};
+use futures::{
+    future::{BoxFuture, Shared},
+    FutureExt, StreamExt, TryStreamExt,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
 use kube::{
     api::{Patch, PatchParams},
@@ -351,6 +354,18 @@ where
     tracing::debug!(kind = %K::kind(&()), name = %obj.name_any(),
                     cached = current.is_some(), "applying: not as watched");
     Ok(Some(apply(client, ns, &obj).await?))
+}
+
+/// How many applies of one reconcile are in flight at once.
+const APPLIES_IN_FLIGHT: usize = 8;
+
+/// Runs `futures`, at most [`APPLIES_IN_FLIGHT`] at a time; their outputs in order, or the
+/// first error.
+pub async fn together<'a, T: Send + 'a>(futures: Vec<BoxFuture<'a, Result<T>>>) -> Result<Vec<T>> {
+    futures::stream::iter(futures)
+        .buffered(APPLIES_IN_FLIGHT)
+        .try_collect()
+        .await
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::{
     api::{
         coordination::v1::Lease,
@@ -37,7 +37,7 @@ use kube::{
 };
 use shardmesh_api::{
     labels, lease,
-    shardmap::{Leader, Member, Shard, ShardMap},
+    shardmap::{self, Assembled, Layout, Leader, Member, Shard, ShardMap, ShardMapSlice},
     ShardedService,
 };
 use tracing::{info, warn};
@@ -385,49 +385,160 @@ pub fn requeue_after(next_expiry: Option<Timestamp>, now: Timestamp) -> Duration
         .map_or(RESYNC, |d| (d + EXPIRY_SLACK).min(RESYNC))
 }
 
-/// The published shard-map ConfigMap.
-pub fn configmap(svc: &ShardedService, map: &ShardMap) -> Result<ConfigMap> {
+/// The routing settings every slice of `svc`'s map carries; [`publication`] fills in the
+/// layout's id, counts and window.
+pub fn settings(svc: &ShardedService) -> Layout {
+    let le = &svc.spec.leader_election;
+    Layout {
+        shard_key: svc.spec.shard_key.header.to_ascii_lowercase(),
+        writes: le.enabled.then(|| match &le.write_header {
+            Some(h) => format!("header:{}", h.to_ascii_lowercase()),
+            None => "methods".to_string(),
+        }),
+        handoff_miss: svc
+            .spec
+            .resharding
+            .miss_statuses
+            .iter()
+            .map(i32::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        ..Layout::default()
+    }
+}
+
+/// The map to publish and its layout: `computed` under `settings`, continuing the layout id of
+/// `prev` when nothing but membership changed. A layout change (shard counts, handoff window or
+/// routing settings) gets a new id, the map's epoch, bumped above `floor` and `prev` when the
+/// membership alone did not change it, so every slice is rewritten under one new id.
+pub fn publication(
+    computed: ShardMap,
+    prev: Option<&Assembled>,
+    settings: Layout,
+    floor: i64,
+) -> Assembled {
+    let mut map = computed;
+    let mut layout = Layout {
+        count: map.count(),
+        listed: u32::try_from(map.shards.len()).unwrap_or(u32::MAX),
+        previous: map.previous.clone(),
+        ..settings
+    };
+    match prev {
+        Some(p) if p.layout.same_as(&layout) => layout.id = p.layout.id,
+        _ => {
+            if prev.is_some_and(|p| p.map.epoch >= map.epoch) {
+                map.epoch = map.epoch.max(floor).saturating_add(1);
+            }
+            layout.id = map.epoch;
+        }
+    }
+    Assembled { map, layout }
+}
+
+/// The slice objects publishing `published`, one per listed shard, named like the shard's
+/// StatefulSet and labelled with the service and the shard.
+pub fn slice_objects(svc: &ShardedService, published: &Assembled) -> Result<Vec<ShardMapSlice>> {
     let (name, ns, owner) = identity(svc)?;
-    let json = serde_json::to_string(map).map_err(|source| Error::Serialize {
-        what: "shard map".into(),
-        source,
-    })?;
+    Ok(shardmap::slices(&published.map, &published.layout)
+        .into_iter()
+        .map(|spec| {
+            let index = spec.shard.index;
+            let mut meta = crate::access::meta(
+                labels::shard_object_name(&name, index),
+                &ns,
+                &name,
+                &owner,
+                COMPONENT,
+            );
+            meta.labels
+                .get_or_insert_with(BTreeMap::new)
+                .insert(labels::SHARD.to_string(), index.to_string());
+            ShardMapSlice {
+                metadata: meta,
+                spec,
+            }
+        })
+        .collect())
+}
+
+/// What publishing `want` over the slices `have` takes: the slices whose shard or layout
+/// differ from the published ones (new ones included), and the names of published slices no
+/// longer listed. An unchanged shard is not written, so a membership change writes one slice.
+pub fn changes(
+    want: Vec<ShardMapSlice>,
+    have: &[ShardMapSlice],
+) -> (Vec<ShardMapSlice>, Vec<String>) {
+    let by_name: BTreeMap<String, &ShardMapSlice> =
+        have.iter().map(|s| (s.name_any(), s)).collect();
+    let wanted: std::collections::BTreeSet<String> = want.iter().map(|s| s.name_any()).collect();
+    let write = want
+        .into_iter()
+        .filter(|w| {
+            by_name.get(&w.name_any()).is_none_or(|h| {
+                h.spec.layout != w.spec.layout
+                    || h.spec.shard != w.spec.shard
+                    || h.labels() != w.labels()
+            })
+        })
+        .collect();
+    let delete = by_name
+        .into_keys()
+        .filter(|n| !wanted.contains(n))
+        .collect();
+    (write, delete)
+}
+
+/// The index ConfigMap `<name>-shardmap`: the highest epoch published for the service. Every
+/// publication writes it first, conditional on the version it read, so two operators that both
+/// believe they lead can never publish two maps under one epoch; sidecars do not read it.
+pub fn index(svc: &ShardedService, epoch: i64) -> Result<ConfigMap> {
+    let (name, ns, owner) = identity(svc)?;
     Ok(ConfigMap {
         metadata: crate::access::meta(labels::shardmap_name(&name), &ns, &name, &owner, COMPONENT),
-        data: Some(configmap_data(svc, json)),
+        data: Some(BTreeMap::from([(
+            labels::SHARDMAP_INDEX_EPOCH_KEY.to_string(),
+            epoch.to_string(),
+        )])),
         ..ConfigMap::default()
     })
 }
 
-/// The ConfigMap's data: the map, the shard-key header, and how writes are recognised when the
-/// service elects leaders.
-fn configmap_data(svc: &ShardedService, json: String) -> BTreeMap<String, String> {
-    let mut data = BTreeMap::from([
-        (labels::SHARDMAP_KEY.to_string(), json),
-        (
-            labels::SHARDMAP_HEADER_KEY.to_string(),
-            svc.spec.shard_key.header.to_ascii_lowercase(),
-        ),
-        (
-            labels::SHARDMAP_HANDOFF_MISS_KEY.to_string(),
-            svc.spec
-                .resharding
-                .miss_statuses
-                .iter()
-                .map(i32::to_string)
-                .collect::<Vec<_>>()
-                .join(","),
-        ),
-    ]);
-    let le = &svc.spec.leader_election;
-    if le.enabled {
-        let writes = match &le.write_header {
-            Some(h) => format!("header:{}", h.to_ascii_lowercase()),
-            None => "methods".to_string(),
-        };
-        data.insert(labels::SHARDMAP_WRITES_KEY.to_string(), writes);
-    }
-    data
+/// The epoch an index ConfigMap records (0 when absent or unreadable).
+fn index_epoch(cm: &ConfigMap) -> i64 {
+    cm.data
+        .as_ref()
+        .and_then(|d| d.get(labels::SHARDMAP_INDEX_EPOCH_KEY))
+        .and_then(|e| e.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The published slices of service `name` (those it owns, by UID), as listed now.
+pub async fn published_slices(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    uid: Option<&str>,
+) -> Result<Vec<ShardMapSlice>> {
+    let api: Api<ShardMapSlice> = Api::namespaced(client.clone(), ns);
+    let lp = kube::api::ListParams::default().labels(&format!("{}={name}", labels::SERVICE));
+    Ok(api
+        .list(&lp)
+        .await?
+        .items
+        .into_iter()
+        .filter(|s| uid.is_none_or(|u| s.owner_references().iter().any(|o| o.uid == u)))
+        .collect())
+}
+
+/// The map published for service `name`, combined from its slices; `None` while none is
+/// complete (see [`shardmap::assemble`]).
+pub async fn published(client: &Client, svc: &ShardedService) -> Result<Option<ShardMap>> {
+    let (name, ns, _) = identity(svc)?;
+    let slices = published_slices(client, &ns, &name, svc.metadata.uid.as_deref()).await?;
+    Ok(shardmap::assemble(slices.iter().map(|s| &s.spec))
+        .ok()
+        .map(|a| a.map))
 }
 
 fn identity(svc: &ShardedService) -> Result<(String, String, OwnerReference)> {
@@ -583,16 +694,6 @@ pub struct Context {
     failures: Failures,
 }
 
-/// The map currently published, if any, readable and consistent (anyone who may edit ConfigMaps
-/// in the namespace can write it; one that fails [`ShardMap::check`], e.g. with an absurd
-/// `count`, is rebuilt above `status.epoch` like an unreadable one, see [`Inputs::floor`]).
-fn published(cm: &ConfigMap) -> Option<ShardMap> {
-    let json = cm.data.as_ref()?.get(labels::SHARDMAP_KEY)?;
-    serde_json::from_str::<ShardMap>(json)
-        .ok()
-        .filter(|m| m.check().is_ok())
-}
-
 /// One reconcile of one ShardedService's shard map.
 #[tracing::instrument(skip_all, fields(namespace = svc.namespace().unwrap_or_default(), name = %svc.name_any()))]
 pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Action> {
@@ -614,7 +715,18 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     }
     let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     let existing = cms.get_opt(&labels::shardmap_name(&name)).await?;
-    let prev = existing.as_ref().and_then(published);
+    let have = published_slices(&ctx.client, &ns, &name, svc.metadata.uid.as_deref()).await?;
+    let assembled = shardmap::assemble(have.iter().map(|s| &s.spec)).ok();
+    let prev = assembled.as_ref().map(|a| a.map.clone());
+    // The epoch is a high-water mark over everything ever published: the index, every slice
+    // (complete or not) and `status.epoch`.
+    let floor = have
+        .iter()
+        .map(|s| s.spec.epoch)
+        .chain(existing.as_ref().map(index_epoch))
+        .chain(svc.status.as_ref().map(|s| s.epoch))
+        .max()
+        .unwrap_or(0);
     let spec_shards = u32::try_from(svc.spec.shards).unwrap_or(0).max(1);
 
     let Some(grace_from) = ctx.view.grace_from() else {
@@ -656,7 +768,7 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         leaders: svc.spec.leader_election.enabled,
         grace_from,
         prev: prev.as_ref(),
-        floor: svc.status.as_ref().map_or(0, |s| s.epoch),
+        floor,
         window: svc
             .spec
             .resharding
@@ -665,35 +777,47 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
             .unwrap_or(Duration::ZERO),
     };
     let computed = compute(input, &leases, now);
-    // The non-map keys (shard-key header, writes) changed with the spec?
-    let settings_same = existing
-        .as_ref()
-        .and_then(|c| c.data.as_ref())
-        .is_some_and(|d| {
-            let mut want = configmap_data(&svc, String::new());
-            want.remove(labels::SHARDMAP_KEY);
-            let mut have = d.clone();
-            have.remove(labels::SHARDMAP_KEY);
-            want == have
-        });
-    if prev.as_ref() != Some(&computed.map) || !settings_same {
-        let mut cm = configmap(&svc, &computed.map)?;
-        // Written only over the version this map was computed from: a concurrent writer (a
-        // second operator that believes it leads) makes this apply fail with a conflict and
-        // the next reconcile recompute, so two maps never carry one epoch.
+    let next = publication(computed.map, assembled.as_ref(), settings(&svc), floor);
+    let (write, delete) = changes(slice_objects(&svc, &next)?, &have);
+    if !write.is_empty() || !delete.is_empty() {
+        // The index first, written only over the version this map was computed from: a
+        // concurrent writer (a second operator that believes it leads) makes this apply fail
+        // with a conflict and the next reconcile recompute, so two maps never carry one epoch.
+        let mut cm = index(&svc, next.map.epoch)?;
         cm.metadata.resource_version = existing
             .as_ref()
             .and_then(|c| c.metadata.resource_version.clone());
         runtime::apply(&ctx.client, &ns, &cm).await?;
+        let written = write.len();
+        runtime::together(
+            write
+                .into_iter()
+                .map(|s| {
+                    let client = ctx.client.clone();
+                    let ns = ns.clone();
+                    async move { runtime::apply(&client, &ns, &s).await.map(drop) }.boxed()
+                })
+                .collect(),
+        )
+        .await?;
+        let slices: Api<ShardMapSlice> = Api::namespaced(ctx.client.clone(), &ns);
+        for gone in &delete {
+            match slices.delete(gone, &Default::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         runtime::tell(
             &ctx.recorder,
             &svc,
-            &leader_events(prev.as_ref(), &computed.map),
+            &leader_events(prev.as_ref(), &next.map),
         )
         .await;
-        let live: usize = computed.map.shards.iter().map(|s| s.members.len()).sum();
-        info!(namespace = %ns, name = %name, epoch = computed.map.epoch, live_members = live,
-              empty_shards = computed.map.shards.iter().filter(|s| s.members.is_empty()).count(),
+        let live: usize = next.map.shards.iter().map(|s| s.members.len()).sum();
+        info!(namespace = %ns, name = %name, epoch = next.map.epoch, layout = next.layout.id,
+              slices_written = written, slices_deleted = delete.len(), live_members = live,
+              empty_shards = next.map.shards.iter().filter(|s| s.members.is_empty()).count(),
               "shard map published");
     }
     ctx.failures.succeeded(&svc);
@@ -785,9 +909,9 @@ async fn run_in(
         .modify(runtime::slim)
         .reflect(writer)
         .applied_objects();
-    // The published maps, metadata only: their content is read when a reconcile runs.
+    // The published slices, metadata only: their content is read when a reconcile runs.
     let maps = watcher(
-        crate::scope::api::<kube::core::PartialObjectMeta<ConfigMap>>(&client, &root),
+        crate::scope::api::<kube::core::PartialObjectMeta<ShardMapSlice>>(&client, &root),
         owned,
     )
     .default_backoff()
@@ -1228,22 +1352,14 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn configmap_says_how_writes_are_recognised_when_leaders_are_elected() {
+    fn settings_say_how_writes_are_recognised_when_leaders_are_elected() {
         let mut s = svc();
         s.spec.leader_election.enabled = true;
-        let cm = configmap(&s, &comp(2, &[], t(0), None).map).unwrap();
-        assert_eq!(
-            cm.data.as_ref().unwrap()[labels::SHARDMAP_WRITES_KEY],
-            "methods"
-        );
+        assert_eq!(settings(&s).writes.as_deref(), Some("methods"));
         s.spec.leader_election.write_header = Some("X-Write".into());
-        let cm = configmap(&s, &comp(2, &[], t(0), None).map).unwrap();
-        assert_eq!(
-            cm.data.as_ref().unwrap()[labels::SHARDMAP_WRITES_KEY],
-            "header:x-write"
-        );
-        let cm = configmap(&svc(), &comp(2, &[], t(0), None).map).unwrap();
-        assert!(!cm.data.unwrap().contains_key(labels::SHARDMAP_WRITES_KEY));
+        assert_eq!(settings(&s).writes.as_deref(), Some("header:x-write"));
+        assert_eq!(settings(&svc()).writes, None);
+        assert_eq!(settings(&svc()).shard_key, "x-user");
     }
 
     #[test]
@@ -1401,15 +1517,156 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn configmap_is_owned_and_holds_map_and_header() {
-        let map = comp(2, &[], t(0), None).map;
-        let cm = configmap(&svc(), &map).unwrap();
-        assert_eq!(cm.metadata.name.as_deref(), Some("orders-shardmap"));
-        assert_eq!(cm.metadata.owner_references.as_ref().unwrap()[0].uid, "u-1");
-        let data = cm.data.unwrap();
-        let back: ShardMap = serde_json::from_str(&data[labels::SHARDMAP_KEY]).unwrap();
-        assert_eq!(back, map);
-        assert_eq!(data[labels::SHARDMAP_HEADER_KEY], "x-user");
+    fn slices_are_owned_named_per_shard_and_combine_into_the_map() {
+        let map = comp(
+            2,
+            &[lease("orders-1-0", "1", "10.0.0.2", 0, 10)],
+            t(0),
+            None,
+        )
+        .map;
+        let next = publication(map.clone(), None, settings(&svc()), 0);
+        let slices = slice_objects(&svc(), &next).unwrap();
+        let names: Vec<String> = slices.iter().map(|s| s.name_any()).collect();
+        assert_eq!(names, ["orders-0", "orders-1"]);
+        for (i, s) in slices.iter().enumerate() {
+            assert_eq!(s.owner_references()[0].uid, "u-1");
+            assert_eq!(s.labels()[labels::SHARD], i.to_string());
+            assert_eq!(s.labels()[labels::SERVICE], "orders");
+        }
+        let back = shardmap::assemble(slices.iter().map(|s| &s.spec)).unwrap();
+        assert_eq!(back.map, map);
+        assert_eq!(
+            (back.layout.shard_key.as_str(), back.layout.id),
+            ("x-user", map.epoch)
+        );
+        let idx = index(&svc(), 9).unwrap();
+        assert_eq!(idx.metadata.name.as_deref(), Some("orders-shardmap"));
+        assert_eq!(index_epoch(&idx), 9);
+    }
+
+    #[test]
+    fn a_membership_change_writes_one_slice_a_layout_change_every_slice() {
+        let members = |extra: bool| {
+            let mut l = vec![
+                lease("orders-0-0", "0", "10.0.0.1", 0, 10),
+                lease("orders-1-0", "1", "10.0.0.2", 0, 10),
+            ];
+            if extra {
+                l.push(lease("orders-1-1", "1", "10.0.0.3", 0, 10));
+            }
+            l
+        };
+        let first = publication(
+            comp(2, &members(false), t(1), None).map,
+            None,
+            settings(&svc()),
+            0,
+        );
+        let have = slice_objects(&svc(), &first).unwrap();
+        let (write, delete) = changes(slice_objects(&svc(), &first).unwrap(), &[]);
+        assert_eq!(
+            (write.len(), delete.len()),
+            (2, 0),
+            "the first map writes every slice"
+        );
+        // Nothing changed: nothing is written.
+        let same = publication(
+            comp(2, &members(false), t(2), Some(&first.map)).map,
+            Some(&first),
+            settings(&svc()),
+            first.map.epoch,
+        );
+        assert_eq!(same, first);
+        assert_eq!(
+            changes(slice_objects(&svc(), &same).unwrap(), &have),
+            (vec![], vec![])
+        );
+        // Shard 1 gains a member: one slice, the next epoch, the same layout.
+        let grown = publication(
+            comp(2, &members(true), t(2), Some(&first.map)).map,
+            Some(&first),
+            settings(&svc()),
+            first.map.epoch,
+        );
+        assert_eq!(grown.map.epoch, first.map.epoch + 1);
+        assert_eq!(grown.layout.id, first.layout.id);
+        let (write, delete) = changes(slice_objects(&svc(), &grown).unwrap(), &have);
+        let written: Vec<String> = write.iter().map(|s| s.name_any()).collect();
+        assert_eq!((written, delete), (vec!["orders-1".to_string()], vec![]));
+        assert_eq!(write[0].spec.epoch, grown.map.epoch);
+        // The shard-key header changes: a new layout at a new epoch, every slice rewritten.
+        let mut moved = svc();
+        moved.spec.shard_key.header = "X-Tenant".into();
+        let relaid = publication(
+            comp(2, &members(false), t(2), Some(&first.map)).map,
+            Some(&first),
+            settings(&moved),
+            first.map.epoch,
+        );
+        assert_eq!(relaid.map.epoch, first.map.epoch + 1);
+        assert_eq!(relaid.layout.id, relaid.map.epoch);
+        let (write, _) = changes(slice_objects(&moved, &relaid).unwrap(), &have);
+        assert_eq!(write.len(), 2);
+        // A slice no longer listed is deleted.
+        let mut stale = have.clone();
+        stale.push(ShardMapSlice::new("orders-2", have[1].spec.clone()));
+        let (_, delete) = changes(slice_objects(&svc(), &first).unwrap(), &stale);
+        assert_eq!(delete, ["orders-2"]);
+    }
+
+    /// What every object of a service at the CRD's maximum weighs serialized, against the
+    /// 1 MiB a ConfigMap's data may hold (etcd's request limit is ~1.5 MiB): one slice per shard
+    /// stays far below, where the whole map in one object would not fit.
+    #[test]
+    fn every_slice_fits_at_the_crds_maximum() {
+        const MIB: usize = 1 << 20;
+        let name = "a".repeat(40);
+        let shards = shardmap::MAX_SHARDS;
+        let map = ShardMap {
+            epoch: i64::MAX,
+            routing_count: Some(shards),
+            previous: Some(shardmesh_api::shardmap::Previous {
+                count: shards - 1,
+                until: "2026-11-28T00:00:00Z".into(),
+            }),
+            shards: (0..shards)
+                .map(|i| Shard {
+                    index: i,
+                    members: (0..100)
+                        .map(|r| Member {
+                            pod: format!("{name}-{i}-{r}"),
+                            address: "[fd00:1234:5678:9abc:def0:1234:5678:9abc]:65535".into(),
+                        })
+                        .collect(),
+                    leader: Some(Leader {
+                        pod: format!("{name}-{i}-99"),
+                        address: "[fd00:1234:5678:9abc:def0:1234:5678:9abc]:65535".into(),
+                        epoch: i64::MAX,
+                    }),
+                })
+                .collect(),
+        };
+        let whole = serde_json::to_vec(&map).unwrap().len();
+        assert!(whole > MIB, "the whole map in one object: {whole} bytes");
+        let mut s = svc();
+        s.metadata.name = Some(name.clone());
+        s.spec.shard_key.header = "x".repeat(200);
+        s.spec.leader_election.enabled = true;
+        s.spec.leader_election.write_header = Some("y".repeat(200));
+        let next = publication(map, None, settings(&s), 0);
+        let slices = slice_objects(&s, &next).unwrap();
+        assert_eq!(slices.len(), shards as usize);
+        let largest = slices
+            .iter()
+            .map(|o| serde_json::to_vec(o).unwrap().len())
+            .max()
+            .unwrap();
+        assert!(largest < MIB / 64, "largest slice: {largest} bytes");
+        let idx = serde_json::to_vec(&index(&s, i64::MAX).unwrap())
+            .unwrap()
+            .len();
+        assert!(idx < 1024, "index: {idx} bytes");
     }
 
     #[test]

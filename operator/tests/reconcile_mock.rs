@@ -241,6 +241,10 @@ impl FakeApi {
                     "GET /api/v1/namespaces/shop/pods" => respond(
                         json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}),
                     ),
+                    "GET /apis/shardmesh.io/v1alpha1/namespaces/shop/shardmapslices" => respond(
+                        json!({"apiVersion": "shardmesh.io/v1alpha1", "kind": "ShardMapSliceList",
+                               "metadata": {}, "items": []}),
+                    ),
                     "GET /api/v1/namespaces/shop/configmaps/orders-shardmap" => Response::builder()
                         .status(404)
                         .body(Body::from(

@@ -257,7 +257,7 @@ struct DestinationFile {
     handoff_miss: Option<String>,
 }
 
-fn parse_addr(path: &str, raw: &str) -> Result<SocketAddr, String> {
+pub(crate) fn parse_addr(path: &str, raw: &str) -> Result<SocketAddr, String> {
     raw.parse().map_err(|_| {
         format!("{path}: {raw:?} is not ip:port; write e.g. \"10.0.0.7:4143\" (names are not resolved here)")
     })

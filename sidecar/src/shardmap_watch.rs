@@ -1,28 +1,36 @@
-//! The Kubernetes side of discovery: each configured sharded destination follows the shard-map
-//! ConfigMap `<service>-shardmap` the operator publishes (one small object per service, watched
-//! by name, so a sidecar reads nothing else and its Role can name that one object).
+//! The Kubernetes side of discovery: each configured sharded destination follows the
+//! `ShardMapSlice`s the operator publishes for its service (one per shard, watched by the
+//! service's label), so a membership change delivers one shard's slice, not the whole map.
 //!
-//! The routing table is swapped per destination in one step (readers never see a half-updated
-//! map). On API errors the watch retries with backoff and the last good map keeps routing; a map
-//! that fails validation is logged and ignored for the same reason. Destinations of the static
-//! registry file stay available beside the live ones.
+//! Slices are combined only when every listed shard has one of the same layout
+//! ([`shardmesh_api::shardmap::assemble`]); a slice of the layout in use replaces just its shard
+//! in the routing table (its addresses are the only ones parsed). The routing table is swapped
+//! per destination in one step (readers never see a half-updated map). On API errors the watch
+//! retries with backoff and the last good map keeps routing; a slice that fails validation, or
+//! a layout not yet complete, is logged and routing stays on the last good map. Destinations of
+//! the static registry file stay available beside the live ones.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, RwLock},
 };
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     runtime::{watcher, WatchStreamExt},
     Api, Client, ResourceExt,
 };
-use shardmesh_api::{labels, shardmap::ShardMap};
+use shardmesh_api::{
+    labels,
+    shardmap::{self, Layout, ShardMapSlice, ShardMapSliceSpec, MAX_SHARDS},
+};
 
 use crate::{
     admin::Gate,
-    discovery::{normalize_authority, sharded_kind, Destination, Discover, StaticRegistry},
+    discovery::{
+        normalize_authority, parse_addr, sharded_kind, Destination, DestinationKind, Discover,
+        StaticRegistry,
+    },
 };
 
 /// One `--shardmap` entry: follow service `service` in `namespace` for requests to `authority`.
@@ -69,35 +77,225 @@ impl ShardMapSource {
     }
 }
 
-/// The destination a shard-map ConfigMap describes, for requests to `authority`. Errors say
-/// what is wrong with the object (the operator writes it, so they indicate a version skew or a
-/// hand edit).
-pub fn destination_from_configmap(authority: &str, cm: &ConfigMap) -> Result<Destination, String> {
-    let what = format!(
-        "configmap {}/{}",
-        cm.namespace().unwrap_or_default(),
-        cm.name_any()
-    );
-    let data = cm.data.as_ref();
-    let json = data
-        .and_then(|d| d.get(labels::SHARDMAP_KEY))
-        .ok_or_else(|| format!("{what}: has no data key {}", labels::SHARDMAP_KEY))?;
-    let map: ShardMap = serde_json::from_str(json)
-        .map_err(|e| format!("{what}: {} is not a shard map: {e}", labels::SHARDMAP_KEY))?;
-    let header = data.and_then(|d| d.get(labels::SHARDMAP_HEADER_KEY));
-    let writes = data.and_then(|d| d.get(labels::SHARDMAP_WRITES_KEY));
-    let miss = data.and_then(|d| d.get(labels::SHARDMAP_HANDOFF_MISS_KEY));
+/// The destination `authority` routes by, from a service's complete set of slices; `what`
+/// (the service) prefixes every error.
+pub fn destination_from_slices<'a>(
+    authority: &str,
+    what: &str,
+    slices: impl IntoIterator<Item = &'a ShardMapSliceSpec>,
+) -> Result<Destination, String> {
+    let a = shardmap::assemble(slices).map_err(|e| format!("{what}: {e}"))?;
     let kind = sharded_kind(
-        &what,
-        header.map(String::as_str),
-        writes.map(String::as_str),
-        miss.map(String::as_str),
-        &map,
+        what,
+        Some(&a.layout.shard_key),
+        a.layout.writes.as_deref(),
+        Some(&a.layout.handoff_miss),
+        &a.map,
     )?;
     Ok(Destination {
         name: authority.into(),
         kind,
     })
+}
+
+/// What a destination's watch knows: the slices seen (at most one per shard index, bounded by
+/// [`MAX_SHARDS`]) and the routing table last built from them with its layout.
+pub struct Follower {
+    service: String,
+    authority: String,
+    what: String,
+    slices: BTreeMap<u32, ShardMapSliceSpec>,
+    built: Option<(Layout, Destination)>,
+    /// UID of the ShardedService owning the slices: a new one (deleted and created again)
+    /// starts the epoch over.
+    owner: String,
+}
+
+/// The outcome of one watch event for the routing table.
+#[derive(Debug, PartialEq)]
+pub enum Update {
+    /// A new routing table.
+    Route(Destination, String),
+    /// The service has no slices any more.
+    Gone,
+    /// Nothing to change; the reason when it is worth telling.
+    Keep(Option<String>),
+}
+
+impl Follower {
+    /// Follows `service` (in `namespace`) for requests to `authority`.
+    pub fn new(namespace: &str, service: &str, authority: &str) -> Follower {
+        Follower {
+            service: service.to_string(),
+            authority: authority.to_string(),
+            what: format!("shard map of {namespace}/{service}"),
+            slices: BTreeMap::new(),
+            built: None,
+            owner: String::new(),
+        }
+    }
+
+    /// Checks that `slice` is one of this service's, under the name of its shard.
+    fn admit(&self, slice: &ShardMapSlice) -> Result<u32, String> {
+        let index = slice.spec.shard.index;
+        let name = slice.name_any();
+        if index >= MAX_SHARDS {
+            return Err(format!(
+                "{}: slice {name}: shard {index} is past the maximum of {MAX_SHARDS}",
+                self.what
+            ));
+        }
+        if name != labels::shard_object_name(&self.service, index) {
+            return Err(format!(
+                "{}: slice {name} carries shard {index}, so it must be named {}",
+                self.what,
+                labels::shard_object_name(&self.service, index)
+            ));
+        }
+        Ok(index)
+    }
+
+    /// Takes one slice (added or changed).
+    pub fn apply(&mut self, slice: ShardMapSlice) -> Update {
+        let index = match self.admit(&slice) {
+            Ok(i) => i,
+            Err(e) => return Update::Keep(Some(e)),
+        };
+        if let Some(o) = slice.owner_references().first() {
+            self.owner.clone_from(&o.uid);
+        }
+        let spec = slice.spec;
+        // A slice of the layout in use replaces its shard only.
+        let patched = match &self.built {
+            Some((layout, current)) if *layout == spec.layout => {
+                Some(self.patch(current, &spec).map(|d| (layout.clone(), d)))
+            }
+            _ => None,
+        };
+        self.slices.insert(index, spec);
+        match patched {
+            Some(Ok(built)) => {
+                let dest = built.1.clone();
+                self.built = Some(built);
+                Update::Route(dest, self.owner.clone())
+            }
+            Some(Err(e)) => Update::Keep(Some(e)),
+            None => self.rebuild(),
+        }
+    }
+
+    /// Forgets one slice (deleted).
+    pub fn remove(&mut self, slice: &ShardMapSlice) -> Update {
+        if let Ok(index) = self.admit(slice) {
+            self.slices.remove(&index);
+        }
+        if self.slices.is_empty() {
+            self.built = None;
+            return Update::Gone;
+        }
+        // The operator deletes only slices past the listed shards; a listed one going missing
+        // leaves routing on the map built before.
+        Update::Keep(None)
+    }
+
+    /// Starts over from a fresh listing.
+    pub fn reset(&mut self, slices: Vec<ShardMapSlice>) -> Update {
+        self.slices.clear();
+        let mut refused = None;
+        for s in slices {
+            match self.admit(&s) {
+                Ok(index) => {
+                    if let Some(o) = s.owner_references().first() {
+                        self.owner.clone_from(&o.uid);
+                    }
+                    self.slices.insert(index, s.spec);
+                }
+                Err(e) => refused = Some(e),
+            }
+        }
+        if self.slices.is_empty() {
+            self.built = None;
+            return Update::Gone;
+        }
+        match self.rebuild() {
+            Update::Keep(None) => Update::Keep(refused),
+            u => u,
+        }
+    }
+
+    fn rebuild(&mut self) -> Update {
+        match destination_from_slices(&self.authority, &self.what, self.slices.values()) {
+            Ok(dest) => {
+                let layout = shardmap::assemble(self.slices.values())
+                    .map(|a| a.layout)
+                    .unwrap_or_default();
+                self.built = Some((layout, dest.clone()));
+                Update::Route(dest, self.owner.clone())
+            }
+            Err(e) => Update::Keep(Some(e)),
+        }
+    }
+
+    /// `current` with the shard of `spec` (of the same layout) replaced.
+    fn patch(
+        &self,
+        current: &Destination,
+        spec: &ShardMapSliceSpec,
+    ) -> Result<Destination, String> {
+        let DestinationKind::Sharded {
+            header,
+            epoch,
+            count,
+            previous,
+            handoff_miss,
+            shards,
+            leaders,
+        } = &current.kind
+        else {
+            return Err(format!("{}: not a sharded destination", self.what));
+        };
+        let i = spec.shard.index as usize;
+        let p = format!("{}.shards[{i}]", self.what);
+        if i >= shards.len() {
+            return Err(format!("{p}: past the {} listed shard(s)", shards.len()));
+        }
+        let members = spec
+            .shard
+            .members
+            .iter()
+            .map(|m| parse_addr(&p, &m.address))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut shards = shards.clone();
+        shards[i] = Arc::from(members);
+        let leaders = match leaders {
+            None => None,
+            Some(l) => {
+                let mut l = (**l).clone();
+                l.leaders[i] = spec
+                    .shard
+                    .leader
+                    .as_ref()
+                    .map(|x| {
+                        parse_addr(&format!("{p}.leader"), &x.address)
+                            .map(|a| (Arc::from([a]), x.epoch))
+                    })
+                    .transpose()?;
+                Some(Arc::new(l))
+            }
+        };
+        Ok(Destination {
+            name: current.name.clone(),
+            kind: DestinationKind::Sharded {
+                header: header.clone(),
+                epoch: (*epoch).max(spec.epoch),
+                count: *count,
+                previous: *previous,
+                handoff_miss: handoff_miss.clone(),
+                shards,
+                leaders,
+            },
+        })
+    }
 }
 
 /// Static destinations plus live ones fed by shard-map watches.
@@ -210,8 +408,8 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
     }
 }
 
-/// Follows one shard-map ConfigMap forever, feeding `registry`. `synced` opens once the first
-/// listing completed (whether or not the map exists yet), so `/ready` knows the registry's
+/// Follows one service's shard-map slices forever, feeding `registry`. `synced` opens once the
+/// first listing completed (whether or not a map exists yet), so `/ready` knows the registry's
 /// state.
 pub async fn watch(
     client: Client,
@@ -221,64 +419,83 @@ pub async fn watch(
     synced: Gate,
 ) {
     let ns = source.namespace.clone().unwrap_or(default_namespace);
-    let name = labels::shardmap_name(&source.service);
-    let api: Api<ConfigMap> = Api::namespaced(client, &ns);
-    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    tracing::info!(configmap = %format!("{ns}/{name}"), destination = %source.authority,
+    let api: Api<ShardMapSlice> = Api::namespaced(client, &ns);
+    let config =
+        watcher::Config::default().labels(&format!("{}={}", labels::SERVICE, source.service));
+    let mut follower = Follower::new(&ns, &source.service, &source.authority);
+    tracing::info!(service = %format!("{ns}/{}", source.service), destination = %source.authority,
                    "following the shard map");
     let mut events = watcher(api, config)
         .backoff(WatchBackoff::default())
         .boxed();
-    let mut seen_in_init = false;
+    // A re-listing is collected whole before it replaces what is known (bounded: one slice
+    // per shard index is kept, see `Follower`).
+    let mut listing: Option<Vec<ShardMapSlice>> = None;
     while let Some(event) = events.next().await {
-        match event {
-            Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => {
-                seen_in_init = true;
-                match destination_from_configmap(&source.authority, &cm) {
-                    Ok(dest) => {
-                        if let crate::discovery::DestinationKind::Sharded {
-                            epoch,
-                            shards,
-                            count,
-                            previous,
-                            ..
-                        } = &dest.kind
-                        {
-                            tracing::info!(destination = %source.authority, epoch,
-                                           shards = shards.len(), count, previous,
-                                           members = shards.iter().map(|s| s.len()).sum::<usize>(),
-                                           "shard map updated");
-                        }
-                        let uid = cm.metadata.uid.clone().unwrap_or_default();
-                        let epoch = dest.epoch();
-                        if !registry.offer(dest, &uid) {
-                            tracing::warn!(destination = %source.authority, epoch,
-                                           "ignoring a shard map older than the one in use; \
-                                            routing stays on the newer one");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "ignoring an invalid shard map; routing stays on the last good one")
-                    }
+        let update = match event {
+            Ok(watcher::Event::Init) => {
+                listing = Some(Vec::new());
+                continue;
+            }
+            Ok(watcher::Event::InitApply(s)) => {
+                let l = listing.get_or_insert_with(Vec::new);
+                if l.len() < 2 * MAX_SHARDS as usize {
+                    l.push(s);
                 }
+                continue;
             }
-            Ok(watcher::Event::Delete(_)) => {
-                tracing::warn!(destination = %source.authority,
-                               "shard map deleted (the ShardedService is gone); requests to it now fail");
-                registry.remove(&source.authority);
-            }
-            Ok(watcher::Event::Init) => seen_in_init = false,
             Ok(watcher::Event::InitDone) => {
-                synced.open();
-                if !seen_in_init {
-                    tracing::warn!(configmap = %format!("{ns}/{name}"),
+                let all = listing.take().unwrap_or_default();
+                if all.is_empty() {
+                    tracing::warn!(service = %format!("{ns}/{}", source.service),
                                    "no shard map published yet; waiting for the operator");
                 }
+                let u = follower.reset(all);
+                synced.open();
+                u
             }
+            Ok(watcher::Event::Apply(s)) => follower.apply(s),
+            Ok(watcher::Event::Delete(s)) => follower.remove(&s),
             Err(e) => {
-                tracing::warn!(error = %e, configmap = %format!("{ns}/{name}"),
-                               "shard-map watch failed; retrying with backoff, routing stays on the last good map")
+                tracing::warn!(error = %e, service = %format!("{ns}/{}", source.service),
+                               "shard-map watch failed; retrying with backoff, routing stays on the last good map");
+                continue;
             }
+        };
+        match update {
+            Update::Route(dest, owner) => {
+                if let DestinationKind::Sharded {
+                    epoch,
+                    shards,
+                    count,
+                    previous,
+                    ..
+                } = &dest.kind
+                {
+                    tracing::debug!(destination = %source.authority, epoch,
+                                    shards = shards.len(), count, previous,
+                                    members = shards.iter().map(|s| s.len()).sum::<usize>(),
+                                    "shard map updated");
+                }
+                let epoch = dest.epoch();
+                if !registry.offer(dest, &owner) {
+                    tracing::warn!(destination = %source.authority, epoch,
+                                   "ignoring a shard map older than the one in use; \
+                                    routing stays on the newer one");
+                }
+            }
+            Update::Gone => {
+                if registry.lookup(&source.authority).is_some() {
+                    tracing::warn!(destination = %source.authority,
+                                   "shard map deleted (the ShardedService is gone); requests to it now fail");
+                }
+                registry.remove(&source.authority);
+            }
+            Update::Keep(Some(why)) => {
+                tracing::info!(destination = %source.authority, reason = %why,
+                               "shard map not updated; routing stays on the last complete one")
+            }
+            Update::Keep(None) => {}
         }
     }
 }
@@ -333,16 +550,75 @@ mod tests {
     use super::*;
     use crate::discovery::DestinationKind;
 
-    fn cm(data: &[(&str, &str)]) -> ConfigMap {
-        let mut c = ConfigMap::default();
-        c.metadata.name = Some("orders-shardmap".into());
-        c.metadata.namespace = Some("shop".into());
-        c.data = Some(
-            data.iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
+    use shardmesh_api::shardmap::{Member, Shard, ShardMap};
+
+    /// The slices of a map of `orders` in `shop`, one per entry of `shards` (member addresses),
+    /// under layout `layout`.
+    fn slices_of(epoch: i64, layout: i64, shards: &[&[&str]]) -> Vec<ShardMapSlice> {
+        let map = ShardMap {
+            epoch,
+            routing_count: None,
+            previous: None,
+            shards: shards
+                .iter()
+                .enumerate()
+                .map(|(i, addrs)| Shard {
+                    index: i as u32,
+                    members: addrs
+                        .iter()
+                        .enumerate()
+                        .map(|(j, a)| Member {
+                            pod: format!("orders-{i}-{j}"),
+                            address: a.to_string(),
+                        })
+                        .collect(),
+                    leader: None,
+                })
                 .collect(),
-        );
-        c
+        };
+        let layout = Layout {
+            id: layout,
+            shard_key: "x-user".into(),
+            handoff_miss: "404".into(),
+            ..Layout::default()
+        };
+        shardmap::slices(&map, &layout)
+            .into_iter()
+            .map(|spec| {
+                let mut s = ShardMapSlice::new(
+                    &labels::shard_object_name("orders", spec.shard.index),
+                    spec,
+                );
+                s.metadata.namespace = Some("shop".into());
+                s.metadata.owner_references = Some(vec![
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                        uid: "uid-1".into(),
+                        ..Default::default()
+                    },
+                ]);
+                s
+            })
+            .collect()
+    }
+
+    fn dest(epoch: i64, shards: &[&[&str]]) -> Destination {
+        let s = slices_of(epoch, 1, shards);
+        destination_from_slices(
+            "orders:8080",
+            "shard map of shop/orders",
+            s.iter().map(|s| &s.spec),
+        )
+        .unwrap()
+    }
+
+    fn addrs(d: &Destination) -> Vec<Vec<String>> {
+        match &d.kind {
+            DestinationKind::Sharded { shards, .. } => shards
+                .iter()
+                .map(|s| s.iter().map(|a| a.to_string()).collect())
+                .collect(),
+            DestinationKind::Endpoints(_) => panic!("must be sharded"),
+        }
     }
 
     #[test]
@@ -364,13 +640,8 @@ mod tests {
     }
 
     #[test]
-    fn configmap_becomes_a_sharded_destination() {
-        let json = r#"{"epoch":7,"shards":[{"index":0,"members":[{"pod":"o-0-0","address":"10.0.0.1:4143"}]},{"index":1,"members":[]}]}"#;
-        let d = destination_from_configmap(
-            "orders:8080",
-            &cm(&[("shardmap.json", json), ("shardKey", "x-user")]),
-        )
-        .unwrap();
+    fn slices_become_a_sharded_destination() {
+        let d = dest(7, &[&["10.0.0.1:4143"], &[]]);
         let DestinationKind::Sharded {
             header,
             epoch,
@@ -384,28 +655,100 @@ mod tests {
             (header.as_str(), *epoch, shards.len(), shards[0].len()),
             ("x-user", 7, 2, 1)
         );
-        // Default header when the key is absent.
-        let d = destination_from_configmap("o:1", &cm(&[("shardmap.json", json)])).unwrap();
+    }
+
+    #[test]
+    fn a_slice_of_the_layout_in_use_replaces_its_shard_only() {
+        let mut f = Follower::new("shop", "orders", "orders:8080");
+        let first = slices_of(3, 3, &[&["10.0.0.1:1"], &["10.0.0.2:1"], &[]]);
+        let Update::Route(d, owner) = f.reset(first.clone()) else {
+            panic!("a complete map routes")
+        };
+        assert_eq!((d.epoch(), owner.as_str()), (Some(3), "uid-1"));
+        // Shard 2 gains a member at epoch 4: only its slice arrives.
+        let mut s2 = first[2].clone();
+        s2.spec.epoch = 4;
+        s2.spec.shard.members.push(Member {
+            pod: "orders-2-0".into(),
+            address: "10.0.0.3:1".into(),
+        });
+        let Update::Route(d, _) = f.apply(s2.clone()) else {
+            panic!("a slice of the layout in use routes")
+        };
+        assert_eq!(d.epoch(), Some(4));
+        assert_eq!(
+            addrs(&d),
+            [vec!["10.0.0.1:1"], vec!["10.0.0.2:1"], vec!["10.0.0.3:1"]]
+        );
+        // The patched table equals the one combined from all slices.
+        let mut all = first.clone();
+        all[2] = s2;
+        assert_eq!(
+            d,
+            destination_from_slices(
+                "orders:8080",
+                "shard map of shop/orders",
+                all.iter().map(|s| &s.spec)
+            )
+            .unwrap()
+        );
+        // A bad address in a slice is refused; routing stays on the last good table.
+        let mut bad = first[0].clone();
+        bad.spec.shard.members[0].address = "nowhere".into();
         assert!(
-            matches!(&d.kind, DestinationKind::Sharded { header, .. } if header == "x-shard-key")
+            matches!(f.apply(bad), Update::Keep(Some(e)) if e.contains("shards[0]") && e.contains("nowhere"))
+        );
+        // A slice under someone else's name is refused.
+        let mut stray = first[1].clone();
+        stray.metadata.name = Some("orders-7".into());
+        assert!(
+            matches!(f.apply(stray), Update::Keep(Some(e)) if e.contains("must be named orders-1"))
         );
     }
 
     #[test]
-    fn bad_configmaps_name_the_object_and_problem() {
-        let e = destination_from_configmap("o:1", &cm(&[])).unwrap_err();
-        assert!(
-            e.contains("shop/orders-shardmap") && e.contains("no data key"),
-            "{e}"
-        );
-        let e = destination_from_configmap("o:1", &cm(&[("shardmap.json", "{")])).unwrap_err();
-        assert!(e.contains("is not a shard map"), "{e}");
-        let e = destination_from_configmap(
+    fn a_new_layout_routes_only_once_every_listed_shard_has_it() {
+        let mut f = Follower::new("shop", "orders", "orders:8080");
+        assert!(matches!(
+            f.reset(slices_of(5, 5, &[&["10.0.0.1:1"], &["10.0.0.2:1"]])),
+            Update::Route(..)
+        ));
+        // Growing to three shards at epoch 6: a new layout; its slices arrive one by one.
+        let grown = slices_of(6, 6, &[&["10.0.0.1:1"], &["10.0.0.2:1"], &["10.0.0.3:1"]]);
+        for s in &grown[..2] {
+            let u = f.apply(s.clone());
+            assert!(
+                matches!(&u, Update::Keep(Some(e)) if e.contains("not yet published")),
+                "{u:?}"
+            );
+        }
+        let Update::Route(d, _) = f.apply(grown[2].clone()) else {
+            panic!("complete")
+        };
+        assert_eq!((d.epoch(), addrs(&d).len()), (Some(6), 3));
+        // Shrinking back: the slice past the listed shards is deleted; nothing else changes.
+        assert_eq!(f.remove(&grown[2]), Update::Keep(None));
+        for s in &grown[..2] {
+            assert_eq!(f.remove(s) == Update::Gone, s.spec.shard.index == 1);
+        }
+    }
+
+    #[test]
+    fn bad_slices_name_the_service_and_problem() {
+        let none: Vec<ShardMapSlice> = Vec::new();
+        let e = destination_from_slices(
             "o:1",
-            &cm(&[("shardmap.json", r#"{"epoch":1,"shards":[]}"#)]),
+            "shard map of shop/orders",
+            none.iter().map(|s| &s.spec),
         )
         .unwrap_err();
-        assert!(e.contains("empty"), "{e}");
+        assert!(e.contains("shop/orders") && e.contains("no slices"), "{e}");
+        let mut s = slices_of(1, 1, &[&["10.0.0.1:1"]]);
+        s[0].spec.layout.shard_key = "bad header".into();
+        let e =
+            destination_from_slices("o:1", "shard map of shop/orders", s.iter().map(|s| &s.spec))
+                .unwrap_err();
+        assert!(e.contains("shop/orders.shardKey"), "{e}");
     }
 
     #[test]
@@ -415,19 +758,18 @@ mod tests {
         )
         .unwrap();
         let reg = LiveRegistry::new(fixed);
-        let json = |epoch: i64| {
-            format!(
-                r#"{{"epoch":{epoch},"shards":[{{"index":0,"members":[{{"pod":"p","address":"127.0.0.1:9"}}]}}]}}"#
-            )
+        let map = |epoch: i64| Destination {
+            name: "a:1".into(),
+            ..dest(epoch, &[&["127.0.0.1:9"]])
         };
-        reg.set(destination_from_configmap("a:1", &cm(&[("shardmap.json", &json(1))])).unwrap());
+        reg.set(map(1));
         let epoch_of = |reg: &LiveRegistry| match &reg.lookup("a:1").unwrap().kind {
             DestinationKind::Sharded { epoch, .. } => *epoch,
             DestinationKind::Endpoints(_) => -1,
         };
         assert_eq!(epoch_of(&reg), 1);
         let held = reg.lookup("a:1").unwrap();
-        reg.set(destination_from_configmap("a:1", &cm(&[("shardmap.json", &json(2))])).unwrap());
+        reg.set(map(2));
         assert_eq!(epoch_of(&reg), 2);
         // A request that resolved before the swap keeps its consistent snapshot.
         assert!(matches!(
@@ -442,11 +784,9 @@ mod tests {
     #[test]
     fn epochs_only_move_forward_for_one_map_object() {
         let reg = LiveRegistry::new(StaticRegistry::empty());
-        let map = |epoch: i64| {
-            let json = format!(
-                r#"{{"epoch":{epoch},"shards":[{{"index":0,"members":[{{"pod":"p","address":"127.0.0.1:9"}}]}}]}}"#
-            );
-            destination_from_configmap("a:1", &cm(&[("shardmap.json", &json)])).unwrap()
+        let map = |epoch: i64| Destination {
+            name: "a:1".into(),
+            ..dest(epoch, &[&["127.0.0.1:9"]])
         };
         let epoch = |reg: &LiveRegistry| reg.lookup("a:1").and_then(|d| d.epoch());
         assert!(reg.offer(map(5), "uid-1"));
@@ -486,11 +826,9 @@ mod tests {
         use std::time::Duration;
         use tokio::time::Instant;
         let reg = Arc::new(LiveRegistry::new(StaticRegistry::empty()));
-        let map = |epoch: i64| {
-            let json = format!(
-                r#"{{"epoch":{epoch},"shards":[{{"index":0,"members":[{{"pod":"p","address":"127.0.0.1:9"}}]}}]}}"#
-            );
-            destination_from_configmap("a:1", &cm(&[("shardmap.json", &json)])).unwrap()
+        let map = |epoch: i64| Destination {
+            name: "a:1".into(),
+            ..dest(epoch, &[&["127.0.0.1:9"]])
         };
         reg.set(map(1));
         // Already new enough: no wait at all.
@@ -521,11 +859,9 @@ mod tests {
     #[tokio::test]
     async fn a_member_is_ready_only_once_its_shard_lists_it() {
         let reg = Arc::new(LiveRegistry::new(StaticRegistry::empty()));
-        let map = |epoch: i64, shard1: &str| {
-            let json = format!(
-                r#"{{"epoch":{epoch},"shards":[{{"index":0,"members":[{{"pod":"o-0-0","address":"10.0.0.9:4143"}}]}},{{"index":1,"members":[{shard1}]}}]}}"#
-            );
-            destination_from_configmap("o:80", &cm(&[("shardmap.json", &json)])).unwrap()
+        let map = |epoch: i64, shard1: &[&str]| Destination {
+            name: "o:80".into(),
+            ..dest(epoch, &[&["10.0.0.9:4143"], shard1])
         };
         let gates = crate::admin::StartupGates::default();
         let me: std::net::SocketAddr = "10.0.0.9:4143".parse().unwrap();
@@ -538,12 +874,12 @@ mod tests {
         ));
         // No map yet, then a map listing this address under another shard only.
         tokio::task::yield_now().await;
-        reg.set(map(1, ""));
+        reg.set(map(1, &[]));
         tokio::task::yield_now().await;
         assert_eq!(gates.pending(), ["listing"]);
         assert!(!waiter.is_finished());
         // Listed in its own shard: the gate opens and the task ends.
-        reg.set(map(2, r#"{"pod":"o-1-0","address":"10.0.0.9:4143"}"#));
+        reg.set(map(2, &["10.0.0.9:4143"]));
         tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
             .await
             .expect("wait_listed ends once listed")

@@ -13,7 +13,6 @@
 mod fuzzing;
 
 use std::{
-    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{Mutex, OnceLock},
 };
@@ -23,13 +22,12 @@ use fuzzing::{
     config, corpus, corpus_lines, expectation, inputs, one_replaced, trees, within, Expect, Input,
     Seed,
 };
-use k8s_openapi::{api::core::v1::ConfigMap, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use proptest::{prelude::*, sample::Index};
-use shardmesh_api::labels;
+use shardmesh_api::shardmap::{self, Layout, ShardMap};
 use shardmesh_sidecar::{
     config::{Args, ConfigError, Policy, Settings},
     discovery::{normalize_authority, DestinationKind, StaticRegistry},
-    shardmap_watch::{destination_from_configmap, ShardMapSource},
+    shardmap_watch::{destination_from_slices, ShardMapSource},
 };
 
 fn dir(target: &str) -> String {
@@ -378,21 +376,58 @@ fn shardmap_source_with_a_bracket_inside_the_host() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Shard-map ConfigMap (`<service>-shardmap`, written by the operator, read by every sidecar)
+// Shard-map slices (`ShardMapSlice` per shard, written by the operator, read by every sidecar)
 
-const CM: &str = "configmap shop/orders-shardmap";
+const WHAT: &str = "shard map of shop/orders";
 
-fn check_configmap(data: BTreeMap<String, String>) -> Result<(), String> {
-    let cm = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some("orders-shardmap".into()),
-            namespace: Some("shop".into()),
-            ..ObjectMeta::default()
-        },
-        data: Some(data),
-        ..ConfigMap::default()
+/// How a fuzzed set of slices departs from what the operator publishes.
+#[derive(Clone, Debug)]
+enum Skew {
+    None,
+    /// One slice missing.
+    Drop(Index),
+    /// One slice of another layout.
+    Relayout(Index, i64),
+    /// One slice published twice.
+    Twice(Index),
+}
+
+/// The slices of `map_json` (a shard map's JSON) under the given settings, skewed, combined as
+/// a sidecar does. A text that is no shard map is refused before any slice exists.
+fn check_slices(
+    map_json: &str,
+    header: Option<String>,
+    writes: Option<String>,
+    miss: Option<String>,
+    skew: Skew,
+) -> Result<(), String> {
+    let map: ShardMap =
+        serde_json::from_str(map_json).map_err(|e| format!("{WHAT}: not a shard map: {e}"))?;
+    let layout = Layout {
+        id: map.epoch,
+        shard_key: header.unwrap_or_default(),
+        writes,
+        handoff_miss: miss.unwrap_or_default(),
+        ..Layout::default()
     };
-    match destination_from_configmap("orders.shop:8080", &cm) {
+    let mut slices = shardmap::slices(&map, &layout);
+    if !slices.is_empty() {
+        match skew {
+            Skew::None => {}
+            Skew::Drop(i) => {
+                slices.remove(i.index(slices.len()));
+            }
+            Skew::Relayout(i, id) => {
+                let n = slices.len();
+                slices[i.index(n)].layout.id = id;
+            }
+            Skew::Twice(i) => {
+                let twin = slices[i.index(slices.len())].clone();
+                slices.push(twin);
+            }
+        }
+    }
+    match destination_from_slices("orders.shop:8080", WHAT, slices.iter()) {
         Ok(d) => {
             let DestinationKind::Sharded {
                 count,
@@ -420,8 +455,8 @@ fn check_configmap(data: BTreeMap<String, String>) -> Result<(), String> {
         }
         Err(e) => {
             assert!(
-                e.starts_with(CM) && e.len() > CM.len() + 2,
-                "the error names the ConfigMap and the problem: {e}"
+                e.starts_with(WHAT) && e.len() > WHAT.len() + 2,
+                "the error names the service and the problem: {e}"
             );
             Err(e)
         }
@@ -435,7 +470,15 @@ fn shardmap_seeds() -> Vec<Seed> {
     ))
 }
 
-fn configmap_data() -> impl Strategy<Value = BTreeMap<String, String>> {
+type SliceCase = (
+    Option<Input>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Skew,
+);
+
+fn slice_case() -> impl Strategy<Value = SliceCase> {
     let value = || {
         prop::option::weighted(
             0.3,
@@ -445,6 +488,12 @@ fn configmap_data() -> impl Strategy<Value = BTreeMap<String, String>> {
             ],
         )
     };
+    let skew = prop_oneof![
+        4 => Just(Skew::None),
+        1 => any::<Index>().prop_map(Skew::Drop),
+        1 => (any::<Index>(), any::<i64>()).prop_map(|(i, id)| Skew::Relayout(i, id)),
+        1 => any::<Index>().prop_map(Skew::Twice),
+    ];
     (
         prop::option::weighted(
             0.95,
@@ -456,32 +505,29 @@ fn configmap_data() -> impl Strategy<Value = BTreeMap<String, String>> {
         value(),
         value(),
         value(),
+        skew,
     )
-        .prop_map(|(map, header, writes, miss)| {
-            let mut data = BTreeMap::new();
-            for (key, v) in [
-                (labels::SHARDMAP_KEY, map.map(|m| m.text())),
-                (labels::SHARDMAP_HEADER_KEY, header),
-                (labels::SHARDMAP_WRITES_KEY, writes),
-                (labels::SHARDMAP_HANDOFF_MISS_KEY, miss),
-            ] {
-                if let Some(v) = v {
-                    data.insert(key.to_string(), v);
-                }
-            }
-            data
-        })
 }
 
 #[test]
-fn shardmap_configmap_corpus() {
+fn shardmap_slices_corpus() {
     for seed in shardmap_seeds() {
-        let mut data = BTreeMap::new();
-        data.insert(
-            labels::SHARDMAP_KEY.to_string(),
-            String::from_utf8_lossy(&seed.bytes).into_owned(),
-        );
-        let got = within(&seed.name, move || check_configmap(data));
+        let text = String::from_utf8_lossy(&seed.bytes).into_owned();
+        let got = within(&seed.name, move || {
+            check_slices(
+                &text,
+                Some("x-user".into()),
+                None,
+                Some("404".into()),
+                Skew::None,
+            )
+        });
+        // Each slice carries its shard's index, so the order of a map's shards is not part of
+        // the published form: a map listing them out of order publishes the same slices.
+        if seed.name.contains("index-mismatch") {
+            assert!(got.is_ok(), "{}: {got:?}", seed.name);
+            continue;
+        }
         match expectation(&seed.name) {
             // The payload's own seeds: JSON only, so the YAML one is refused here too.
             Expect::Accept => assert!(got.is_ok(), "{}: {got:?}", seed.name),
@@ -495,8 +541,11 @@ proptest! {
     #![proptest_config(config(5000))]
 
     #[test]
-    fn shardmap_configmap(data in configmap_data()) {
-        within("destination_from_configmap", move || { let _ = check_configmap(data); });
+    fn shardmap_slices((map, header, writes, miss, skew) in slice_case()) {
+        let text = map.map(|m| m.text()).unwrap_or_default();
+        within("destination_from_slices", move || {
+            let _ = check_slices(&text, header, writes, miss, skew);
+        });
     }
 }
 

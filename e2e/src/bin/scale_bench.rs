@@ -40,7 +40,7 @@ use kube::{
     Api, Client, ResourceExt,
 };
 use serde_json::{json, Value};
-use shardmesh_api::{labels, ShardedService};
+use shardmesh_api::{labels, shardmap::ShardMapSlice, ShardedService};
 use shardmesh_e2e::{apply_service, demo_service, TestNamespace};
 
 const SHARDS: u32 = 4;
@@ -378,10 +378,11 @@ async fn snapshot(
                     .map(|o| format!("{ns}/{}", o.name_any())),
             );
         }
-        let (sts, svcs, cms, sas, roles, bindings, shsvcs) = futures::try_join!(
+        let (sts, svcs, cms, slices, sas, roles, bindings, shsvcs) = futures::try_join!(
             list_names::<StatefulSet>(client, ns, "StatefulSet"),
             list_names::<Service>(client, ns, "Service"),
             list_names::<ConfigMap>(client, ns, "ConfigMap"),
+            list_names::<ShardMapSlice>(client, ns, "ShardMapSlice"),
             list_names::<ServiceAccount>(client, ns, "ServiceAccount"),
             list_names::<Role>(client, ns, "Role"),
             list_names::<RoleBinding>(client, ns, "RoleBinding"),
@@ -396,6 +397,7 @@ async fn snapshot(
             ("StatefulSet", sts),
             ("Service", svcs),
             ("ConfigMap", cms),
+            ("ShardMapSlice", slices),
             ("ServiceAccount", sas),
             ("Role", roles),
             ("RoleBinding", bindings),
@@ -430,7 +432,8 @@ fn missing(
             if budgets {
                 wanted.push(("PodDisruptionBudget", shard.clone()));
             }
-            wanted.push(("Service", shard));
+            wanted.push(("Service", shard.clone()));
+            wanted.push(("ShardMapSlice", shard));
         }
         wanted.push(("Service", name.clone()));
         wanted.push(("ConfigMap", labels::shardmap_name(name)));

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client as HttpClient, rt::TokioExecutor};
 use k8s_openapi::api::{
     admissionregistration::v1::MutatingWebhookConfiguration,
-    core::v1::{ConfigMap, Pod, ServiceAccount},
+    core::v1::{Pod, ServiceAccount},
     rbac::v1::RoleBinding,
 };
 use kube::{
@@ -26,7 +26,10 @@ use kube::{
     Api,
 };
 use serde_json::{json, Value};
-use shardmesh_api::{labels, shardmap::ShardMap};
+use shardmesh_api::{
+    labels,
+    shardmap::{ShardMap, ShardMapSlice},
+};
 use shardmesh_e2e::{wait_for, TestNamespace, WAIT};
 
 /// The sidecar image the harness imports.
@@ -77,15 +80,14 @@ pub fn add_sidecar_if_not_injected(body: &mut Value, injected: bool, extra: &[&s
     }));
 }
 
-/// The shard map the operator published for service `name`.
-pub async fn shard_map(api: &Api<ConfigMap>, name: &str) -> anyhow::Result<ShardMap> {
-    let cm = api.get(&labels::shardmap_name(name)).await?;
-    let json = cm
-        .data
-        .as_ref()
-        .and_then(|d| d.get(labels::SHARDMAP_KEY))
-        .ok_or_else(|| anyhow::anyhow!("no {} in the ConfigMap", labels::SHARDMAP_KEY))?;
-    Ok(serde_json::from_str(json)?)
+/// The shard map the operator published for service `name`, combined from its slices as a
+/// sidecar combines them.
+pub async fn shard_map(api: &Api<ShardMapSlice>, name: &str) -> anyhow::Result<ShardMap> {
+    let lp = ListParams::default().labels(&format!("{}={name}", labels::SERVICE));
+    let slices = api.list(&lp).await?.items;
+    shardmesh_api::shardmap::assemble(slices.iter().map(|s| &s.spec))
+        .map(|a| a.map)
+        .map_err(|e| anyhow::anyhow!("shard map of {name}: {e}"))
 }
 
 /// Every member pod of a map.

@@ -49,13 +49,11 @@ pub fn service_selector_string(name: &str) -> String {
 pub const LEASE_ADDRESS: &str = "shardmesh.io/address";
 /// Lease annotation: the inbound port alone, for tools that only want the port.
 pub const LEASE_PORT: &str = "shardmesh.io/port";
-/// Data key of the shard-map ConfigMap holding the `ShardMap` JSON.
-pub const SHARDMAP_KEY: &str = "shardmap.json";
-/// Data key of the shard-map ConfigMap holding the shard-key header name, so a calling sidecar
-/// needs no read access to the ShardedService itself.
-pub const SHARDMAP_HEADER_KEY: &str = "shardKey";
+/// Data key of the shard-map index ConfigMap holding the highest epoch published.
+pub const SHARDMAP_INDEX_EPOCH_KEY: &str = "epoch";
 
-/// Name of the ConfigMap publishing the shard map of service `name`.
+/// Name of the index ConfigMap of the shard map of service `name` (the map itself is published
+/// as one `ShardMapSlice` per shard, named like the shard's StatefulSet).
 pub fn shardmap_name(name: &str) -> String {
     format!("{name}-shardmap")
 }
@@ -66,8 +64,10 @@ pub fn member_account_name(name: &str) -> String {
     format!("{name}-shardmesh-member")
 }
 
-/// Name of the Role granting read access to the shard map of service `name` only; bind it to
-/// the ServiceAccount of any client pod whose sidecar routes to the service.
+/// Name of the Role granting read access to the shard map of service `name`; bind it to the
+/// ServiceAccount of any client pod whose sidecar routes to the service. Slices are read by
+/// label, which RBAC cannot restrict by name: a bound account may read the shard maps (pod
+/// names and addresses) of every ShardedService in the namespace, as with EndpointSlices.
 pub fn shardmap_reader_name(name: &str) -> String {
     format!("{name}-shardmap-reader")
 }
@@ -94,11 +94,3 @@ pub fn leader_holder(pod: &str, incarnation: &str) -> String {
 pub fn leader_holder_pod(holder: &str) -> &str {
     holder.split_once('_').map_or(holder, |(pod, _)| pod)
 }
-
-/// Data key of the shard-map ConfigMap saying how writes are recognised when the service elects
-/// leaders: `methods` (every method that is not safe) or `header:<name>`; absent: no leaders.
-pub const SHARDMAP_WRITES_KEY: &str = "writes";
-
-/// Shard-map ConfigMap key: the statuses of a GET/HEAD answer that mean a miss and send the
-/// read to the key's previous owner during a handoff window, comma-separated (e.g. `404`).
-pub const SHARDMAP_HANDOFF_MISS_KEY: &str = "handoffMiss";

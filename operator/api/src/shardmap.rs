@@ -7,8 +7,22 @@
 //! they own keys, and shards being removed stay listed while they serve handoff reads. While a
 //! change of the shard count is in its handoff window the map also carries `previous`, the
 //! count keys were routed by before: a read that misses on a key's new owner is served by its
-//! previous owner. One map is one layout: a reader never combines two maps.
+//! previous owner.
+//!
+//! **Publication: one object per shard.** The operator publishes a map as one
+//! [`ShardMapSlice`] per listed shard (like EndpointSlices for Endpoints), so a membership
+//! change rewrites the slice of the shard that changed and a watching sidecar receives that
+//! slice only: the bytes of a change grow with one shard, not with the service, and every
+//! object stays far below the API server's size limits at the CRD's maximum. Every slice
+//! carries its [`Layout`] (routing count, listed shards, handoff window, routing settings)
+//! under a layout `id`; [`assemble`] combines slices into a map only when every listed shard has
+//! a slice of the same layout, so a reader never mixes two layouts (while a layout change is
+//! being written it keeps routing by the last complete map). The assembled epoch is the highest
+//! slice epoch: the operator writes each changed slice with the service's next epoch, and an
+//! epoch at or above the one a layout was published at implies that layout or a newer one.
 
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Live membership of one ShardedService.
@@ -29,7 +43,7 @@ pub struct ShardMap {
 }
 
 /// The previous layout of a map whose shard count changed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Previous {
     /// The shard count keys were routed by before the change.
@@ -40,7 +54,7 @@ pub struct Previous {
 }
 
 /// Members of one shard.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Shard {
     /// Shard index (0-based), equal to its position in [`ShardMap::shards`].
@@ -54,7 +68,7 @@ pub struct Shard {
 }
 
 /// The leader of one shard.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Leader {
     /// Pod name (a member of the same shard).
@@ -66,7 +80,7 @@ pub struct Leader {
 }
 
 /// One live replica.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Member {
     /// Pod name.
@@ -146,6 +160,189 @@ impl ShardMap {
         }
         Ok(())
     }
+}
+
+/// Most shards a service may have (`spec.shards`' maximum): bounds what a reader accepts.
+pub const MAX_SHARDS: u32 = 1024;
+
+/// One shard of a service's published shard map, with the layout it belongs to. Named like the
+/// shard's StatefulSet (`<service>-<shard>`), labelled with the service and the shard, owned by
+/// the ShardedService; written by the operator only.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "shardmesh.io",
+    version = "v1alpha1",
+    kind = "ShardMapSlice",
+    namespaced,
+    derive = "PartialEq",
+    shortname = "shmap",
+    category = "shardmesh",
+    doc = "One shard of a ShardedService's live shard map (its members, leader and the layout it belongs to), published by the shardmesh operator for the sidecars. List a service's with `-l shardmesh.io/service=NAME`.",
+    printcolumn(
+        name = "Shard",
+        type_ = "integer",
+        json_path = ".spec.shard.index",
+        description = "Shard index"
+    ),
+    printcolumn(
+        name = "Epoch",
+        type_ = "integer",
+        json_path = ".spec.epoch",
+        description = "Map epoch at which this slice last changed"
+    ),
+    printcolumn(
+        name = "Leader",
+        type_ = "string",
+        json_path = ".spec.shard.leader.pod",
+        description = "The shard's live leader, when the service elects leaders"
+    ),
+    printcolumn(
+        name = "Layout",
+        type_ = "integer",
+        json_path = ".spec.layout.id",
+        description = "Layout the slice belongs to"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardMapSliceSpec {
+    /// The service's map epoch at which this slice last changed.
+    pub epoch: i64,
+    /// The layout this slice belongs to; every slice of a complete map carries the same.
+    pub layout: Layout,
+    /// The shard: index, ready members, live leader.
+    pub shard: Shard,
+}
+
+/// What every slice of one map shares: how keys are routed and how requests are recognised.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Layout {
+    /// The map epoch this layout was published at; a reader combines only slices of one id.
+    pub id: i64,
+    /// The shard count keys are routed by.
+    pub count: u32,
+    /// How many shards are listed (one slice each): `count`, or more while shards are added
+    /// or drained.
+    pub listed: u32,
+    /// The layout before the last change of the shard count, while its handoff window is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Previous>,
+    /// Request header carrying the shard key (lower case).
+    pub shard_key: String,
+    /// How writes are recognised when the service elects leaders: `methods` or
+    /// `header:<name>`; absent when it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writes: Option<String>,
+    /// Statuses of a read that mean a miss during a handoff window, comma-separated.
+    #[serde(default)]
+    pub handoff_miss: String,
+}
+
+impl Layout {
+    /// Whether `other` is the same layout but for its id.
+    pub fn same_as(&self, other: &Layout) -> bool {
+        Layout {
+            id: 0,
+            ..self.clone()
+        } == Layout {
+            id: 0,
+            ..other.clone()
+        }
+    }
+}
+
+/// A map combined from its slices, with the layout they share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assembled {
+    /// The map, its epoch the highest of its slices'.
+    pub map: ShardMap,
+    /// The layout every slice carries.
+    pub layout: Layout,
+}
+
+/// The slices publishing `map` under `layout` (its `count`, `listed` and `previous` are taken
+/// from the map), each at the map's epoch.
+pub fn slices(map: &ShardMap, layout: &Layout) -> Vec<ShardMapSliceSpec> {
+    let layout = Layout {
+        count: map.count(),
+        listed: u32::try_from(map.shards.len()).unwrap_or(u32::MAX),
+        previous: map.previous.clone(),
+        ..layout.clone()
+    };
+    map.shards
+        .iter()
+        .map(|shard| ShardMapSliceSpec {
+            epoch: map.epoch,
+            layout: layout.clone(),
+            shard: shard.clone(),
+        })
+        .collect()
+}
+
+/// Combines the slices of one service into its map: the newest layout among them, one slice of
+/// it per listed shard (slices of shards past `listed` are leftovers and ignored). Fails, saying
+/// what is missing, while a layout is incomplete or when slices disagree; the map is then
+/// [`ShardMap::check`]ed.
+pub fn assemble<'a>(
+    slices: impl IntoIterator<Item = &'a ShardMapSliceSpec>,
+) -> Result<Assembled, String> {
+    let slices: Vec<&ShardMapSliceSpec> = slices.into_iter().collect();
+    let newest = slices
+        .iter()
+        .max_by_key(|s| s.layout.id)
+        .ok_or("no slices published")?;
+    let layout = newest.layout.clone();
+    if layout.listed == 0 || layout.listed > MAX_SHARDS {
+        return Err(format!(
+            "layout {}: listed {} must be between 1 and {MAX_SHARDS}",
+            layout.id, layout.listed
+        ));
+    }
+    let mut shards: Vec<Option<&ShardMapSliceSpec>> = vec![None; layout.listed as usize];
+    for s in slices.iter().filter(|s| s.layout.id == layout.id) {
+        if s.layout != layout {
+            return Err(format!(
+                "layout {}: slices of shard {} and {} disagree on it",
+                layout.id, newest.shard.index, s.shard.index
+            ));
+        }
+        let Some(slot) = shards.get_mut(s.shard.index as usize) else {
+            return Err(format!(
+                "layout {}: shard {} is past the {} listed",
+                layout.id, s.shard.index, layout.listed
+            ));
+        };
+        if slot.replace(s).is_some() {
+            return Err(format!(
+                "layout {}: shard {} is published twice",
+                layout.id, s.shard.index
+            ));
+        }
+    }
+    let missing: Vec<usize> = (0..shards.len()).filter(|&i| shards[i].is_none()).collect();
+    if let Some(first) = missing.first() {
+        return Err(format!(
+            "layout {}: {} of {} shard(s) not yet published in it (first: shard {first})",
+            layout.id,
+            missing.len(),
+            layout.listed
+        ));
+    }
+    let shards: Vec<&ShardMapSliceSpec> = shards.into_iter().flatten().collect();
+    let map = ShardMap {
+        epoch: shards.iter().map(|s| s.epoch).max().unwrap_or(0),
+        routing_count: Some(layout.count),
+        shards: shards.iter().map(|s| s.shard.clone()).collect(),
+        previous: layout.previous.clone(),
+    };
+    map.check()?;
+    Ok(Assembled { map, layout })
 }
 
 #[cfg(test)]

@@ -773,9 +773,11 @@ pub struct ShardStatus {
     pub replicas: i32,
     /// Replicas whose pods are Ready.
     pub ready_replicas: i32,
-    /// Names of the ready member pods, sorted.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub members: Vec<String>,
+    /// How many live members the shard map lists for the shard (ready pods when no map is
+    /// published yet). Their names and addresses are in the shard's ShardMapSlice
+    /// (`kubectl get shardmapslices NAME-INDEX -o yaml`), so the status stays small at any size.
+    #[serde(default)]
+    pub live_members: i32,
     /// The shard's leader pod, when leader election is enabled and a leader is live.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<String>,
