@@ -299,11 +299,11 @@ async fn expired_leases_leave_the_map_and_members_get_exactly_their_rights() {
         "the operator never deletes Leases"
     );
 
-    // The member account: its own Leases and reading the shard map, nothing else.
+    // A member account (shard 0's): its shard's Leases and reading the shard map, nothing else.
     let user = format!(
         "system:serviceaccount:{}:{}",
         ns.name,
-        labels::member_account_name("solo")
+        labels::member_account_name("solo", 0)
     );
     let lease_res = ("coordination.k8s.io", "leases");
     let cm_res = ("", "configmaps");
@@ -311,8 +311,11 @@ async fn expired_leases_leave_the_map_and_members_get_exactly_their_rights() {
     let cases = [
         (lease_res, "create", None, true),
         (lease_res, "update", Some("solo-0-0"), true),
-        (lease_res, "delete", Some("solo-1-0"), true),
-        (lease_res, "get", Some("solo-1-0"), true),
+        (lease_res, "delete", Some("solo-0-0"), true),
+        (lease_res, "get", Some("solo-0-0"), true),
+        // Another shard's pod: its Lease is out of reach.
+        (lease_res, "delete", Some("solo-1-0"), false),
+        (lease_res, "update", Some("solo-1-0"), false),
         (lease_res, "update", Some("forged"), false),
         (lease_res, "list", None, false),
         (slice_res, "watch", None, true),
@@ -327,7 +330,7 @@ async fn expired_leases_leave_the_map_and_members_get_exactly_their_rights() {
         assert_eq!(
             allowed(&client, &user, &ns.name, res, verb, name).await,
             want,
-            "{verb} {}/{} as the member account",
+            "{verb} {}/{} as shard 0's member account",
             res.1,
             name.unwrap_or("*")
         );

@@ -2,7 +2,7 @@
 //! ServiceAccount with a Role allowing exactly their Lease writes and the shard-map read, a
 //! reader Role client pods can be bound to, and (when the service elects leaders) one leader
 //! Lease per shard. [`crate::build`] returns them with everything else the service owns; the
-//! operator applies them (not the chart) because the Role names the service's pods, which
+//! operator applies them (not the chart) because each Role names its shard's pods, which
 //! change with `shards`/`replicasPerShard`, and the account must exist in every namespace a
 //! ShardedService is created in.
 
@@ -23,16 +23,25 @@ const COMPONENT_ACCESS: &str = "access";
 /// `app.kubernetes.io/component` of the leader Leases.
 const COMPONENT_LEADER: &str = "leader";
 
-/// The access objects of one service.
+/// The access objects of one service: per shard, an account for its pods with a Role naming
+/// only that shard's pods and leader Lease (so no object grows with the service's pod count,
+/// and a pod cannot touch another shard's Leases), and one reader Role.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Access {
-    /// The member pods' ServiceAccount.
-    pub account: ServiceAccount,
-    /// What member pods may do: their own Leases, the leader Leases, the map.
-    pub member_role: Role,
+    /// Per shard (by index): the member ServiceAccount, its Role and the RoleBinding.
+    pub shards: Vec<ShardAccess>,
     /// What client pods bound to it may do: read the map.
     pub reader_role: Role,
-    /// Binds the member Role to the member ServiceAccount.
+}
+
+/// What the pods of one shard run as and may do.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ShardAccess {
+    /// The shard's pods' ServiceAccount.
+    pub account: ServiceAccount,
+    /// Their own Leases, their shard's leader Lease, the map.
+    pub role: Role,
+    /// Binds the Role to the ServiceAccount.
     pub binding: RoleBinding,
 }
 
@@ -58,15 +67,6 @@ pub(crate) fn meta(
         owner_references: Some(vec![owner.clone()]),
         ..ObjectMeta::default()
     }
-}
-
-/// Pod names of a service: StatefulSet `<name>-<shard>` names its pods `<name>-<shard>-<ordinal>`.
-pub fn pod_names(name: &str, shards: u32, replicas: u32) -> Vec<String> {
-    (0..shards)
-        .flat_map(|s| {
-            (0..replicas).map(move |r| format!("{}-{r}", labels::shard_object_name(name, s)))
-        })
-        .collect()
 }
 
 /// The per-shard leader Leases of a service that elects leaders (none otherwise). The operator
@@ -116,15 +116,15 @@ fn rule(group: &str, resource: &str, verbs: &[&str], names: Option<Vec<String>>)
     }
 }
 
-/// Access objects of a service: the member ServiceAccount, its Role and RoleBinding, and the
-/// reader Role for client pods.
+/// Access objects of a service: per shard with workloads, the member ServiceAccount, its Role
+/// and RoleBinding; and the reader Role for client pods.
 ///
-/// The member Role allows `create` on Leases without a name restriction (Kubernetes cannot
-/// restrict creation by name), and `get`/`update`/`delete` only of the Leases named after the
-/// service's pods; the shard map's slices are read by label (see
-/// [`labels::shardmap_reader_name`]). `shards` is the
-/// number of shards with workloads (see [`crate::reshard::workload_shards`]): removed shards keep
-/// renewing their Leases while they serve handoff reads.
+/// A member Role allows `create` on Leases without a name restriction (Kubernetes cannot
+/// restrict creation by name), `get`/`update`/`delete` only of the Leases named after its
+/// shard's pods, `get`/`update` of its shard's leader Lease, and reading the shard map's slices
+/// by label (see [`labels::shardmap_reader_name`]). `shards` is the number of shards with
+/// workloads (see [`crate::reshard::workload_shards`]): removed shards keep renewing their
+/// Leases while they serve handoff reads.
 pub fn access(
     svc: &ShardedService,
     name: &str,
@@ -132,7 +132,6 @@ pub fn access(
     owner: &OwnerReference,
     shards: u32,
 ) -> Access {
-    let account = labels::member_account_name(name);
     let replicas = u32::try_from(svc.spec.replicas_per_shard).unwrap_or(0);
     let read_map = rule(
         labels::GROUP,
@@ -140,34 +139,65 @@ pub fn access(
         &["get", "list", "watch"],
         None,
     );
-    let mut rules = vec![
-        rule("coordination.k8s.io", "leases", &["create"], None),
-        rule(
-            "coordination.k8s.io",
-            "leases",
-            &["get", "update", "delete"],
-            Some(pod_names(name, shards, replicas)),
-        ),
-        read_map.clone(),
-    ];
-    if svc.spec.leader_election.enabled {
-        // Contend for and renew the shard leader Leases; never delete them (the transition
-        // count is the fencing epoch).
-        rules.push(rule(
-            "coordination.k8s.io",
-            "leases",
-            &["get", "update"],
-            Some(
-                (0..shards)
-                    .map(|i| labels::leader_lease_name(name, i))
-                    .collect(),
-            ),
-        ));
-    }
-    let member_role = Role {
-        metadata: meta(account.clone(), ns, name, owner, COMPONENT_ACCESS),
-        rules: Some(rules),
+    let shard_meta = |n: String, shard: u32| {
+        let mut m = meta(n, ns, name, owner, COMPONENT_ACCESS);
+        m.labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(labels::SHARD.to_string(), shard.to_string());
+        m
     };
+    let per_shard = (0..shards)
+        .map(|shard| {
+            let account = labels::member_account_name(name, shard);
+            let pods = (0..replicas)
+                .map(|r| format!("{}-{r}", labels::shard_object_name(name, shard)))
+                .collect();
+            let mut rules = vec![
+                rule("coordination.k8s.io", "leases", &["create"], None),
+                rule(
+                    "coordination.k8s.io",
+                    "leases",
+                    &["get", "update", "delete"],
+                    Some(pods),
+                ),
+                read_map.clone(),
+            ];
+            if svc.spec.leader_election.enabled {
+                // Contend for and renew the shard's leader Lease; never delete it (the
+                // transition count is the fencing epoch).
+                rules.push(rule(
+                    "coordination.k8s.io",
+                    "leases",
+                    &["get", "update"],
+                    Some(vec![labels::leader_lease_name(name, shard)]),
+                ));
+            }
+            ShardAccess {
+                account: ServiceAccount {
+                    metadata: shard_meta(account.clone(), shard),
+                    ..ServiceAccount::default()
+                },
+                role: Role {
+                    metadata: shard_meta(account.clone(), shard),
+                    rules: Some(rules),
+                },
+                binding: RoleBinding {
+                    metadata: shard_meta(account.clone(), shard),
+                    role_ref: RoleRef {
+                        api_group: "rbac.authorization.k8s.io".into(),
+                        kind: "Role".into(),
+                        name: account.clone(),
+                    },
+                    subjects: Some(vec![Subject {
+                        kind: "ServiceAccount".into(),
+                        name: account,
+                        namespace: Some(ns.to_string()),
+                        ..Subject::default()
+                    }]),
+                },
+            }
+        })
+        .collect();
     let reader_role = Role {
         metadata: meta(
             labels::shardmap_reader_name(name),
@@ -178,29 +208,9 @@ pub fn access(
         ),
         rules: Some(vec![read_map]),
     };
-    let binding = RoleBinding {
-        metadata: meta(account.clone(), ns, name, owner, COMPONENT_ACCESS),
-        role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".into(),
-            kind: "Role".into(),
-            name: account.clone(),
-        },
-        subjects: Some(vec![Subject {
-            kind: "ServiceAccount".into(),
-            name: account.clone(),
-            namespace: Some(ns.to_string()),
-            ..Subject::default()
-        }]),
-    };
-    let sa = ServiceAccount {
-        metadata: meta(account, ns, name, owner, COMPONENT_ACCESS),
-        ..ServiceAccount::default()
-    };
     Access {
-        account: sa,
-        member_role,
+        shards: per_shard,
         reader_role,
-        binding,
     }
 }
 
@@ -223,7 +233,7 @@ mod tests {
     #[test]
     fn leader_leases_and_rights_only_when_enabled() {
         assert!(leader_leases_of(&svc(), 2).is_empty());
-        let member = access_of(&svc(), 2).member_role;
+        let member = access_of(&svc(), 2).shards[0].role.clone();
         assert_eq!(member.rules.unwrap().len(), 3);
         let mut s = svc();
         s.spec.leader_election.enabled = true;
@@ -238,46 +248,94 @@ mod tests {
             "u-1"
         );
         assert!(leases[1].spec.is_none(), "the sidecars own the spec");
-        let rules = access_of(&s, 2).member_role.rules.unwrap();
-        assert_eq!(rules[3].verbs, vec!["get", "update"]);
-        assert_eq!(
-            rules[3].resource_names.as_deref().unwrap(),
-            ["orders-0-leader", "orders-1-leader"]
-        );
+        // Each shard's pods contend for their own shard's leader Lease only.
+        let a = access_of(&s, 2);
+        for (i, shard) in a.shards.iter().enumerate() {
+            let rules = shard.role.rules.clone().unwrap();
+            assert_eq!(rules[3].verbs, vec!["get", "update"]);
+            assert_eq!(
+                rules[3].resource_names.as_deref().unwrap(),
+                [format!("orders-{i}-leader")]
+            );
+        }
     }
 
     #[test]
-    fn member_role_names_exactly_the_pods_and_reads_the_map() {
+    fn each_shard_runs_as_its_own_account_naming_only_its_pods() {
         let Access {
-            account: sa,
-            member_role: member,
+            shards,
             reader_role: reader,
-            binding,
         } = access_of(&svc(), 2);
-        assert_eq!(sa.metadata.name.as_deref(), Some("orders-shardmesh-member"));
-        let rules = member.rules.unwrap();
-        assert_eq!(rules[0].verbs, vec!["create"]);
-        assert_eq!(rules[0].resource_names, None);
-        assert_eq!(
-            rules[1].resource_names.as_deref().unwrap(),
-            ["orders-0-0", "orders-0-1", "orders-1-0", "orders-1-1"]
+        assert_eq!(shards.len(), 2);
+        for (
+            i,
+            ShardAccess {
+                account,
+                role,
+                binding,
+            },
+        ) in shards.into_iter().enumerate()
+        {
+            let name = format!("orders-{i}-member");
+            assert_eq!(account.metadata.name.as_deref(), Some(name.as_str()));
+            assert_eq!(account.labels()[labels::SHARD], i.to_string());
+            let rules = role.rules.unwrap();
+            assert_eq!(rules[0].verbs, vec!["create"]);
+            assert_eq!(rules[0].resource_names, None);
+            assert_eq!(
+                rules[1].resource_names.as_deref().unwrap(),
+                [format!("orders-{i}-0"), format!("orders-{i}-1")]
+            );
+            assert_eq!(rules[1].verbs, vec!["get", "update", "delete"]);
+            // The map's slices: read by the service's label, so by no name.
+            assert_eq!(
+                (
+                    rules[2].resources.as_deref().unwrap(),
+                    rules[2].resource_names.as_ref()
+                ),
+                (&["shardmapslices".to_string()][..], None)
+            );
+            assert_eq!(rules[2].api_groups.as_deref().unwrap(), ["shardmesh.io"]);
+            assert_eq!(reader.rules.as_deref().unwrap(), [rules[2].clone()]);
+            assert_eq!(binding.role_ref.name, name);
+            let subject = &binding.subjects.unwrap()[0];
+            assert_eq!(
+                (subject.name.as_str(), subject.namespace.as_deref()),
+                (name.as_str(), Some("shop"))
+            );
+        }
+    }
+
+    /// Every access object of a service at the CRD's maximum (1,024 shards of 100 replicas,
+    /// leaders elected, a long name) is far below the 1 MiB an object may take: none names more
+    /// than one shard's pods.
+    #[test]
+    fn every_access_object_fits_at_the_crds_maximum() {
+        let mut s = svc();
+        s.spec.replicas_per_shard = 100;
+        s.spec.leader_election.enabled = true;
+        let owner = s.controller_owner_ref(&()).unwrap();
+        let name = "a".repeat(40);
+        let a = access(
+            &s,
+            &name,
+            "shop",
+            &owner,
+            shardmesh_api::shardmap::MAX_SHARDS,
         );
-        assert_eq!(rules[1].verbs, vec!["get", "update", "delete"]);
-        // The map's slices: read by the service's label, so by no name.
-        assert_eq!(
-            (
-                rules[2].resources.as_deref().unwrap(),
-                rules[2].resource_names.as_ref()
-            ),
-            (&["shardmapslices".to_string()][..], None)
-        );
-        assert_eq!(rules[2].api_groups.as_deref().unwrap(), ["shardmesh.io"]);
-        assert_eq!(reader.rules.unwrap(), vec![rules[2].clone()]);
-        assert_eq!(binding.role_ref.name, "orders-shardmesh-member");
-        let subject = &binding.subjects.unwrap()[0];
-        assert_eq!(
-            (subject.name.as_str(), subject.namespace.as_deref()),
-            ("orders-shardmesh-member", Some("shop"))
-        );
+        assert_eq!(a.shards.len(), 1024);
+        let largest = a
+            .shards
+            .iter()
+            .flat_map(|x| [bytes(&x.account), bytes(&x.role), bytes(&x.binding)])
+            .chain([bytes(&a.reader_role)])
+            .max()
+            .unwrap();
+        assert!(largest < 8 * 1024, "largest access object: {largest} bytes");
+    }
+
+    /// Serialized size of an object.
+    fn bytes<T: serde::Serialize>(o: &T) -> usize {
+        serde_json::to_vec(o).map_or(usize::MAX, |v| v.len())
     }
 }

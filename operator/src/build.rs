@@ -395,7 +395,7 @@ fn pod_template(
         // The member account may write exactly this service's Leases and read its shard map
         // (see shardmap.rs); a template naming its own account keeps it (and must grant that).
         spec.service_account_name
-            .get_or_insert_with(|| labels::member_account_name(name));
+            .get_or_insert_with(|| labels::member_account_name(name, shard));
         for c in &mut spec.containers {
             let env = c.env.get_or_insert_with(Vec::new);
             for var in &identity {
@@ -553,15 +553,15 @@ mod tests {
         for sts in &mut a2.stateful_sets {
             sts.spec.as_mut().expect("spec").replicas = Some(5);
         }
-        // The member Role names every pod, so it grows with the replicas too.
+        // Each member Role names its shard's pods, so it grows with the replicas too.
         assert_eq!(
-            b.access.member_role.rules.as_ref().expect("rules")[1]
+            b.access.shards[0].role.rules.as_ref().expect("rules")[1]
                 .resource_names
                 .as_ref()
                 .map(Vec::len),
-            Some(20)
+            Some(5)
         );
-        a2.access.member_role = b.access.member_role.clone();
+        a2.access = b.access.clone();
         assert_eq!(a2, b);
     }
 

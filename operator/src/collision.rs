@@ -69,13 +69,9 @@ impl Generated {
 /// StatefulSets do.
 pub fn generated(svc: &ShardedService) -> Vec<Generated> {
     let name = svc.name_any();
-    let member = labels::member_account_name(&name);
     let mut out = vec![
         Generated::of::<Service>(name.clone(), None),
         Generated::of::<ConfigMap>(labels::shardmap_name(&name), None),
-        Generated::of::<ServiceAccount>(member.clone(), None),
-        Generated::of::<Role>(member.clone(), None),
-        Generated::of::<RoleBinding>(member, None),
         Generated::of::<Role>(labels::shardmap_reader_name(&name), None),
     ];
     let from = svc
@@ -89,6 +85,10 @@ pub fn generated(svc: &ShardedService) -> Vec<Generated> {
         out.push(Generated::of::<StatefulSet>(shard.clone(), Some(i)));
         out.push(Generated::of::<Service>(shard.clone(), Some(i)));
         out.push(Generated::of::<PodDisruptionBudget>(shard.clone(), Some(i)));
+        let member = labels::member_account_name(&name, i);
+        out.push(Generated::of::<ServiceAccount>(member.clone(), Some(i)));
+        out.push(Generated::of::<Role>(member.clone(), Some(i)));
+        out.push(Generated::of::<RoleBinding>(member, Some(i)));
         out.push(Generated {
             kind: SLICE_KIND,
             name: shard,
@@ -310,10 +310,12 @@ mod tests {
         for slice in shardmap::slice_objects(&s, &next).expect("slices") {
             applied.insert(named(SLICE_KIND, &slice.metadata));
         }
-        applied.insert(named(ServiceAccount::KIND, &d.access.account.metadata));
-        applied.insert(named(Role::KIND, &d.access.member_role.metadata));
+        for x in &d.access.shards {
+            applied.insert(named(ServiceAccount::KIND, &x.account.metadata));
+            applied.insert(named(Role::KIND, &x.role.metadata));
+            applied.insert(named(RoleBinding::KIND, &x.binding.metadata));
+        }
         applied.insert(named(Role::KIND, &d.access.reader_role.metadata));
-        applied.insert(named(RoleBinding::KIND, &d.access.binding.metadata));
         for l in &d.leader_leases {
             applied.insert(named(Lease::KIND, &l.metadata));
         }

@@ -499,7 +499,8 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     let owned = &ctx.owned;
     // Before the first listing of the owned objects arrived, everything would look unapplied.
     owned.wait_until_ready().await?;
-    let compared = 4
+    let compared = 1
+        + 3 * desired.access.shards.len()
         + desired.leader_leases.len()
         + desired.stateful_sets.len()
         + desired.shard_services.len()
@@ -508,12 +509,12 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     // Within a reconcile the applies go out together (bounded): a reconcile costs two round
     // trips of the API server's latency, not one per object.
     let access = desired.access;
-    let mut first = vec![
-        put(client, &ns, access.account, &owned.accounts).boxed(),
-        put(client, &ns, access.member_role, &owned.roles).boxed(),
-        put(client, &ns, access.reader_role, &owned.roles).boxed(),
-        put(client, &ns, access.binding, &owned.bindings).boxed(),
-    ];
+    let mut first = vec![put(client, &ns, access.reader_role, &owned.roles).boxed()];
+    for shard in access.shards {
+        first.push(put(client, &ns, shard.account, &owned.accounts).boxed());
+        first.push(put(client, &ns, shard.role, &owned.roles).boxed());
+        first.push(put(client, &ns, shard.binding, &owned.bindings).boxed());
+    }
     for lease in desired.leader_leases {
         first.push(put(client, &ns, lease, &owned.leases).boxed());
     }
@@ -715,6 +716,9 @@ async fn remove_shards(
     let client = &ctx.client;
     let mut gone = delete_from::<StatefulSet>(client, ns, selector, uid, keep).await?;
     gone.extend(delete_from::<Service>(client, ns, selector, uid, keep).await?);
+    gone.extend(delete_from::<ServiceAccount>(client, ns, selector, uid, keep).await?);
+    gone.extend(delete_from::<Role>(client, ns, selector, uid, keep).await?);
+    gone.extend(delete_from::<RoleBinding>(client, ns, selector, uid, keep).await?);
     match ctx.caps.pdb {
         Some(PdbApi::V1) => {
             gone.extend(delete_from::<PodDisruptionBudget>(client, ns, selector, uid, keep).await?)

@@ -1615,6 +1615,130 @@ pub(crate) mod tests {
         assert_eq!(delete, ["orders-2"]);
     }
 
+    /// Bytes of one rolling restart of every member, per membership change, published as one
+    /// object (the format of earlier releases: the whole map in a ConfigMap) and as slices.
+    #[derive(Debug, Default)]
+    struct Roll {
+        changes: usize,
+        /// Largest bytes a watching sidecar receives for one change: the whole map / the
+        /// changed slices.
+        whole_received: usize,
+        sliced_received: usize,
+        /// Largest bytes the operator writes for one change (slices: the index too).
+        sliced_written: usize,
+        /// Most slices written for one change.
+        most_slices: usize,
+    }
+
+    /// Rolls every member of a `shards` × `replicas` service: each pod leaves (its Lease is
+    /// deleted) and comes back with a new address, each step published as the controller
+    /// publishes it ([`compute`], [`publication`], [`changes`]).
+    fn roll(shards: u32, replicas: u32) -> Roll {
+        let lease_of = |s: u32, r: u32, gen: u32| {
+            lease(
+                &format!("orders-{s}-{r}"),
+                &s.to_string(),
+                &format!("10.{}.{}.{}", gen + 1, s % 250, r),
+                100,
+                10,
+            )
+        };
+        let mut live: BTreeMap<(u32, u32), Lease> = (0..shards)
+            .flat_map(|s| (0..replicas).map(move |r| (s, r)))
+            .map(|(s, r)| ((s, r), lease_of(s, r, 0)))
+            .collect();
+        let mut svc = svc();
+        svc.spec.shards = shards as i32;
+        let publish = |live: &BTreeMap<(u32, u32), Lease>, prev: Option<&Assembled>| {
+            let leases: Vec<Lease> = live.values().cloned().collect();
+            let pods = pods_of(&leases);
+            let input = Inputs {
+                prev: prev.map(|p| &p.map),
+                floor: prev.map_or(0, |p| p.map.epoch),
+                ..inputs(shards, &pods)
+            };
+            let map = compute(input, &leases, t(101)).map;
+            publication(map, prev, settings(&svc), input.floor)
+        };
+        let whole = |a: &Assembled| {
+            let mut cm = index(&svc, a.map.epoch).unwrap();
+            cm.data = Some(BTreeMap::from([
+                (
+                    "shardmap.json".to_string(),
+                    serde_json::to_string(&a.map).unwrap(),
+                ),
+                ("shardKey".to_string(), a.layout.shard_key.clone()),
+                ("handoffMiss".to_string(), a.layout.handoff_miss.clone()),
+            ]));
+            serde_json::to_vec(&cm).unwrap().len()
+        };
+        let bytes = |o: &ShardMapSlice| serde_json::to_vec(o).unwrap().len();
+        let mut prev = publish(&live, None);
+        let mut have = slice_objects(&svc, &prev).unwrap();
+        let mut out = Roll::default();
+        for s in 0..shards {
+            for r in 0..replicas {
+                for step in [None, Some(lease_of(s, r, 1))] {
+                    match step {
+                        None => live.remove(&(s, r)),
+                        Some(l) => live.insert((s, r), l),
+                    };
+                    let next = publish(&live, Some(&prev));
+                    let (write, delete) = changes(slice_objects(&svc, &next).unwrap(), &have);
+                    assert!(delete.is_empty());
+                    let received: usize = write.iter().map(bytes).sum();
+                    let index_bytes = serde_json::to_vec(&index(&svc, next.map.epoch).unwrap())
+                        .unwrap()
+                        .len();
+                    out.changes += 1;
+                    out.most_slices = out.most_slices.max(write.len());
+                    out.sliced_received = out.sliced_received.max(received);
+                    out.sliced_written = out.sliced_written.max(received + index_bytes);
+                    out.whole_received = out.whole_received.max(whole(&next));
+                    assert_eq!(next.map.epoch, prev.map.epoch + 1, "one change, one epoch");
+                    for w in write {
+                        let i = w.spec.shard.index as usize;
+                        have[i] = w;
+                    }
+                    prev = next;
+                }
+            }
+        }
+        out
+    }
+
+    /// A rolling restart of every pod: each membership change writes exactly one slice, and the
+    /// bytes a watching sidecar receives per change do not grow with the number of shards,
+    /// where the whole map does. `cargo test -p shardmesh-operator rolling_restart --
+    /// --nocapture` prints the figures BENCHMARKS.md quotes.
+    #[test]
+    fn a_rolling_restart_costs_one_shard_per_change_not_the_service() {
+        let small = roll(10, 10);
+        let large = roll(100, 10);
+        for (name, r) in [("10 x 10", &small), ("100 x 10", &large)] {
+            eprintln!(
+                "{name}: {} changes; per change: whole map {} B received; slices {} B received, {} B written, {} slice(s)",
+                r.changes, r.whole_received, r.sliced_received, r.sliced_written, r.most_slices
+            );
+        }
+        assert_eq!((small.changes, large.changes), (200, 2000));
+        assert_eq!((small.most_slices, large.most_slices), (1, 1));
+        // Sliced: the same per change at 10 and 100 shards (names and indexes gain a digit).
+        assert!(
+            large.sliced_received * 100 <= small.sliced_received * 105,
+            "{small:?} {large:?}"
+        );
+        // Whole: ten times the shards, about ten times the bytes of every change.
+        assert!(
+            large.whole_received > 8 * small.whole_received,
+            "{small:?} {large:?}"
+        );
+        assert!(
+            large.whole_received > 20 * large.sliced_received,
+            "{large:?}"
+        );
+    }
+
     /// What every object of a service at the CRD's maximum weighs serialized, against the
     /// 1 MiB a ConfigMap's data may hold (etcd's request limit is ~1.5 MiB): one slice per shard
     /// stays far below, where the whole map in one object would not fit.

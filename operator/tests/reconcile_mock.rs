@@ -379,24 +379,31 @@ async fn applies_everything_once_then_writes_nothing_until_something_changes() {
         v.sort_unstable();
         v
     }
-    assert_eq!(applies.len(), 9, "{seen:#?}");
+    // Per shard a member account (ServiceAccount, Role, RoleBinding), and the reader Role.
+    assert_eq!(applies.len(), 12, "{seen:#?}");
     assert_eq!(
-        sorted(&applies[..4]),
+        sorted(&applies[..7]),
         sorted(&[
-            "/api/v1/namespaces/shop/serviceaccounts/orders-shardmesh-member",
-            "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/orders-shardmesh-member",
+            "/api/v1/namespaces/shop/serviceaccounts/orders-0-member",
+            "/api/v1/namespaces/shop/serviceaccounts/orders-1-member",
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/orders-0-member",
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/orders-1-member",
             "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/orders-shardmap-reader",
-            "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings/orders-shardmesh-member",
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings/orders-0-member",
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings/orders-1-member",
         ]),
         "{seen:#?}"
     );
     assert_eq!(
         sorted(&applies),
         sorted(&[
-            "/api/v1/namespaces/shop/serviceaccounts/orders-shardmesh-member",
-            "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/orders-shardmesh-member",
+            "/api/v1/namespaces/shop/serviceaccounts/orders-0-member",
+            "/api/v1/namespaces/shop/serviceaccounts/orders-1-member",
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/orders-0-member",
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/orders-1-member",
             "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/orders-shardmap-reader",
-            "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings/orders-shardmesh-member",
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings/orders-0-member",
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings/orders-1-member",
             "/apis/apps/v1/namespaces/shop/statefulsets/orders-0",
             "/apis/apps/v1/namespaces/shop/statefulsets/orders-1",
             "/api/v1/namespaces/shop/services/orders-0",
@@ -419,7 +426,7 @@ async fn applies_everything_once_then_writes_nothing_until_something_changes() {
     {
         let mut applied = api.applied.lock().expect("applied");
         let account = applied
-            .get_mut("/api/v1/namespaces/shop/serviceaccounts/orders-shardmesh-member")
+            .get_mut("/api/v1/namespaces/shop/serviceaccounts/orders-0-member")
             .expect("service account");
         account["metadata"]["managedFields"]
             .as_array_mut()
@@ -469,7 +476,7 @@ async fn applies_everything_once_then_writes_nothing_until_something_changes() {
     assert_eq!(writes, ["PATCH /api/v1/namespaces/shop/services/orders"]);
 
     // 4. A spec change (more replicas) re-applies what it changes: the StatefulSets and the
-    // member Role (which names every pod), nothing else.
+    // member Roles (each names its shard's pods), nothing else.
     svc.spec.replicas_per_shard = 3;
     svc.metadata.generation = Some(3);
     reconcile(Arc::new(svc.clone()), ctx(&svc, api.owned()))
@@ -486,7 +493,8 @@ async fn applies_everything_once_then_writes_nothing_until_something_changes() {
         [
             "PATCH /apis/apps/v1/namespaces/shop/statefulsets/orders-0",
             "PATCH /apis/apps/v1/namespaces/shop/statefulsets/orders-1",
-            "PATCH /apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/orders-shardmesh-member",
+            "PATCH /apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/orders-0-member",
+            "PATCH /apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/orders-1-member",
         ]
     );
 }

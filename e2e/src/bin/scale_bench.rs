@@ -437,10 +437,12 @@ fn missing(
         }
         wanted.push(("Service", name.clone()));
         wanted.push(("ConfigMap", labels::shardmap_name(name)));
-        let member = labels::member_account_name(name);
-        wanted.push(("ServiceAccount", member.clone()));
-        wanted.push(("Role", member.clone()));
-        wanted.push(("RoleBinding", member));
+        for i in 0..SHARDS {
+            let member = labels::member_account_name(name, i);
+            wanted.push(("ServiceAccount", member.clone()));
+            wanted.push(("Role", member.clone()));
+            wanted.push(("RoleBinding", member));
+        }
         wanted.push(("Role", labels::shardmap_reader_name(name)));
         let mut m: Vec<String> = wanted
             .into_iter()

@@ -58,10 +58,11 @@ pub fn shardmap_name(name: &str) -> String {
     format!("{name}-shardmap")
 }
 
-/// Name of the ServiceAccount (and of its Role/RoleBinding) the pods of service `name` run as:
-/// it may write exactly their own Leases and read the shard map.
-pub fn member_account_name(name: &str) -> String {
-    format!("{name}-shardmesh-member")
+/// Name of the ServiceAccount (and of its Role/RoleBinding) the pods of shard `shard` of
+/// service `name` run as: it may write exactly their own Leases and their shard's leader Lease,
+/// and read the shard map. Pod names end in a numeric ordinal, so this never names a pod.
+pub fn member_account_name(name: &str, shard: u32) -> String {
+    format!("{name}-{shard}-member")
 }
 
 /// Name of the Role granting read access to the shard map of service `name`; bind it to the

@@ -240,7 +240,6 @@ pub struct Layout {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writes: Option<String>,
     /// Statuses of a read that mean a miss during a handoff window, comma-separated.
-    #[serde(default)]
     pub handoff_miss: String,
 }
 
