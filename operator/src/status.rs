@@ -683,6 +683,62 @@ mod tests {
         assert_eq!(s.shards[0].ready_replicas, 2);
     }
 
+    /// At the CRD's maximum (1,024 shards of 100 replicas, leaders elected, every other shard
+    /// lagging), the whole ShardedService with its status stays far below the 1 MiB an object
+    /// may take: the status counts members and names leaders, the map's slices list the members.
+    #[test]
+    fn status_fits_at_the_crds_maximum() {
+        use shardmesh_api::shardmap::{Leader, Member, Shard, MAX_SHARDS};
+        let name = "a".repeat(40);
+        let mut s = svc(1, None);
+        s.metadata.name = Some(name.clone());
+        s.spec.shards = MAX_SHARDS as i32;
+        s.spec.replicas_per_shard = 100;
+        let mut sts_of = |i: u32| {
+            let mut st = sts(if i % 2 == 0 { 100 } else { 99 }, 100);
+            let status = st.status.as_mut().expect("status");
+            status.current_revision = Some(format!("{name}-{i}-7d9f8b6c5d"));
+            status.update_revision = Some(format!("{name}-{i}-6c5d7d9f8b"));
+            (i, st)
+        };
+        let stateful_sets = (0..MAX_SHARDS).map(&mut sts_of).collect();
+        let addr = "[fd00:1234:5678:9abc:def0:1234:5678:9abc]:65535";
+        let map = ShardMap {
+            epoch: i64::MAX,
+            routing_count: None,
+            previous: None,
+            shards: (0..MAX_SHARDS)
+                .map(|i| Shard {
+                    index: i,
+                    members: (0..100)
+                        .map(|r| Member {
+                            pod: format!("{name}-{i}-{r}"),
+                            address: addr.into(),
+                        })
+                        .collect(),
+                    leader: Some(Leader {
+                        pod: format!("{name}-{i}-99"),
+                        address: addr.into(),
+                        epoch: i64::MAX,
+                    }),
+                })
+                .collect(),
+        };
+        let obs = Observed {
+            stateful_sets,
+            pods: Vec::new(),
+            map: Some(map),
+            rollout: None,
+        };
+        s.status = Some(applied(&s, &obs, vec![], Timestamp::UNIX_EPOCH));
+        let st = s.status.as_ref().expect("status");
+        assert_eq!(st.shards.len(), MAX_SHARDS as usize);
+        assert_eq!(st.shards[5].live_members, 100);
+        let bytes = serde_json::to_vec(&s).expect("json").len();
+        eprintln!("ShardedService at the CRD's maximum, status included: {bytes} bytes");
+        assert!(bytes < 512 * 1024, "{bytes} bytes");
+    }
+
     #[test]
     fn new_generation_is_progress_not_degradation() {
         let now = Timestamp::UNIX_EPOCH;

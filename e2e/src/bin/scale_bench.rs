@@ -471,10 +471,10 @@ fn missing(
 }
 
 fn objects_per_service(budgets: bool) -> usize {
-    // 4 StatefulSets, 4 headless Services, the routing Service, the shard-map ConfigMap, the
-    // member ServiceAccount, Role and RoleBinding, the shard-map reader Role; 4
-    // PodDisruptionBudgets where the server serves a policy API.
-    2 * SHARDS as usize + 6 + if budgets { SHARDS as usize } else { 0 }
+    // Per shard: a StatefulSet, a headless Service, a ShardMapSlice and the member
+    // ServiceAccount, Role and RoleBinding (and a PodDisruptionBudget where the server serves a
+    // policy API); once: the routing Service, the shard-map index ConfigMap, the reader Role.
+    (6 + usize::from(budgets)) * SHARDS as usize + 3
 }
 
 /// The PodDisruptionBudget API the server serves (`policy/v1`, else `policy/v1beta1`), if any.
