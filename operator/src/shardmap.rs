@@ -1745,6 +1745,33 @@ pub(crate) mod tests {
         );
     }
 
+    /// The map of a service `name` at the CRD's maximum: 1,024 shards of 100 members, each
+    /// with a leader, IPv6 addresses (the longest), epochs at their largest.
+    pub(crate) fn map_at_max(name: &str) -> ShardMap {
+        let addr = "[fd00:1234:5678:9abc:def0:1234:5678:9abc]:65535";
+        ShardMap {
+            epoch: i64::MAX,
+            routing_count: None,
+            previous: None,
+            shards: (0..shardmap::MAX_SHARDS)
+                .map(|i| Shard {
+                    index: i,
+                    members: (0..100)
+                        .map(|r| Member {
+                            pod: format!("{name}-{i}-{r}"),
+                            address: addr.into(),
+                        })
+                        .collect(),
+                    leader: Some(Leader {
+                        pod: format!("{name}-{i}-99"),
+                        address: addr.into(),
+                        epoch: i64::MAX,
+                    }),
+                })
+                .collect(),
+        }
+    }
+
     /// What every object of a service at the CRD's maximum weighs serialized, against the
     /// 1 MiB a ConfigMap's data may hold (etcd's request limit is ~1.5 MiB): one slice per shard
     /// stays far below, where the whole map in one object would not fit.
@@ -1753,30 +1780,12 @@ pub(crate) mod tests {
         const MIB: usize = 1 << 20;
         let name = "a".repeat(40);
         let shards = shardmap::MAX_SHARDS;
-        let map = ShardMap {
-            epoch: i64::MAX,
-            routing_count: Some(shards),
-            previous: Some(shardmesh_api::shardmap::Previous {
-                count: shards - 1,
-                until: "2026-11-28T00:00:00Z".into(),
-            }),
-            shards: (0..shards)
-                .map(|i| Shard {
-                    index: i,
-                    members: (0..100)
-                        .map(|r| Member {
-                            pod: format!("{name}-{i}-{r}"),
-                            address: "[fd00:1234:5678:9abc:def0:1234:5678:9abc]:65535".into(),
-                        })
-                        .collect(),
-                    leader: Some(Leader {
-                        pod: format!("{name}-{i}-99"),
-                        address: "[fd00:1234:5678:9abc:def0:1234:5678:9abc]:65535".into(),
-                        epoch: i64::MAX,
-                    }),
-                })
-                .collect(),
-        };
+        let mut map = map_at_max(&name);
+        map.routing_count = Some(shards);
+        map.previous = Some(shardmesh_api::shardmap::Previous {
+            count: shards - 1,
+            until: "2026-11-28T00:00:00Z".into(),
+        });
         let whole = serde_json::to_vec(&map).unwrap().len();
         assert!(whole > MIB, "the whole map in one object: {whole} bytes");
         let mut s = svc();

@@ -688,7 +688,7 @@ mod tests {
     /// may take: the status counts members and names leaders, the map's slices list the members.
     #[test]
     fn status_fits_at_the_crds_maximum() {
-        use shardmesh_api::shardmap::{Leader, Member, Shard, MAX_SHARDS};
+        use shardmesh_api::shardmap::MAX_SHARDS;
         let name = "a".repeat(40);
         let mut s = svc(1, None);
         s.metadata.name = Some(name.clone());
@@ -702,28 +702,7 @@ mod tests {
             (i, st)
         };
         let stateful_sets = (0..MAX_SHARDS).map(&mut sts_of).collect();
-        let addr = "[fd00:1234:5678:9abc:def0:1234:5678:9abc]:65535";
-        let map = ShardMap {
-            epoch: i64::MAX,
-            routing_count: None,
-            previous: None,
-            shards: (0..MAX_SHARDS)
-                .map(|i| Shard {
-                    index: i,
-                    members: (0..100)
-                        .map(|r| Member {
-                            pod: format!("{name}-{i}-{r}"),
-                            address: addr.into(),
-                        })
-                        .collect(),
-                    leader: Some(Leader {
-                        pod: format!("{name}-{i}-99"),
-                        address: addr.into(),
-                        epoch: i64::MAX,
-                    }),
-                })
-                .collect(),
-        };
+        let map = crate::shardmap::tests::map_at_max(&name);
         let obs = Observed {
             stateful_sets,
             pods: Vec::new(),

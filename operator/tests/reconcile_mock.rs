@@ -215,7 +215,7 @@ async fn a_name_an_older_service_generates_is_refused_and_looked_at_again() {
 
 /// A fake API server remembering what was applied: server-side applies are stored (with a
 /// managed-fields entry of the operator's field manager) and served back by the StatefulSet
-/// list; the shard map is absent and no pods exist.
+/// list; no shard-map slice is published and no pods exist.
 struct FakeApi {
     applied: std::sync::Mutex<std::collections::BTreeMap<String, Value>>,
     seen: std::sync::Mutex<Vec<String>>,
@@ -245,15 +245,6 @@ impl FakeApi {
                         json!({"apiVersion": "shardmesh.io/v1alpha1", "kind": "ShardMapSliceList",
                                "metadata": {}, "items": []}),
                     ),
-                    "GET /api/v1/namespaces/shop/configmaps/orders-shardmap" => Response::builder()
-                        .status(404)
-                        .body(Body::from(
-                            serde_json::to_vec(&json!({"kind": "Status", "apiVersion": "v1",
-                                "metadata": {}, "status": "Failure", "reason": "NotFound",
-                                "code": 404, "message": "not found"}))
-                            .expect("json"),
-                        ))
-                        .expect("response"),
                     "POST /apis/events.k8s.io/v1/namespaces/shop/events" => {
                         respond(body_json(req).await)
                     }
