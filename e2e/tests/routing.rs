@@ -206,6 +206,9 @@ async fn expired_leases_leave_the_map_and_members_get_exactly_their_rights() {
     })
     .await;
 
+    // Shard 0's slice as published before shard 1's membership changes below.
+    let shard0 = cms.get("solo-0").await.expect("shard 0's slice");
+
     // A Lease claiming membership without a pod of the service behind it (any pod allowed to
     // create Leases in the namespace could write one) is never published.
     let leases: Api<Lease> = ns.api();
@@ -290,6 +293,16 @@ async fn expired_leases_leave_the_map_and_members_get_exactly_their_rights() {
         left.as_secs_f64()
     );
     assert!(with_ghost.epoch > settled.epoch && without.epoch > with_ghost.epoch);
+    // Shard 1's member joined and left: only shard 1's slice was rewritten (what a watching
+    // sidecar receives is that slice), shard 0's is the very object published before.
+    let after0 = cms.get("solo-0").await.expect("shard 0's slice");
+    let after1 = cms.get("solo-1").await.expect("shard 1's slice");
+    assert_eq!(
+        (after0.resource_version(), after0.spec.epoch),
+        (shard0.resource_version(), shard0.spec.epoch),
+        "shard 0's slice was rewritten by shard 1's membership changes"
+    );
+    assert_eq!(after1.spec.epoch, without.epoch);
     assert!(
         left >= Duration::from_secs(3),
         "expired too early: {left:?}"
