@@ -84,6 +84,15 @@ pub fn destination_from_slices<'a>(
     what: &str,
     slices: impl IntoIterator<Item = &'a ShardMapSliceSpec>,
 ) -> Result<Destination, String> {
+    built_from_slices(authority, what, slices).map(|(_, dest)| dest)
+}
+
+/// [`destination_from_slices`] with the layout the slices share.
+fn built_from_slices<'a>(
+    authority: &str,
+    what: &str,
+    slices: impl IntoIterator<Item = &'a ShardMapSliceSpec>,
+) -> Result<(Layout, Destination), String> {
     let a = shardmap::assemble(slices).map_err(|e| format!("{what}: {e}"))?;
     let kind = sharded_kind(
         what,
@@ -92,10 +101,13 @@ pub fn destination_from_slices<'a>(
         Some(&a.layout.handoff_miss),
         &a.map,
     )?;
-    Ok(Destination {
-        name: authority.into(),
-        kind,
-    })
+    Ok((
+        a.layout,
+        Destination {
+            name: authority.into(),
+            kind,
+        },
+    ))
 }
 
 /// What a destination's watch knows: the slices seen (at most one per shard index, bounded by
@@ -224,11 +236,8 @@ impl Follower {
     }
 
     fn rebuild(&mut self) -> Update {
-        match destination_from_slices(&self.authority, &self.what, self.slices.values()) {
-            Ok(dest) => {
-                let layout = shardmap::assemble(self.slices.values())
-                    .map(|a| a.layout)
-                    .unwrap_or_default();
+        match built_from_slices(&self.authority, &self.what, self.slices.values()) {
+            Ok((layout, dest)) => {
                 self.built = Some((layout, dest.clone()));
                 Update::Route(dest, self.owner.clone())
             }
