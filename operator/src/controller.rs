@@ -510,15 +510,20 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     // trips of the API server's latency, not one per object.
     let access = desired.access;
     let mut first = vec![put(client, &ns, access.reader_role, &owned.roles).boxed()];
+    let mut bindings = Vec::with_capacity(access.shards.len());
     for shard in access.shards {
         first.push(put(client, &ns, shard.account, &owned.accounts).boxed());
         first.push(put(client, &ns, shard.role, &owned.roles).boxed());
-        first.push(put(client, &ns, shard.binding, &owned.bindings).boxed());
+        bindings.push(put(client, &ns, shard.binding, &owned.bindings).boxed());
     }
     for lease in desired.leader_leases {
         first.push(put(client, &ns, lease, &owned.leases).boxed());
     }
     let mut writes = runtime::together(first).await?.into_iter().sum::<u32>();
+    // A RoleBinding after its Role: the API server resolves the Role to check that the operator
+    // holds every right it grants, and refuses a binding to a Role it cannot find yet. (Bindings
+    // already in place cost nothing here: they are compared, not written.)
+    writes += runtime::together(bindings).await?.into_iter().sum::<u32>();
     let ns_ref = ns.as_str();
     let sets = desired
         .stateful_sets

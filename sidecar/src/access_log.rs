@@ -27,7 +27,8 @@ use crate::{
     body::{BoxError, ProxyBody},
     ctx::RequestCtx,
     errors::BoxFuture,
-    metrics::{Direction, Metrics},
+    metrics::{Direction, Metrics, Outcome},
+    trace::Trace,
 };
 
 /// Longest authority (Host) logged; longer ones are cut and marked. A client chooses it, and
@@ -56,6 +57,9 @@ pub struct AccessLogConfig {
     pub enabled: bool,
     /// Share of successful requests logged, 0.0-1.0.
     pub sample: f64,
+    /// Start a W3C trace for requests that come without one ([`crate::trace`]). Applied here
+    /// because this layer is where every request enters, and its line carries the ids.
+    pub trace_start: bool,
 }
 
 /// Creates the request context and logs the request when its response is done.
@@ -105,6 +109,7 @@ struct Pending {
     status: StatusCode,
     start: Instant,
     headers_after: Duration,
+    trace: Option<Trace>,
 }
 
 impl<S> Service<Request<ProxyBody>> for AccessLog<S>
@@ -126,6 +131,7 @@ where
 
     fn call(&mut self, mut req: Request<ProxyBody>) -> Self::Future {
         let start = Instant::now();
+        let trace = crate::trace::on_request(req.headers_mut(), self.layer.cfg.trace_start);
         let ctx = RequestCtx::default();
         req.extensions_mut().insert(ctx.clone());
         let method = req.method().clone();
@@ -147,6 +153,7 @@ where
                 status: resp.status(),
                 start,
                 headers_after: start.elapsed(),
+                trace,
             };
             Ok(resp.map(|inner| LoggedBody {
                 inner,
@@ -234,10 +241,20 @@ impl Pending {
         layer
             .metrics
             .request(layer.direction, self.status, duration);
+        let r = self.ctx.lock();
+        if let (Direction::Outbound, Some(destination)) = (layer.direction, &r.destination) {
+            layer.metrics.destination_request(Outcome {
+                destination,
+                shard: r.shard,
+                status: self.status,
+                duration,
+                retries: r.retry_reasons.len() as u32,
+                budget_exhausted: r.retry_stop == Some(crate::retry::BUDGET_EXHAUSTED),
+            });
+        }
         if !layer.cfg.enabled {
             return;
         }
-        let r = self.ctx.lock();
         let interesting =
             self.status.as_u16() >= 400 || r.attempts > 1 || r.error.is_some() || !complete;
         if !interesting && layer.cfg.sample < 1.0 && rand::rng().random::<f64>() >= layer.cfg.sample
@@ -277,6 +294,13 @@ impl Pending {
             l.bool("response_complete", complete);
             l.millis("headers_ms", self.headers_after);
             l.millis("duration_ms", duration);
+            if let Some(t) = &self.trace {
+                l.hex("trace_id", &t.trace_id);
+                l.hex("span_id", &t.span_id);
+                if let Some(parent) = &t.parent_id {
+                    l.hex("parent_span_id", parent);
+                }
+            }
             l.end();
             crate::log::write_line(buf);
         });
@@ -414,6 +438,14 @@ impl<'a> JsonLine<'a> {
                 let _ = write!(self.out, "{v6}");
             }
         }
+        self.out.push(b'"');
+    }
+
+    /// Bytes as a lowercase hex string (trace and span ids).
+    fn hex(&mut self, key: &str, bytes: &[u8]) {
+        self.key(key);
+        self.out.push(b'"');
+        crate::trace::push_hex(self.out, bytes);
         self.out.push(b'"');
     }
 

@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 
 use crate::{
+    discovery::Discover,
     drain::{Drain, Phase},
     log::LevelControl,
     metrics::Metrics,
@@ -77,6 +78,8 @@ pub struct Admin {
     pub drain: Drain,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Where the shard-map gauges (epoch, members per shard) are read when scraped.
+    pub discovery: Option<Arc<dyn Discover>>,
     /// The application, probed by `/ready`; `None` when inbound is disabled.
     pub app: Option<SocketAddr>,
     /// Log-level control; `None` when the process does not own the global subscriber.
@@ -114,7 +117,11 @@ impl Admin {
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
             (&Method::GET, "/ready") => self.ready().await,
             (&Method::GET, "/metrics") => {
-                let mut r = text(StatusCode::OK, self.metrics.render());
+                let mut body = self.metrics.render();
+                if let Some(d) = &self.discovery {
+                    crate::metrics::render_shard_maps(&mut body, &d.destinations());
+                }
+                let mut r = text(StatusCode::OK, body);
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -293,6 +300,7 @@ mod tests {
         Admin {
             drain: Drain::new(),
             metrics: Arc::new(Metrics::default()),
+            discovery: None,
             app: None,
             level: None,
             gates: StartupGates::default(),

@@ -262,6 +262,7 @@ impl<S> Balance<S> {
         states: &[Arc<EndpointState>],
         tried: &[SocketAddr],
         now: Instant,
+        (destination, shard): (&Arc<str>, Option<u32>),
     ) -> Option<(usize, Admission, BreakerState)> {
         for allow_tried in [false, true] {
             let mut candidates: Vec<usize> = (0..states.len())
@@ -276,7 +277,9 @@ impl<S> Balance<S> {
                 let state = breaker.state();
                 drop(breaker);
                 if let Some(to) = transition {
-                    self.layer.metrics.breaker_transition(to);
+                    self.layer
+                        .metrics
+                        .destination_breaker_transition(destination, shard, to);
                 }
                 if let Some(admission) = admission {
                     return Some((i, admission, state));
@@ -321,9 +324,9 @@ where
         let this = self.clone();
         Box::pin(async move {
             let ctx = RequestCtx::from_extensions(req.extensions());
-            let (targets, tried) = {
+            let (targets, tried, shard) = {
                 let r = ctx.lock();
-                (r.targets.clone(), r.tried.clone())
+                (r.targets.clone(), r.tried.clone(), r.shard)
             };
             let Some(targets) = targets else {
                 return Err(ProxyError::NoEndpoints(
@@ -342,7 +345,9 @@ where
                 .map(|a| this.layer.endpoints.get(*a))
                 .collect();
             let now = Instant::now();
-            let Some((i, admission, state)) = this.pick(&states, &tried, now) else {
+            let Some((i, admission, state)) =
+                this.pick(&states, &tried, now, (&targets.destination, shard))
+            else {
                 ctx.lock().breaker = Some(BreakerState::Open);
                 return Err(ProxyError::CircuitOpen {
                     destination: targets.destination.to_string(),
@@ -399,7 +404,9 @@ where
             guard.finished = true;
             drop(guard);
             if let Some(to) = transition {
-                this.layer.metrics.breaker_transition(to);
+                this.layer
+                    .metrics
+                    .destination_breaker_transition(&targets.destination, shard, to);
                 tracing::info!(endpoint = %ep.addr, destination = %targets.destination, to = to.as_str(), "circuit breaker transition");
             }
             result

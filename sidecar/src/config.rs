@@ -144,6 +144,12 @@ pub struct Args {
     #[arg(long, env = "SHARDMESH_ACCESS_LOG_SAMPLE", default_value = "1.0", value_parser = fraction_arg)]
     pub access_log_sample: f64,
 
+    /// Start a W3C trace (`traceparent`, not sampled) for requests that arrive without one;
+    /// false: only propagate the callers' (true/false). Access-log lines carry the trace and
+    /// span ids either way.
+    #[arg(long, env = "SHARDMESH_TRACE_START", default_value_t = true, action = ArgAction::Set)]
+    pub trace_start: bool,
+
     /// ShardedService this pod is a member of. Set (with the pod identity below): the sidecar
     /// registers the pod with a Lease; unset: no membership (standalone or a pure client).
     #[arg(long, env = "SHARDMESH_SERVICE")]
@@ -641,6 +647,7 @@ impl Settings {
         let access_log = AccessLogConfig {
             enabled: args.access_log,
             sample: args.access_log_sample,
+            trace_start: args.trace_start,
         };
         let membership = membership(&args)?;
         let leader = leader(&args, membership.as_ref())?;

@@ -111,6 +111,9 @@ pub trait Discover: Send + Sync + 'static {
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
+
+    /// Every destination, for the shard-map gauges a scrape reads (not the request path).
+    fn destinations(&self) -> Vec<Arc<Destination>>;
 }
 
 impl Destination {
@@ -418,6 +421,10 @@ impl StaticRegistry {
 impl Discover for StaticRegistry {
     fn lookup(&self, authority: &str) -> Option<Arc<Destination>> {
         self.destinations.get(authority).cloned()
+    }
+
+    fn destinations(&self) -> Vec<Arc<Destination>> {
+        self.destinations.values().cloned().collect()
     }
 }
 

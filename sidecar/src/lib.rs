@@ -9,7 +9,7 @@
 //! | [`ownership`] | this shard's keys only, handoff during resharding |
 //! | [`outbound`] | explicit proxy, destination resolution, the outbound stack |
 //! | [`discovery`] | the `Discover` trait and the static registry file |
-//! | [`shardmap_watch`] | live shard maps from the operator's ConfigMaps |
+//! | [`shardmap_watch`] | live shard maps from the operator's ShardMapSlices |
 //! | [`membership`] | the pod's registry Lease: renew, pause, release |
 //! | [`leader`] | per-shard leader election, the role told to the app |
 //! | [`timeout`] | overall deadline and per-try timeout |
@@ -19,6 +19,7 @@
 //! | [`breaker`] | the circuit-breaker state machine |
 //! | [`client`] | pooled upstream client, connect timeout |
 //! | [`access_log`] | one JSON line per request |
+//! | [`trace`] | W3C trace context: continue or start, one span per hop |
 //! | [`log`] | non-blocking JSON logging, run-time level |
 //! | [`metrics`] | Prometheus counters and histograms |
 //! | [`admin`] | /live, /ready, /metrics, /drain, /shutdown, /log-level |
@@ -49,6 +50,7 @@ pub mod retry;
 pub mod server;
 pub mod shardmap_watch;
 pub mod timeout;
+pub mod trace;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -306,6 +308,7 @@ pub async fn start_with(
         Admin {
             drain: drain.clone(),
             metrics: metrics.clone(),
+            discovery: Some(outbound.discovery.clone()),
             app,
             level,
             gates,

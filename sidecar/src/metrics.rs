@@ -1,15 +1,36 @@
-//! Prometheus metrics, hand-rolled on atomics: a fixed set of series (no label values from
-//! requests), so memory is constant and recording is a few relaxed atomic adds.
+//! Prometheus metrics, hand-rolled on atomics: recording is a few relaxed atomic adds.
+//!
+//! The process-wide series are a fixed set. The outbound series per destination and shard
+//! (`shardmesh_destination_*`, what the dashboard's per-destination panels read) take their
+//! label values from routing, so their number is bounded: at most [`MAX_DESTINATION_SERIES`]
+//! (destination, shard) pairs, the rest counted under `destination="_overflow"`; a destination
+//! name is a registry name or, with pass-through, a host an application asked for. The shard-map
+//! gauges (epoch, members) are read from the registry when scraped.
 
 use std::{
+    collections::HashMap,
     fmt::Write as _,
-    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, RwLock,
+    },
     time::Duration,
 };
 
 use http::StatusCode;
 
-use crate::{breaker::BreakerState, retry::RetryReason};
+use crate::{
+    breaker::BreakerState,
+    discovery::{Destination, DestinationKind},
+    retry::RetryReason,
+};
+
+/// Most (destination, shard) pairs with series of their own: a service of the CRD's maximum
+/// (1,024 shards) fits four times over, and the memory stays under ~1 MiB.
+pub const MAX_DESTINATION_SERIES: usize = 4096;
+
+/// Destination label of the requests beyond [`MAX_DESTINATION_SERIES`].
+pub const OVERFLOW_DESTINATION: &str = "_overflow";
 
 /// Latency histogram bucket bounds, in seconds.
 pub const BUCKETS: [f64; 14] = [
@@ -91,6 +112,62 @@ pub struct Metrics {
     misdirected: AtomicU64,
     redirects: [AtomicU64; 2],
     handoffs: [AtomicU64; HandoffKind::ALL.len()],
+    destinations: RwLock<HashMap<SeriesKey, Arc<DestinationSeries>>>,
+}
+
+/// A (destination, shard) pair; `None` for destinations that are not sharded.
+type SeriesKey = (Arc<str>, Option<u32>);
+
+/// The outbound counters of one destination shard.
+#[derive(Debug, Default)]
+struct DestinationSeries {
+    requests: [AtomicU64; 5],
+    latency: Histogram,
+    retries: AtomicU64,
+    budget_exhausted: AtomicU64,
+    breaker_transitions: [AtomicU64; 3],
+}
+
+/// What the outbound proxy did for one finished request, by destination and shard.
+#[derive(Clone, Copy, Debug)]
+pub struct Outcome<'a> {
+    /// The destination's name.
+    pub destination: &'a Arc<str>,
+    /// The shard the request was routed to, for sharded destinations.
+    pub shard: Option<u32>,
+    /// Response status.
+    pub status: StatusCode,
+    /// From request to the end of the response body.
+    pub duration: Duration,
+    /// Retries sent.
+    pub retries: u32,
+    /// Whether a retry was refused by the budget.
+    pub budget_exhausted: bool,
+}
+
+/// `v` as a Prometheus label value (quote, backslash and newline escaped).
+fn label_value(out: &mut String, v: &str) {
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// `destination="…",shard="…"` (an empty shard for destinations that are not sharded).
+fn destination_labels(dest: &str, shard: Option<u32>) -> String {
+    let mut l = String::with_capacity(dest.len() + 32);
+    l.push_str("destination=\"");
+    label_value(&mut l, dest);
+    l.push_str("\",shard=\"");
+    if let Some(s) = shard {
+        let _ = write!(l, "{s}");
+    }
+    l.push('"');
+    l
 }
 
 /// What a handoff step did (see `ownership.rs`).
@@ -132,6 +209,53 @@ impl Metrics {
         let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
         self.requests[dir.index()][class].fetch_add(1, Relaxed);
         self.latency[dir.index()].observe(duration);
+    }
+
+    /// A finished outbound request, by destination and shard.
+    pub fn destination_request(&self, o: Outcome<'_>) {
+        let series = self.destination_series(o.destination, o.shard);
+        let class = (o.status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        series.requests[class].fetch_add(1, Relaxed);
+        series.latency.observe(o.duration);
+        if o.retries > 0 {
+            series.retries.fetch_add(o.retries.into(), Relaxed);
+        }
+        if o.budget_exhausted {
+            series.budget_exhausted.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A breaker of an endpoint of `destination`'s `shard` moved to `to`.
+    pub fn destination_breaker_transition(
+        &self,
+        destination: &Arc<str>,
+        shard: Option<u32>,
+        to: BreakerState,
+    ) {
+        self.breaker_transition(to);
+        if let Some(i) = TRANSITIONS.iter().position(|t| *t == to) {
+            self.destination_series(destination, shard)
+                .breaker_transitions[i]
+                .fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The series of a (destination, shard), made on first use while there is room.
+    fn destination_series(&self, dest: &Arc<str>, shard: Option<u32>) -> Arc<DestinationSeries> {
+        let key = (dest.clone(), shard);
+        {
+            let map = self.destinations.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = map.get(&key) {
+                return s.clone();
+            }
+        }
+        let mut map = self.destinations.write().unwrap_or_else(|e| e.into_inner());
+        let key = if map.len() < MAX_DESTINATION_SERIES - 1 {
+            key
+        } else {
+            (Arc::from(OVERFLOW_DESTINATION), None)
+        };
+        map.entry(key).or_default().clone()
     }
 
     /// One attempt sent upstream by the outbound proxy.
@@ -245,6 +369,162 @@ impl Metrics {
             );
         }
         let _ = writeln!(out, "# HELP shardmesh_log_lines_dropped_total Log lines dropped because stdout fell behind.\n# TYPE shardmesh_log_lines_dropped_total counter\nshardmesh_log_lines_dropped_total {}", self.access_log_dropped.load(Relaxed));
+        self.render_destinations(&mut out);
         out
+    }
+
+    /// The per-destination outbound series, sorted by destination and shard.
+    fn render_destinations(&self, out: &mut String) {
+        let mut all: Vec<(SeriesKey, Arc<DestinationSeries>)> = {
+            let map = self.destinations.read().unwrap_or_else(|e| e.into_inner());
+            map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let labels: Vec<String> = all
+            .iter()
+            .map(|((d, s), _)| destination_labels(d, *s))
+            .collect();
+        out.push_str("# HELP shardmesh_destination_requests_total Outbound requests, by destination, shard and status class.\n# TYPE shardmesh_destination_requests_total counter\n");
+        for ((_, series), l) in all.iter().zip(&labels) {
+            for (i, class) in CLASSES.iter().enumerate() {
+                let v = series.requests[i].load(Relaxed);
+                let _ = writeln!(
+                    out,
+                    "shardmesh_destination_requests_total{{{l},status_class=\"{class}\"}} {v}"
+                );
+            }
+        }
+        out.push_str("# HELP shardmesh_destination_request_duration_seconds Outbound time from request to end of response body, by destination and shard.\n# TYPE shardmesh_destination_request_duration_seconds histogram\n");
+        for ((_, series), l) in all.iter().zip(&labels) {
+            series
+                .latency
+                .render(out, "shardmesh_destination_request_duration_seconds", l);
+        }
+        out.push_str("# HELP shardmesh_destination_retries_total Outbound retries, by destination and shard.\n# TYPE shardmesh_destination_retries_total counter\n");
+        for ((_, series), l) in all.iter().zip(&labels) {
+            let v = series.retries.load(Relaxed);
+            let _ = writeln!(out, "shardmesh_destination_retries_total{{{l}}} {v}");
+        }
+        out.push_str("# HELP shardmesh_destination_retry_budget_exhausted_total Outbound retries refused by the retry budget, by destination and shard.\n# TYPE shardmesh_destination_retry_budget_exhausted_total counter\n");
+        for ((_, series), l) in all.iter().zip(&labels) {
+            let v = series.budget_exhausted.load(Relaxed);
+            let _ = writeln!(
+                out,
+                "shardmesh_destination_retry_budget_exhausted_total{{{l}}} {v}"
+            );
+        }
+        out.push_str("# HELP shardmesh_destination_breaker_transitions_total Circuit breaker state changes of a destination shard's endpoints, by new state.\n# TYPE shardmesh_destination_breaker_transitions_total counter\n");
+        for ((_, series), l) in all.iter().zip(&labels) {
+            for (i, t) in TRANSITIONS.iter().enumerate() {
+                let v = series.breaker_transitions[i].load(Relaxed);
+                let _ = writeln!(
+                    out,
+                    "shardmesh_destination_breaker_transitions_total{{{l},to=\"{}\"}} {v}",
+                    t.as_str()
+                );
+            }
+        }
+    }
+}
+
+/// The shard-map gauges of the sharded destinations this sidecar routes by: map epoch and live
+/// members per shard (sorted by name).
+pub fn render_shard_maps(out: &mut String, destinations: &[Arc<Destination>]) {
+    let mut sharded: Vec<(&str, i64, Vec<usize>)> = destinations
+        .iter()
+        .filter_map(|d| match &d.kind {
+            DestinationKind::Sharded { epoch, shards, .. } => {
+                Some((&*d.name, *epoch, shards.iter().map(|m| m.len()).collect()))
+            }
+            DestinationKind::Endpoints(_) => None,
+        })
+        .collect();
+    sharded.sort_by(|a, b| a.0.cmp(b.0));
+    out.push_str("# HELP shardmesh_destination_map_epoch Epoch of the shard map a sharded destination is routed by.\n# TYPE shardmesh_destination_map_epoch gauge\n");
+    for (name, epoch, _) in &sharded {
+        out.push_str("shardmesh_destination_map_epoch{destination=\"");
+        label_value(out, name);
+        let _ = writeln!(out, "\"}} {epoch}");
+    }
+    out.push_str("# HELP shardmesh_destination_members Live members of each listed shard of a sharded destination, by its shard map.\n# TYPE shardmesh_destination_members gauge\n");
+    for (name, _, members) in &sharded {
+        for (shard, n) in members.iter().enumerate() {
+            let l = destination_labels(name, Some(shard as u32));
+            let _ = writeln!(out, "shardmesh_destination_members{{{l}}} {n}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(destination: &Arc<str>, shard: Option<u32>) -> Outcome<'_> {
+        Outcome {
+            destination,
+            shard,
+            status: StatusCode::OK,
+            duration: Duration::from_millis(3),
+            retries: 0,
+            budget_exhausted: false,
+        }
+    }
+
+    #[test]
+    fn destination_series_are_bounded() {
+        let m = Metrics::default();
+        let names: Vec<Arc<str>> = (0..MAX_DESTINATION_SERIES + 100)
+            .map(|i| Arc::from(format!("host-{i}:80")))
+            .collect();
+        for n in &names {
+            m.destination_request(outcome(n, None));
+        }
+        let series = m.destinations.read().expect("lock").len();
+        assert_eq!(series, MAX_DESTINATION_SERIES);
+        let text = m.render();
+        // The first ones keep their own series; the rest are counted together.
+        assert!(text.contains("shardmesh_destination_requests_total{destination=\"host-0:80\",shard=\"\",status_class=\"2xx\"} 1\n"));
+        let overflow = 100 + 1;
+        assert!(
+            text.contains(&format!("shardmesh_destination_requests_total{{destination=\"_overflow\",shard=\"\",status_class=\"2xx\"}} {overflow}\n")),
+            "overflow not counted"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let m = Metrics::default();
+        let odd: Arc<str> = Arc::from("a\"b\\c\nd");
+        m.destination_request(outcome(&odd, Some(3)));
+        let text = m.render();
+        assert!(
+            text.contains("destination=\"a\\\"b\\\\c\\nd\",shard=\"3\",status_class=\"2xx\"} 1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn retries_budget_and_breaker_by_shard() {
+        let m = Metrics::default();
+        let d: Arc<str> = Arc::from("users:80");
+        m.destination_request(Outcome {
+            retries: 2,
+            budget_exhausted: true,
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            ..outcome(&d, Some(1))
+        });
+        m.destination_breaker_transition(&d, Some(1), BreakerState::Open);
+        let t = m.render();
+        for line in [
+            "shardmesh_destination_requests_total{destination=\"users:80\",shard=\"1\",status_class=\"5xx\"} 1\n",
+            "shardmesh_destination_retries_total{destination=\"users:80\",shard=\"1\"} 2\n",
+            "shardmesh_destination_retry_budget_exhausted_total{destination=\"users:80\",shard=\"1\"} 1\n",
+            "shardmesh_destination_breaker_transitions_total{destination=\"users:80\",shard=\"1\",to=\"open\"} 1\n",
+            "shardmesh_destination_request_duration_seconds_bucket{destination=\"users:80\",shard=\"1\",le=\"0.005\"} 1\n",
+            // The process-wide breaker count moves too.
+            "shardmesh_breaker_transitions_total{to=\"open\"} 1\n",
+        ] {
+            assert!(t.contains(line), "missing {line} in\n{t}");
+        }
     }
 }

@@ -45,6 +45,9 @@ pub const IDEMPOTENT_HEADER: HeaderName = HeaderName::from_static("x-shardmesh-i
 /// Header that makes a non-idempotent request safe to retry (the upstream deduplicates it).
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
+/// `retry_stop` of a request whose retry the budget refused (counted per destination too).
+pub const BUDGET_EXHAUSTED: &str = "budget-exhausted";
+
 /// Longest `Retry-After` honoured; longer values are treated as "do not retry".
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -404,7 +407,7 @@ where
                 }
                 if !budget.try_withdraw() {
                     metrics.budget_exhausted();
-                    ctx.lock().retry_stop = Some("budget-exhausted");
+                    ctx.lock().retry_stop = Some(BUDGET_EXHAUSTED);
                     return result;
                 }
                 // The failed attempt's response (and its connection) is released before waiting.

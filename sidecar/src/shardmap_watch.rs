@@ -386,6 +386,19 @@ impl Discover for LiveRegistry {
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.changes.subscribe())
     }
+
+    fn destinations(&self) -> Vec<Arc<Destination>> {
+        let live = self.live.read().unwrap_or_else(|e| e.into_inner());
+        // Live ones shadow static ones of the same name, as in `lookup`.
+        let mut all: Vec<Arc<Destination>> = live.values().cloned().collect();
+        all.extend(
+            self.fixed
+                .destinations()
+                .into_iter()
+                .filter(|d| !live.contains_key(d.name.as_ref())),
+        );
+        all
+    }
 }
 
 /// Backoff of a shard-map watch after an error: full jitter (the retry module's) from 200 ms

@@ -183,10 +183,31 @@ async fn access_log_lines_and_sigterm_drain() {
     assert!(line["duration_ms"].as_f64().is_some() && line["headers_ms"].as_f64().is_some());
     // hyper stops polling a body that reports its end: the last frame must count as complete.
     assert_eq!(line["response_complete"], true);
+    // No traceparent came with it: the sidecar started a trace (not sampled) and sent it on
+    // with its own span as the parent, the same one on both attempts.
+    let (trace, span) = (
+        line["trace_id"].as_str().expect("trace_id logged"),
+        line["span_id"].as_str().expect("span_id logged"),
+    );
+    assert_eq!((trace.len(), span.len()), (32, 16), "{line}");
+    assert!(line.get("parent_span_id").is_none(), "{line}");
+    for seen in dest.seen() {
+        assert_eq!(
+            seen.header("traceparent"),
+            Some(format!("00-{trace}-{span}-00").as_str())
+        );
+    }
 
     // Inbound: a request held by the app is in flight when SIGTERM arrives.
-    let in_flight =
-        tokio::spawn(async move { send(inbound, "GET", "/slow", &[("host", "me")], "").await });
+    const CALLER: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let in_flight = tokio::spawn(async move {
+        let headers = [
+            ("host", "me"),
+            ("traceparent", CALLER),
+            ("tracestate", "v=1"),
+        ];
+        send(inbound, "GET", "/slow", &headers, "").await
+    });
     wait_until(
         "the request to reach the app",
         Duration::from_secs(30),
@@ -230,6 +251,17 @@ async fn access_log_lines_and_sigterm_drain() {
         (Some("/slow"), Some(200))
     );
     assert_eq!(line["response_complete"], true);
+    // The caller's trace continues: the app sees the trace id with the sidecar's span as its
+    // parent, and the vendors' tracestate as it came.
+    assert_eq!(line["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(line["parent_span_id"], "00f067aa0ba902b7");
+    let span = line["span_id"].as_str().expect("span_id logged");
+    let seen = app.seen();
+    assert_eq!(
+        seen[0].header("traceparent"),
+        Some(format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{span}-01").as_str())
+    );
+    assert_eq!(seen[0].header("tracestate"), Some("v=1"));
     // The outbound proxy stays open until the application exits: stop it.
     drop(app);
     let mut p = p;

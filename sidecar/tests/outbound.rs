@@ -403,6 +403,58 @@ async fn sharded_destination_routes_by_key() {
 }
 
 #[tokio::test]
+async fn metrics_per_destination_and_shard() {
+    let s0 = Upstream::start(Fault::Ok).await;
+    let s1 = Upstream::start(Fault::Ok).await;
+    let plain = Upstream::start(Fault::Ok).await;
+    // Shard 1's member answers 503 once: one retry, counted on shard 1 only.
+    s1.script([Fault::Status(503)]);
+    let reg = format!(
+        "destinations:\n  users.test:\n    shardMap: {{epoch: 7, shards: [{{index: 0, members: [{{pod: u-0-0, address: \"{}\"}}]}}, {{index: 1, members: [{{pod: u-1-0, address: \"{}\"}}, {{pod: u-1-1, address: \"{}\"}}]}}]}}\n  svc.test:80:\n    endpoints: [\"{}\"]\n",
+        s0.addr, s1.addr, s1.addr, plain.addr
+    );
+    let sc = sidecar(&reg, FAST, &[]).await;
+    let (k0, k1) = (key_for(0, 2), key_for(1, 2));
+    for key in [&k0, &k0, &k1] {
+        let r = send(
+            sc.outbound,
+            "GET",
+            "http://users.test/u",
+            &[("x-shard-key", key)],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(get(sc.outbound, "http://svc.test/").await.status, 200);
+    let m = get(sc.admin, &format!("http://{}/metrics", sc.admin))
+        .await
+        .body;
+    let d = |shard: &str| format!("destination=\"users.test:80\",shard=\"{shard}\"");
+    for (series, want) in [
+        (format!("shardmesh_destination_requests_total{{{},status_class=\"2xx\"}}", d("0")), 2),
+        (format!("shardmesh_destination_requests_total{{{},status_class=\"2xx\"}}", d("1")), 1),
+        (format!("shardmesh_destination_requests_total{{{},status_class=\"5xx\"}}", d("1")), 0),
+        (format!("shardmesh_destination_retries_total{{{}}}", d("0")), 0),
+        (format!("shardmesh_destination_retries_total{{{}}}", d("1")), 1),
+        (format!("shardmesh_destination_retry_budget_exhausted_total{{{}}}", d("1")), 0),
+        (format!("shardmesh_destination_request_duration_seconds_count{{{}}}", d("0")), 2),
+        (format!("shardmesh_destination_request_duration_seconds_bucket{{{},le=\"+Inf\"}}", d("1")), 1),
+        (format!("shardmesh_destination_breaker_transitions_total{{{},to=\"open\"}}", d("1")), 0),
+        // A destination that is not sharded has an empty shard label.
+        ("shardmesh_destination_requests_total{destination=\"svc.test:80\",shard=\"\",status_class=\"2xx\"}".into(), 1),
+        // The shard map as routed by: epoch, live members per shard.
+        ("shardmesh_destination_map_epoch{destination=\"users.test:80\"}".into(), 7),
+        (format!("shardmesh_destination_members{{{}}}", d("0")), 1),
+        (format!("shardmesh_destination_members{{{}}}", d("1")), 2),
+    ] {
+        assert_eq!(metric(&m, &format!("{series} ")), want, "{series}");
+    }
+    assert!(m.contains("# TYPE shardmesh_destination_request_duration_seconds histogram"));
+    assert!(!m.contains("shardmesh_destination_map_epoch{destination=\"svc.test:80\"}"));
+}
+
+#[tokio::test]
 async fn writes_go_to_the_shard_leader_with_its_fencing_epoch() {
     // Shard 0: followers f and leader l; shard 1: a member but no leader (election under way).
     let f = Upstream::start(Fault::Ok).await;

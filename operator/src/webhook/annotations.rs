@@ -31,6 +31,11 @@ pub const INJECT_DISABLED: &str = "disabled";
 /// explicit proxy changes how every client library in the app behaves.
 pub const OUTBOUND_PROXY: &str = "shardmesh.io/outbound-proxy";
 
+/// Pod annotation `shardmesh.io/trace-start: "false"`: the sidecar only propagates W3C trace
+/// context the application sends and starts none (default `"true"`: requests without a
+/// `traceparent` start a trace, so every access-log line carries a trace id).
+pub const TRACE_START: &str = "shardmesh.io/trace-start";
+
 /// Pod annotation: sidecar resources overriding the configured ones (JSON
 /// `ResourceRequirements`, e.g. `{"limits":{"memory":"128Mi"}}`).
 pub const SIDECAR_RESOURCES: &str = "shardmesh.io/sidecar-resources";

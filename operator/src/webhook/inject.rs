@@ -166,6 +166,19 @@ fn plan(pod: &Pod, spec: &PodSpec, cfg: &InjectorConfig) -> Result<Patch, String
     let leader_lease = note(annotations::LEADER_LEASE)
         .map(check_leader_lease)
         .transpose()?;
+    let trace_start = match note(annotations::TRACE_START) {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(other) => {
+            return Err(format!(
+                "metadata.annotations[{}]: {other:?} is neither \"true\" nor \"false\"; \
+                 \"false\" makes the sidecar propagate callers' trace context without starting \
+                 traces",
+                annotations::TRACE_START
+            ))
+        }
+    };
     let resources = match note(annotations::SIDECAR_RESOURCES) {
         None => cfg.resources.clone(),
         Some(text) => serde_json::from_str(text).map_err(|e| {
@@ -189,6 +202,7 @@ fn plan(pod: &Pod, spec: &PodSpec, cfg: &InjectorConfig) -> Result<Patch, String
         app_port,
         policy,
         leader_lease,
+        trace_start,
         resources,
         used_port_names: &used_names,
         has_service_label: pod_labels.is_some_and(|l| l.contains_key(labels::SERVICE)),
@@ -379,6 +393,7 @@ struct SidecarInput<'a> {
     app_port: Option<u16>,
     policy: Option<String>,
     leader_lease: Option<String>,
+    trace_start: Option<bool>,
     resources: ResourceRequirements,
     used_port_names: &'a [&'a str],
     has_service_label: bool,
@@ -403,6 +418,9 @@ fn sidecar_container(input: &SidecarInput<'_>) -> Container {
     }
     if let Some(lease) = &input.leader_lease {
         literal("SHARDMESH_LEADER_LEASE", lease.clone());
+    }
+    if let Some(start) = input.trace_start {
+        literal("SHARDMESH_TRACE_START", start.to_string());
     }
     literal("SHARDMESH_LOG_LEVEL", cfg.log_level.clone());
     let mut field = |name: &str, path: String| {
@@ -861,6 +879,7 @@ mod tests {
             "shardmesh.io/app-port": "9090",
             "shardmesh.io/resilience": "{\"retries\":{\"maxAttempts\":4}}",
             "shardmesh.io/leader-lease-duration": "20s",
+            "shardmesh.io/trace-start": "false",
             "other": "kept"
         });
         let (doc, _) = apply(&v, &InjectorConfig::example());
@@ -877,6 +896,10 @@ mod tests {
             .count();
         assert_eq!(uids, 1, "each variable once");
         assert_eq!(env(s, "SHARDMESH_APP_PORT").expect("port")["value"], "9090");
+        assert_eq!(
+            env(s, "SHARDMESH_TRACE_START").expect("trace start")["value"],
+            "false"
+        );
         assert_eq!(
             env(s, "SHARDMESH_POLICY").expect("policy")["value"],
             "{\"retries\":{\"maxAttempts\":4}}"
@@ -921,6 +944,10 @@ mod tests {
             (
                 json!({"metadata": {"annotations": {"shardmesh.io/leader-lease-duration": "soon"}}}),
                 "metadata.annotations[shardmesh.io/leader-lease-duration]",
+            ),
+            (
+                json!({"metadata": {"annotations": {"shardmesh.io/trace-start": "off"}}}),
+                "metadata.annotations[shardmesh.io/trace-start]",
             ),
             (json!({"spec": {"hostNetwork": true}}), "spec.hostNetwork"),
             (
