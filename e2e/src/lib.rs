@@ -3,7 +3,7 @@
 //! `SHARDMESH_E2E=1` and `KUBECONFIG` set. The scenarios are `#[ignore]`d so a plain
 //! `cargo test` skips them; run without the harness they fail loudly instead of passing.
 
-use std::{fmt::Debug, future::Future, time::Duration};
+use std::{fmt::Debug, future::Future, path::PathBuf, process::Command, time::Duration};
 
 use k8s_openapi::{
     api::core::v1::{Namespace, Pod, ServiceAccount},
@@ -24,7 +24,10 @@ pub const WAIT: Duration = Duration::from_secs(240);
 pub const DEMO_IMAGE: &str = concat!("shardmesh.local/demo:", env!("CARGO_PKG_VERSION"));
 
 /// Namespace the harness installs the operator into.
-pub const OPERATOR_NAMESPACE: &str = "shardmesh-system";
+pub const OPERATOR_NAMESPACE: &str = shardmesh_api::labels::OPERATOR_NAMESPACE;
+
+/// The controller's leader Lease in [`OPERATOR_NAMESPACE`].
+pub const OPERATOR_LEASE: &str = shardmesh_api::labels::OPERATOR_LEADER_LEASE;
 
 /// A client for the harness' cluster; panics with instructions outside the harness.
 pub async fn client() -> Client {
@@ -331,4 +334,72 @@ mod tests {
         }
         assert!(super::DEMO_IMAGE.ends_with(version));
     }
+}
+
+/// The directory holding `kubectl-shardmesh`: a test binary is `<target>/debug/deps/<test>-*`,
+/// the plugin `<target>/debug/kubectl-shardmesh` (built by the harness' `cargo build --bins`).
+fn plugin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test executable lives in <target>/<profile>/deps")
+        .to_path_buf();
+    let bin = dir.join("kubectl-shardmesh");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo build -p kubectl-shardmesh` (e2e/test.sh builds \
+         every binary of the workspace)",
+        bin.display()
+    );
+    dir
+}
+
+/// One run of `kubectl shardmesh`.
+#[derive(Debug)]
+pub struct PluginRun {
+    /// Exit code (-1 when killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl PluginRun {
+    /// Stdout as JSON; panics showing both streams when it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}); exit {}\nstdout:\n{}\nstderr:\n{}",
+                self.code, self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// `kubectl shardmesh <args>`, with KUBECONFIG inherited from the harness.
+pub fn kubectl_shardmesh(args: &[&str]) -> PluginRun {
+    let path = format!(
+        "{}:{}",
+        plugin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("kubectl")
+        .arg("shardmesh")
+        .args(args)
+        .env("PATH", path)
+        .output()
+        .expect("run kubectl (is it on PATH?)");
+    let run = PluginRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    eprintln!(
+        "[e2e] kubectl shardmesh {} -> exit {}",
+        args.join(" "),
+        run.code
+    );
+    run
 }

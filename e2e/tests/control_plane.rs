@@ -247,7 +247,7 @@ async fn a_cut_off_operator_stops_before_the_standby_acts() {
             .unwrap_or_default()
     };
     let old = wait_for("an operator leads", WAIT, || async {
-        let h = holder(&leases.get("shardmesh-operator-leader").await?);
+        let h = holder(&leases.get(shardmesh_e2e::OPERATOR_LEASE).await?);
         Ok((!h.is_empty()).then_some(h))
     })
     .await;
@@ -303,7 +303,7 @@ async fn a_cut_off_operator_stops_before_the_standby_acts() {
     let cut = mesh::ApiCut::start("shardmesh-operator", &old, &api_ip);
     let cut_at = t0.elapsed().as_secs_f64();
     wait_for("the standby takes the controller Lease", WAIT, || async {
-        let l = leases.get("shardmesh-operator-leader").await?;
+        let l = leases.get(shardmesh_e2e::OPERATOR_LEASE).await?;
         Ok((holder(&l) == standby_name).then_some(()))
     })
     .await;
@@ -330,7 +330,7 @@ async fn a_cut_off_operator_stops_before_the_standby_acts() {
         .map(|(sent, _, _)| *sent)
         .fold(f64::NAN, f64::min);
     let lease_secs = leases
-        .get("shardmesh-operator-leader")
+        .get(shardmesh_e2e::OPERATOR_LEASE)
         .await
         .expect("lease")
         .spec

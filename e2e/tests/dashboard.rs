@@ -1151,7 +1151,7 @@ async fn leader_metrics(
     system: &Api<Pod>,
     leases: &Api<Lease>,
 ) -> anyhow::Result<Option<(String, String)>> {
-    let lease = leases.get("shardmesh-operator-leader").await?;
+    let lease = leases.get(shardmesh_e2e::OPERATOR_LEASE).await?;
     let holder = lease
         .spec
         .and_then(|s| s.holder_identity)

@@ -237,6 +237,36 @@ async fn helm_lifecycle_upgrade_rolls_the_operator_and_uninstall_keeps_crds_and_
     svcs.get("steady")
         .await
         .expect("the ShardedService stays after uninstall");
+    // `kubectl shardmesh` tells that the operator and the webhook are gone (plugin.rs covers
+    // the installed case).
+    wait_for(
+        "kubectl shardmesh check: operator, webhook gone",
+        WAIT,
+        || async {
+            let run = kubectl_shardmesh(&["check", "-n", &ns.name, "-o", "json"]);
+            let (code, out) = (run.code, run.stdout);
+            let r: serde_json::Value = serde_json::from_str(&out)?;
+            let failed = |name: &str| {
+                r["checks"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["name"] == json!(name) && c["status"] == json!("fail"))
+                })
+            };
+            let gone = code == 1 && failed("webhook-configurations") && failed("operator-leader");
+            if gone {
+                Ok(Some(()))
+            } else {
+                Err(anyhow::anyhow!("exit {code}: {out}"))
+            }
+        },
+    )
+    .await;
+    let run = kubectl_shardmesh(&["status", "steady", "-n", &ns.name]);
+    let (code, out) = (run.code, run.stdout);
+    assert!(
+        out.lines().any(|l| l.starts_with("Warning:    operator:")),
+        "exit {code}: {out}"
+    );
     ns.delete().await;
 }
 

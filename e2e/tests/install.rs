@@ -187,7 +187,7 @@ async fn controller_leader_fails_over_to_the_standby() {
     let leases: Api<Lease> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
     let lease = wait_obj(
         &leases,
-        "shardmesh-operator-leader",
+        shardmesh_e2e::OPERATOR_LEASE,
         "a controller leads",
         |l| !holder(l).is_empty(),
         |l| format!("{:?}", l.spec),
@@ -214,7 +214,7 @@ async fn controller_leader_fails_over_to_the_standby() {
     let killed = Instant::now();
     let new = wait_obj(
         &leases,
-        "shardmesh-operator-leader",
+        shardmesh_e2e::OPERATOR_LEASE,
         "another replica takes the Lease",
         |l| {
             let h = holder(l);
@@ -243,7 +243,7 @@ async fn controller_leader_fails_over_to_the_standby() {
     // A leader that crashed cannot release: simulate one holding a fresh Lease. The running
     // leader must step down, and no replica may take the Lease before it expires.
     let mut crashed = leases
-        .get("shardmesh-operator-leader")
+        .get(shardmesh_e2e::OPERATOR_LEASE)
         .await
         .expect("lease");
     let now = k8s_openapi::jiff::Timestamp::now();
@@ -255,7 +255,7 @@ async fn controller_leader_fails_over_to_the_standby() {
     }
     leases
         .replace(
-            "shardmesh-operator-leader",
+            shardmesh_e2e::OPERATOR_LEASE,
             &PostParams::default(),
             &crashed,
         )
@@ -264,7 +264,7 @@ async fn controller_leader_fails_over_to_the_standby() {
     let crashed_at = Instant::now();
     let taken = wait_obj(
         &leases,
-        "shardmesh-operator-leader",
+        shardmesh_e2e::OPERATOR_LEASE,
         "a replica takes over the expired Lease",
         |l| {
             let h = holder(l);
@@ -340,7 +340,7 @@ async fn operator_and_webhook_export_prometheus_metrics() {
     // Lease meanwhile: look the leader up again until its pod answers as leader.)
     let leases: Api<Lease> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
     let text = wait_for("the leading controller's /metrics", WAIT, || async {
-        let lease = leases.get("shardmesh-operator-leader").await?;
+        let lease = leases.get(shardmesh_e2e::OPERATOR_LEASE).await?;
         let Some(leader) = pods.get_opt(&holder(&lease)).await? else {
             return Ok(None);
         };

@@ -306,7 +306,7 @@ async fn wait_complete(svcs: &Api<ShardedService>, what: &str, not: Option<&str>
 async fn kill_operator_leader(client: &kube::Client) -> String {
     let leases: Api<Lease> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
     let holder = leases
-        .get("shardmesh-operator-leader")
+        .get(shardmesh_e2e::OPERATOR_LEASE)
         .await
         .expect("the operator's Lease")
         .spec

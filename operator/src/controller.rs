@@ -396,7 +396,7 @@ async fn run_in(
         )
         .for_each(|res| async move {
             if let Err(e) = res {
-                warn!(error = %e, "reconcile failed");
+                runtime::report_failure("main", &e);
             }
         })
         .await;

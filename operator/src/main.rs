@@ -71,7 +71,7 @@ struct LeaderArgs {
     #[arg(
         long,
         env = "SHARDMESH_LEADER_LEASE",
-        default_value = "shardmesh-operator-leader"
+        default_value = shardmesh_api::labels::OPERATOR_LEADER_LEASE
     )]
     leader_lease_name: String,
     /// How long a dead leader blocks a standby (e.g. 15s).

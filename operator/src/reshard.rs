@@ -187,6 +187,10 @@ pub fn status(map: Option<&ShardMap>, spec_shards: u32) -> Option<ReshardingStat
 /// The message of the `Resharding` condition for a change in progress.
 pub fn message(r: &ReshardingStatus) -> String {
     match r.phase.as_str() {
+        phase::ADDING if r.to - r.from == 1 => format!(
+            "adding shard {}: keys move once it has a ready member",
+            r.from
+        ),
         phase::ADDING => format!(
             "adding shards {}-{}: keys move once every new shard has a ready member",
             r.from,
@@ -212,6 +216,18 @@ pub fn message(r: &ReshardingStatus) -> String {
 mod tests {
     use super::*;
     use shardmesh_api::shardmap::Shard;
+
+    #[test]
+    fn messages_name_the_added_shards() {
+        let adding = |from, to| ReshardingStatus {
+            phase: phase::ADDING.into(),
+            from,
+            to,
+            until: None,
+        };
+        assert!(message(&adding(3, 4)).starts_with("adding shard 3:"));
+        assert!(message(&adding(3, 6)).starts_with("adding shards 3-5:"));
+    }
 
     fn map(count: u32, listed: u32, previous: Option<(u32, Timestamp)>) -> ShardMap {
         ShardMap {

@@ -20,6 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectM
 use kube::{
     api::{Patch, PatchParams},
     runtime::{
+        controller,
         events::{Event, EventType, Recorder, Reporter},
         reflector::ObjectRef,
     },
@@ -89,6 +90,24 @@ pub fn shutdown_signal() -> Shutdown {
     }
     .boxed()
     .shared()
+}
+
+/// Logs what a controller's run loop yields that went wrong, for both controllers alike. A
+/// child's event for a ShardedService already gone from the cache (deleted with its namespace,
+/// say) is expected and reported at debug level, not as a failure: no reconcile ran.
+pub fn report_failure<E1, E2>(controller: &'static str, err: &controller::Error<E1, E2>)
+where
+    E1: std::error::Error + 'static,
+    E2: std::error::Error + 'static,
+{
+    match err {
+        controller::Error::ObjectNotFound(obj) => tracing::debug!(
+            controller,
+            object = %obj,
+            "an owned object changed after its ShardedService was deleted; nothing to reconcile"
+        ),
+        e => tracing::warn!(controller, error = %e, "reconcile failed"),
+    }
 }
 
 /// Who the operator's Events say reported them: the operator, as `instance` (its pod name).

@@ -981,7 +981,7 @@ async fn run_in(
         )
         .for_each(|res| async move {
             if let Err(e) = res {
-                warn!(error = %e, "shard-map reconcile failed");
+                runtime::report_failure("shardmap", &e);
             }
         })
         .await;

@@ -101,27 +101,32 @@ fn new_id<const N: usize>() -> [u8; N] {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Appends the lowercase hex of `bytes`.
-pub fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
-    for b in bytes {
-        out.push(HEX[usize::from(b >> 4)]);
-        out.push(HEX[usize::from(b & 0xf)]);
+/// Writes the lowercase hex of `bytes` into `out` (twice as long), on the stack: a trace id is
+/// formatted twice per request, in the header sent on and in the access-log line.
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
     }
+}
+
+/// Appends the lowercase hex of an id (at most 16 bytes).
+pub fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
+    let mut buf = [0u8; 32];
+    let n = bytes.len().min(16);
+    hex_into(&bytes[..n], &mut buf[..2 * n]);
+    out.extend_from_slice(&buf[..2 * n]);
 }
 
 impl Trace {
     /// The `traceparent` the next hop receives: this trace, this sidecar's span as parent.
     pub fn header(&self) -> HeaderValue {
-        let mut v = Vec::with_capacity(LEN);
-        v.extend_from_slice(b"00-");
-        push_hex(&mut v, &self.trace_id);
-        v.push(b'-');
-        push_hex(&mut v, &self.span_id);
-        v.push(b'-');
-        push_hex(&mut v, &[self.flags]);
+        let mut v = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        hex_into(&self.trace_id, &mut v[3..35]);
+        hex_into(&self.span_id, &mut v[36..52]);
+        hex_into(&[self.flags], &mut v[53..55]);
         // Only hex digits and dashes: always a valid header value.
-        HeaderValue::from_maybe_shared(bytes::Bytes::from(v))
-            .unwrap_or_else(|_| HeaderValue::from_static(""))
+        HeaderValue::from_bytes(&v).unwrap_or_else(|_| HeaderValue::from_static(""))
     }
 }
 

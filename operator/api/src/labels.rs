@@ -21,6 +21,12 @@ pub const INJECTED_VERSION: &str = "shardmesh.io/injected-version";
 /// Field manager used for every server-side apply by the operator.
 pub const FIELD_MANAGER: &str = "shardmesh-operator";
 
+/// Namespace the chart's README installs the operator into (the plugin's and tests' default).
+pub const OPERATOR_NAMESPACE: &str = "shardmesh-system";
+
+/// Default name of the controller's leader Lease (`--leader-lease-name`).
+pub const OPERATOR_LEADER_LEASE: &str = "shardmesh-operator-leader";
+
 /// Name of the StatefulSet / headless Service of shard `index` of service `name`.
 pub fn shard_object_name(name: &str, index: u32) -> String {
     format!("{name}-{index}")
