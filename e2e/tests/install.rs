@@ -79,7 +79,51 @@ fn chart_lints_renders_and_rejects_bad_values() {
             .collect();
         assert_eq!(rendered, pdb.into_iter().collect::<Vec<_>>(), "{extra:?}");
     }
-    let bad: [(&str, &str); 7] = [
+    // The Grafana dashboard: rendered only when asked, where asked, with the label Grafana's
+    // sidecar loads, holding exactly the dashboard file.
+    let (ok, out) = run_helm(&["template", "t", &chart, "-n", "shardmesh-system"]);
+    assert!(ok && !out.contains("grafana-dashboard"), "{out}");
+    let (ok, out) = run_helm(&[
+        "template",
+        "t",
+        &chart,
+        "-n",
+        "shardmesh-system",
+        "--set",
+        "grafana.dashboard.enabled=true",
+        "--set",
+        "grafana.dashboard.namespace=monitoring",
+        "--set",
+        "grafana.dashboard.folder=shardmesh",
+    ]);
+    assert!(ok, "helm template with the dashboard failed:\n{out}");
+    let cm: serde_json::Value = out
+        .split("\n---")
+        .find(|doc| doc.contains("name: t-grafana-dashboard"))
+        .map(|doc| serde_yaml::from_str(doc).expect("the dashboard ConfigMap is YAML"))
+        .unwrap_or_else(|| panic!("no dashboard ConfigMap in:\n{out}"));
+    assert_eq!(cm["metadata"]["namespace"], "monitoring");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(cm["metadata"]["annotations"]["grafana_folder"], "shardmesh");
+    let shipped: serde_json::Value = serde_json::from_str(
+        cm["data"]["shardmesh.json"]
+            .as_str()
+            .expect("data.shardmesh.json"),
+    )
+    .expect("the ConfigMap holds JSON");
+    let file: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{chart}/dashboards/shardmesh.json")).expect("dashboard"),
+    )
+    .expect("dashboard JSON");
+    assert_eq!(
+        shipped, file,
+        "the ConfigMap holds the dashboard file as it is"
+    );
+    let bad: [(&str, &str); 8] = [
+        (
+            "grafana.dashboard.labelValue=1",
+            "grafana.dashboard.labelValue",
+        ),
         ("webhook.failurePolicy=Maybe", "webhook.failurePolicy"),
         ("operator.replicas=two", "operator.replicas"),
         ("operator.replicas=0", "operator.replicas"),
