@@ -48,6 +48,9 @@ use crate::{
 const RESYNC: Duration = Duration::from_secs(300);
 /// Requeue interval while shards are not ready.
 const RESYNC_NOT_READY: Duration = Duration::from_secs(30);
+/// Next look at a service whose shard-map slices were caught mid-write (normally the slice
+/// watch triggers one sooner).
+const LAYOUT_BEING_WRITTEN: Duration = Duration::from_secs(2);
 /// How long a burst of events for one ShardedService (its objects appearing one by one at
 /// creation) is collected into one reconcile.
 const DEBOUNCE: Duration = Duration::from_millis(500);
@@ -460,7 +463,8 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
 
     // 2. build (pure). Removed shards keep their workloads while the published map lists
     // them (they serve handoff reads); existing shards keep what their pods were first told.
-    let map = crate::shardmap::published(client, &svc).await?;
+    let published = crate::shardmap::published(client, &svc).await?;
+    let map = published.map;
     let spec_shards = u32::try_from(svc.spec.shards).unwrap_or(0);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let pod_list = pods
@@ -470,13 +474,13 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     let now = Timestamp::now();
     let plan = plan_rollout(&svc, &existing, &pod_list, spec_shards, now);
     let workloads = Workloads {
-        shards: reshard::workload_shards(map.as_ref(), spec_shards),
+        shards: reshard::workload_shards(published.listed, spec_shards),
         initial_shards: existing
             .iter()
             .filter_map(|(i, sts)| Some((*i, Workloads::initial_of(sts)?)))
             .collect(),
         // Shards being removed by a reshard are never rolled.
-        held: (0..reshard::workload_shards(map.as_ref(), spec_shards))
+        held: (0..reshard::workload_shards(published.listed, spec_shards))
             .filter(|i| !plan.released.contains(i))
             .map(|i| {
                 let marker = existing.get(&i).and_then(|s| {
@@ -576,7 +580,17 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         remove_shards(&ctx, &ns, &selector, &uid, workloads.shards).await?;
     }
 
-    // 4. status
+    // 4. status. While the shard-map controller is writing a new layout no map is complete:
+    // the status keeps what it said (resharding phase, members) until the slices agree again,
+    // which the slice watch reports.
+    if map.is_none() && published.listed > 0 {
+        tracing::debug!(
+            listed = published.listed,
+            "a shard-map layout is being written; status left as it is"
+        );
+        ctx.failures.succeeded(&svc);
+        return Ok(Action::requeue(LAYOUT_BEING_WRITTEN));
+    }
     observed.pods = pod_list;
     observed.map = map;
     observed.rollout = Some(plan.status);

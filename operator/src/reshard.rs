@@ -138,10 +138,10 @@ pub fn next_layout(
     steady(count)
 }
 
-/// The number of shards whose workloads must exist: every wanted shard and every shard the
-/// published map lists (a removed shard serves handoff reads until a map drops it).
-pub fn workload_shards(map: Option<&ShardMap>, spec_shards: u32) -> u32 {
-    let listed = map.map_or(0, |m| u32::try_from(m.shards.len()).unwrap_or(u32::MAX));
+/// The number of shards whose workloads must exist: every wanted shard and every shard a
+/// published slice lists, `listed` (a removed shard serves handoff reads until the maps drop
+/// it; while a layout is being written, either layout's shards count).
+pub fn workload_shards(listed: u32, spec_shards: u32) -> u32 {
     spec_shards.max(listed)
 }
 
@@ -297,11 +297,11 @@ mod tests {
         let s = status(Some(&m), 3).unwrap();
         assert_eq!((s.phase.as_str(), s.from, s.to), (phase::DRAINING, 4, 3));
         assert_eq!(shards_to_collect(Some(&m), 3), 4);
-        assert_eq!(workload_shards(Some(&m), 3), 4);
+        assert_eq!(workload_shards(m.shards.len() as u32, 3), 4);
         let l = next_layout(Some(&m), 3, |_| true, W, t(200));
         assert_eq!((l.count, l.listed, l.previous.clone()), (3, 3, None));
         let settled = map(3, 3, None);
-        assert_eq!(workload_shards(Some(&settled), 3), 3);
+        assert_eq!(workload_shards(settled.shards.len() as u32, 3), 3);
         assert_eq!(status(Some(&settled), 3), None);
     }
 

@@ -537,14 +537,26 @@ pub async fn published_slices(
         .collect())
 }
 
-/// The map published for service `name`, combined from its slices; `None` while none is
-/// complete (see [`shardmap::assemble`]).
-pub async fn published(client: &Client, svc: &ShardedService) -> Result<Option<ShardMap>> {
+/// What a service's slices say, read by the main controller.
+#[derive(Clone, Debug, Default)]
+pub struct Published {
+    /// The map combined from the slices; `None` while no layout is complete (see
+    /// [`shardmap::assemble`]): a new layout is being written, or nothing was published yet.
+    pub map: Option<ShardMap>,
+    /// The most shards any slice lists, complete layout or not ([`shardmap::listed_by_any`]):
+    /// the shards whose workloads must stay, even while a layout is half written.
+    pub listed: u32,
+}
+
+/// The map published for service `svc`.
+pub async fn published(client: &Client, svc: &ShardedService) -> Result<Published> {
     let (name, ns, _) = identity(svc)?;
     let slices = published_slices(client, &ns, &name, svc.metadata.uid.as_deref()).await?;
-    Ok(shardmap::assemble(slices.iter().map(|s| &s.spec))
-        .ok()
-        .map(|a| a.map))
+    let specs = || slices.iter().map(|s| &s.spec);
+    Ok(Published {
+        map: shardmap::assemble(specs()).ok().map(|a| a.map),
+        listed: shardmap::listed_by_any(specs()),
+    })
 }
 
 fn identity(svc: &ShardedService) -> Result<(String, String, OwnerReference)> {

@@ -216,10 +216,13 @@ async fn a_name_an_older_service_generates_is_refused_and_looked_at_again() {
 /// A fake API server remembering what was applied: server-side applies are stored (with a
 /// managed-fields entry of the operator's field manager) and served back by the StatefulSet
 /// list; no shard-map slice is published and no pods exist.
+#[derive(Default)]
 struct FakeApi {
     applied: std::sync::Mutex<std::collections::BTreeMap<String, Value>>,
     seen: std::sync::Mutex<Vec<String>>,
     status: std::sync::Mutex<Value>,
+    /// The shard-map slices the list answers with.
+    slices: Vec<Value>,
 }
 
 impl FakeApi {
@@ -243,7 +246,7 @@ impl FakeApi {
                     ),
                     "GET /apis/shardmesh.io/v1alpha1/namespaces/shop/shardmapslices" => respond(
                         json!({"apiVersion": "shardmesh.io/v1alpha1", "kind": "ShardMapSliceList",
-                               "metadata": {}, "items": []}),
+                               "metadata": {}, "items": self.slices}),
                     ),
                     "POST /apis/events.k8s.io/v1/namespaces/shop/events" => {
                         respond(body_json(req).await)
@@ -333,11 +336,7 @@ fn services_store(svc: &ShardedService) -> Store<ShardedService> {
 /// object someone else edited afterwards is applied again, and only that one.
 #[tokio::test]
 async fn applies_everything_once_then_writes_nothing_until_something_changes() {
-    let api = Arc::new(FakeApi {
-        applied: Default::default(),
-        seen: Default::default(),
-        status: Default::default(),
-    });
+    let api = Arc::new(FakeApi::default());
     let client = api.clone().serve();
     let caps = Capabilities {
         version: "1.20".into(),
@@ -495,4 +494,73 @@ async fn applies_everything_once_then_writes_nothing_until_something_changes() {
             "PATCH /apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/orders-1-member",
         ]
     );
+}
+
+/// A shard's slice of the published map under layout `id` (routing by `count`, listing
+/// `listed`, handoff window from `previous`).
+fn slice(shard: u32, id: i64, count: u32, listed: u32, previous: Option<u32>) -> Value {
+    let mut layout = json!({"id": id, "count": count, "listed": listed,
+                            "shardKey": "x-shard-key", "handoffMiss": "404"});
+    if let Some(p) = previous {
+        layout["previous"] = json!({"count": p, "until": "2026-01-01T00:01:00Z"});
+    }
+    json!({
+        "apiVersion": "shardmesh.io/v1alpha1", "kind": "ShardMapSlice",
+        "metadata": {"name": format!("orders-{shard}"), "namespace": "shop",
+            "labels": {"shardmesh.io/service": "orders", "shardmesh.io/shard": shard.to_string()},
+            "ownerReferences": [{"apiVersion": "shardmesh.io/v1alpha1", "kind": "ShardedService",
+                "name": "orders", "uid": "uid-orders", "controller": true}]},
+        "spec": {"epoch": id, "layout": layout, "shard": {"index": shard, "members": []}}
+    })
+}
+
+/// Shrinking 4 -> 3: the reconcile that runs while the shard-map controller is writing the new
+/// layout (slices 0-2 already route by 3, slice 3 still carries the settled 4-shard layout, so
+/// no layout is complete) must keep shard 3's workloads, which serve handoff reads through the
+/// window, and leave the status as it was until the slices agree.
+#[tokio::test]
+async fn a_half_written_layout_removes_no_shard() {
+    let mut slices: Vec<Value> = (0..3).map(|i| slice(i, 6, 3, 4, Some(4))).collect();
+    slices.push(slice(3, 4, 4, 4, None));
+    let api = Arc::new(FakeApi {
+        slices,
+        ..FakeApi::default()
+    });
+    for i in 0..4 {
+        api.applied.lock().expect("applied").insert(
+            format!("/apis/apps/v1/namespaces/shop/statefulsets/orders-{i}"),
+            sts(i),
+        );
+    }
+    let client = api.clone().serve();
+    let caps = Capabilities {
+        version: "1.20".into(),
+        pdb: None,
+        native_sidecars: false,
+    };
+    let mut svc = svc(3, 8080);
+    svc.spec.rollout.allow_shard_removal = true;
+    let ctx = Arc::new(
+        Context::new(client, caps, Some("test".into()))
+            .with_services(services_store(&svc))
+            .with_owned(api.owned()),
+    );
+    let next = reconcile(Arc::new(svc), ctx)
+        .await
+        .expect("reconcile succeeds");
+    let seen = api.take();
+    assert!(
+        seen.iter().all(|l| !l.starts_with("DELETE")),
+        "nothing deleted: {seen:#?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|l| l == "PATCH /apis/apps/v1/namespaces/shop/statefulsets/orders-3"),
+        "shard 3 keeps its StatefulSet: {seen:#?}"
+    );
+    assert!(
+        !seen.iter().any(|l| l.ends_with("/status")),
+        "the status waits for a complete layout: {seen:#?}"
+    );
+    assert_eq!(next, Action::requeue(std::time::Duration::from_secs(2)));
 }

@@ -284,6 +284,18 @@ pub fn slices(map: &ShardMap, layout: &Layout) -> Vec<ShardMapSliceSpec> {
         .collect()
 }
 
+/// The most shards any of `slices` lists, whatever its layout: while a new layout is being
+/// written the slices mix two layouts and [`assemble`] finds no complete map, but every shard
+/// either layout lists still has a slice, and its workloads must not be taken for removed.
+pub fn listed_by_any<'a>(slices: impl IntoIterator<Item = &'a ShardMapSliceSpec>) -> u32 {
+    slices
+        .into_iter()
+        .map(|s| s.layout.listed.max(s.shard.index.saturating_add(1)))
+        .max()
+        .unwrap_or(0)
+        .min(MAX_SHARDS)
+}
+
 /// Combines the slices of one service into its map: the newest layout among them, one slice of
 /// it per listed shard (slices of shards past `listed` are leftovers and ignored). Fails, saying
 /// what is missing, while a layout is incomplete or when slices disagree; the map is then
@@ -396,6 +408,47 @@ mod tests {
             .check()
             .unwrap_err()
             .starts_with("previous.count: 1 equals"));
+    }
+
+    #[test]
+    fn a_layout_half_written_still_counts_every_listed_shard() {
+        let map = |n: u32| ShardMap {
+            epoch: 5,
+            routing_count: Some(n),
+            previous: None,
+            shards: listed(n),
+        };
+        // Settled on 4 shards; then 4 -> 3 is being written: slices 0-2 carry the new layout
+        // (routes by 3, still lists 4), slice 3 the old one.
+        let old = Layout {
+            id: 4,
+            count: 4,
+            listed: 4,
+            ..Layout::default()
+        };
+        let new = Layout {
+            id: 6,
+            count: 3,
+            listed: 4,
+            ..Layout::default()
+        };
+        let mut mixed = slices(&map(4), &new);
+        mixed.truncate(3);
+        mixed.push(slices(&map(4), &old).remove(3));
+        assert!(assemble(&mixed).is_err(), "no complete layout");
+        assert_eq!(listed_by_any(&mixed), 4);
+        // After the window: the new layout lists 3; the removed shard's slice is being deleted.
+        let done = Layout {
+            id: 8,
+            count: 3,
+            listed: 3,
+            ..Layout::default()
+        };
+        let mut closing = slices(&map(3), &done);
+        assert_eq!(listed_by_any(&closing), 3);
+        closing.push(slices(&map(4), &new).remove(3));
+        assert_eq!(listed_by_any(&closing), 4, "its slice still exists");
+        assert_eq!(listed_by_any(&[]), 0);
     }
 
     fn listed(n: u32) -> Vec<Shard> {
