@@ -11,7 +11,8 @@ use serde_json::Value;
 use shardmesh_api::{validate::SIDECAR_CONTAINER, ShardedService};
 use shardmesh_e2e::{apply_service, client, demo_service, wait_for, TestNamespace, WAIT};
 
-/// The access-log line of `direction` in `pod`'s `container` whose field `field` is `value`.
+/// The access-log line of `direction` in `pod`'s `container` whose field `field` is `value`
+/// and whose status is 404 (the answer the scenario waits for; earlier attempts are ignored).
 async fn access_line(
     pods: &Api<Pod>,
     pod: &str,
@@ -35,7 +36,10 @@ async fn access_line(
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .find(|v| {
-                v["target"] == "access_log" && v["direction"] == direction && v[field] == value
+                v["target"] == "access_log"
+                    && v["direction"] == direction
+                    && v[field] == value
+                    && v["status"] == 404
             });
         match found {
             Some(v) => Ok(Some(v)),
@@ -45,6 +49,30 @@ async fn access_line(
             )),
         }
     })
+    .await
+}
+
+/// A GET of a key never written, through the client's sidecar, until the demo app answers 404
+/// (the key's shard may not have a live member in the client's map yet: 503).
+async fn get_missing(
+    http: &mesh::Http,
+    proxy: std::net::SocketAddr,
+    host: &str,
+    key: &str,
+    headers: &[(&str, String)],
+) -> mesh::Reply {
+    wait_for(
+        &format!("GET {key} answered 404 by the demo app"),
+        WAIT,
+        || async {
+            let r = mesh::keyed_with(http, proxy, host, "GET", key, headers).await?;
+            if r.status == 404 {
+                Ok(Some(r))
+            } else {
+                Err(anyhow::anyhow!("{r:?}"))
+            }
+        },
+    )
     .await
 }
 
@@ -74,17 +102,14 @@ async fn client_and_server_sidecars_log_one_trace() {
     // 1. The application sent a traceparent: both sidecars continue its trace.
     let trace_id = "5f0c1e2d3b4a59687766554433221100";
     let caller = format!("00-{trace_id}-a1b2c3d4e5f60718-01");
-    let r = mesh::keyed_with(
+    let r = get_missing(
         &http,
         proxy,
         &host,
-        "GET",
         "never-written-1",
         &[("traceparent", caller.clone())],
     )
-    .await
-    .expect("traced request");
-    assert_eq!(r.status, 404, "{r:?}");
+    .await;
     let out = access_line(&pods, "client", "client", "outbound", "trace_id", trace_id).await;
     assert_eq!(text(&out, "parent_span_id"), "a1b2c3d4e5f60718", "{out}");
     let client_span = text(&out, "span_id");
@@ -107,10 +132,7 @@ async fn client_and_server_sidecars_log_one_trace() {
     );
 
     // 2. No traceparent: the client's sidecar starts a trace and the server's continues it.
-    let r = mesh::keyed(&http, proxy, &host, "GET", "never-written-2")
-        .await
-        .expect("untraced request");
-    assert_eq!(r.status, 404, "{r:?}");
+    let r = get_missing(&http, proxy, &host, "never-written-2", &[]).await;
     let out = access_line(
         &pods,
         "client",
