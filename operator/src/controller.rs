@@ -464,8 +464,10 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     // 2. build (pure). Removed shards keep their workloads while the published map lists
     // them (they serve handoff reads); existing shards keep what their pods were first told.
     let published = crate::shardmap::published(client, &svc).await?;
-    let map = published.map;
+    let map_listed = published.map_listed();
+    let crate::shardmap::Published { map, listed } = published;
     let spec_shards = u32::try_from(svc.spec.shards).unwrap_or(0);
+    let built = reshard::workload_shards(map_listed, spec_shards);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let pod_list = pods
         .list(&ListParams::default().labels(&selector).match_any())
@@ -474,13 +476,13 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     let now = Timestamp::now();
     let plan = plan_rollout(&svc, &existing, &pod_list, spec_shards, now);
     let workloads = Workloads {
-        shards: reshard::workload_shards(published.listed, spec_shards),
+        shards: built,
         initial_shards: existing
             .iter()
             .filter_map(|(i, sts)| Some((*i, Workloads::initial_of(sts)?)))
             .collect(),
         // Shards being removed by a reshard are never rolled.
-        held: (0..reshard::workload_shards(published.listed, spec_shards))
+        held: (0..built)
             .filter(|i| !plan.released.contains(i))
             .map(|i| {
                 let marker = existing.get(&i).and_then(|s| {
@@ -576,16 +578,20 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
         .saturating_sub(writes);
     ctx.metrics.applied(writes, unchanged);
     tracing::debug!(writes, unchanged, "applied");
-    if current_shards as u32 > workloads.shards {
-        remove_shards(&ctx, &ns, &selector, &uid, workloads.shards).await?;
+    // A shard any published slice still lists keeps its workloads: while the shard-map
+    // controller writes a new layout no map is complete, and a shrink's removed shards must
+    // serve handoff reads through the window.
+    let keep = workloads.shards.max(listed);
+    if current_shards as u32 > keep {
+        remove_shards(&ctx, &ns, &selector, &uid, keep).await?;
     }
 
     // 4. status. While the shard-map controller is writing a new layout no map is complete:
     // the status keeps what it said (resharding phase, members) until the slices agree again,
     // which the slice watch reports.
-    if map.is_none() && published.listed > 0 {
+    if map.is_none() && listed > 0 {
         tracing::debug!(
-            listed = published.listed,
+            listed,
             "a shard-map layout is being written; status left as it is"
         );
         ctx.failures.succeeded(&svc);

@@ -138,9 +138,8 @@ pub fn next_layout(
     steady(count)
 }
 
-/// The number of shards whose workloads must exist: every wanted shard and every shard a
-/// published slice lists, `listed` (a removed shard serves handoff reads until the maps drop
-/// it; while a layout is being written, either layout's shards count).
+/// The number of shards whose workloads must exist: every wanted shard and every shard the
+/// published map lists, `listed` (a removed shard serves handoff reads until a map drops it).
 pub fn workload_shards(listed: u32, spec_shards: u32) -> u32 {
     spec_shards.max(listed)
 }

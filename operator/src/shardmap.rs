@@ -544,8 +544,18 @@ pub struct Published {
     /// [`shardmap::assemble`]): a new layout is being written, or nothing was published yet.
     pub map: Option<ShardMap>,
     /// The most shards any slice lists, complete layout or not ([`shardmap::listed_by_any`]):
-    /// the shards whose workloads must stay, even while a layout is half written.
+    /// no workload below it may be deleted, even while a layout is half written. Never used to
+    /// create workloads: one slice written by hand could list 1,024 shards.
     pub listed: u32,
+}
+
+impl Published {
+    /// The shards the complete map lists (0 without one).
+    pub fn map_listed(&self) -> u32 {
+        self.map
+            .as_ref()
+            .map_or(0, |m| u32::try_from(m.shards.len()).unwrap_or(u32::MAX))
+    }
 }
 
 /// The map published for service `svc`.

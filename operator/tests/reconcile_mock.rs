@@ -551,16 +551,49 @@ async fn a_half_written_layout_removes_no_shard() {
     let seen = api.take();
     assert!(
         seen.iter().all(|l| !l.starts_with("DELETE")),
-        "nothing deleted: {seen:#?}"
-    );
-    assert!(
-        seen.iter()
-            .any(|l| l == "PATCH /apis/apps/v1/namespaces/shop/statefulsets/orders-3"),
-        "shard 3 keeps its StatefulSet: {seen:#?}"
+        "nothing deleted: shard 3 keeps its StatefulSet: {seen:#?}"
     );
     assert!(
         !seen.iter().any(|l| l.ends_with("/status")),
         "the status waits for a complete layout: {seen:#?}"
     );
     assert_eq!(next, Action::requeue(std::time::Duration::from_secs(2)));
+}
+
+/// One slice written by hand (or by a broken client) that lists 1,024 shards creates nothing:
+/// slices only keep workloads from being deleted; what is built comes from a complete map and
+/// the spec.
+#[tokio::test]
+async fn a_forged_slice_listing_many_shards_creates_nothing() {
+    let api = Arc::new(FakeApi {
+        slices: vec![slice(0, 99, 1024, 1024, None)],
+        ..FakeApi::default()
+    });
+    let client = api.clone().serve();
+    let caps = Capabilities {
+        version: "1.20".into(),
+        pdb: None,
+        native_sidecars: false,
+    };
+    let svc = svc(2, 8080);
+    let ctx = Arc::new(
+        Context::new(client, caps, Some("test".into()))
+            .with_services(services_store(&svc))
+            .with_owned(api.owned()),
+    );
+    reconcile(Arc::new(svc), ctx)
+        .await
+        .expect("reconcile succeeds");
+    let sets: Vec<String> = api
+        .take()
+        .into_iter()
+        .filter(|l| l.starts_with("PATCH") && l.contains("/statefulsets/"))
+        .collect();
+    assert_eq!(
+        sets,
+        [
+            "PATCH /apis/apps/v1/namespaces/shop/statefulsets/orders-0",
+            "PATCH /apis/apps/v1/namespaces/shop/statefulsets/orders-1"
+        ]
+    );
 }
