@@ -6,6 +6,14 @@
 //! Sampling applies to successes only: failures, retried requests and sidecar-generated errors
 //! are always logged, because those are the lines someone will look for.
 
+/// A field's name as [`JsonLine`] writes it, separator and quotes included: one copy per
+/// field instead of three.
+macro_rules! key {
+    ($name:literal) => {
+        concat!(",\"", $name, "\":")
+    };
+}
+
 use std::{
     cell::{Cell, RefCell},
     convert::Infallible,
@@ -264,41 +272,41 @@ impl Pending {
         LINE.with_borrow_mut(|buf| {
             buf.clear();
             let mut l = JsonLine::start(buf, SystemTime::now());
-            l.str("direction", layer.direction.as_str());
-            l.str("method", self.method.as_str());
+            l.str(key!("direction"), layer.direction.as_str());
+            l.str(key!("method"), self.method.as_str());
             let authority = match (self.uri.authority(), &self.host) {
                 (Some(a), _) => a.as_str(),
                 (None, Some(h)) => h.to_str().unwrap_or_default(),
                 (None, None) => "",
             };
-            l.clipped("authority", authority, MAX_LOGGED_AUTHORITY);
-            l.clipped("path", self.uri.path(), MAX_LOGGED_PATH);
-            l.uint("status", self.status.as_u16().into());
-            l.opt_str("destination", r.destination.as_deref());
-            l.opt_uint("shard", r.shard.map(u64::from));
+            l.clipped(key!("authority"), authority, MAX_LOGGED_AUTHORITY);
+            l.clipped(key!("path"), self.uri.path(), MAX_LOGGED_PATH);
+            l.uint(key!("status"), self.status.as_u16().into());
+            l.opt_str(key!("destination"), r.destination.as_deref());
+            l.opt_uint(key!("shard"), r.shard.map(u64::from));
             if let Some(epoch) = r.epoch {
-                l.int("epoch", epoch);
+                l.int(key!("epoch"), epoch);
             }
             if let Some(endpoint) = r.tried.last() {
-                l.addr("endpoint", *endpoint);
+                l.addr(key!("endpoint"), *endpoint);
             }
-            l.uint("attempts", r.attempts.into());
-            l.list("retry_reasons", &r.retry_reasons);
-            l.opt_str("retry_stop", r.retry_stop);
-            l.opt_uint("redirected_to", r.redirected_to.map(u64::from));
-            l.opt_str("handoff", r.handoff);
-            l.opt_str("breaker", r.breaker.map(|b| b.as_str()));
-            l.opt_str("error", r.error);
-            l.opt_uint("request_bytes", r.request_bytes);
-            l.uint("response_bytes", response_bytes);
-            l.bool("response_complete", complete);
-            l.millis("headers_ms", self.headers_after);
-            l.millis("duration_ms", duration);
+            l.uint(key!("attempts"), r.attempts.into());
+            l.list(key!("retry_reasons"), &r.retry_reasons);
+            l.opt_str(key!("retry_stop"), r.retry_stop);
+            l.opt_uint(key!("redirected_to"), r.redirected_to.map(u64::from));
+            l.opt_str(key!("handoff"), r.handoff);
+            l.opt_str(key!("breaker"), r.breaker.map(|b| b.as_str()));
+            l.opt_str(key!("error"), r.error);
+            l.opt_uint(key!("request_bytes"), r.request_bytes);
+            l.uint(key!("response_bytes"), response_bytes);
+            l.bool(key!("response_complete"), complete);
+            l.millis(key!("headers_ms"), self.headers_after);
+            l.millis(key!("duration_ms"), duration);
             if let Some(t) = &self.trace {
-                l.hex("trace_id", &t.trace_id);
-                l.hex("span_id", &t.span_id);
+                l.hex(key!("trace_id"), &t.trace_id);
+                l.hex(key!("span_id"), &t.span_id);
                 if let Some(parent) = &t.parent_id {
-                    l.hex("parent_span_id", parent);
+                    l.hex(key!("parent_span_id"), parent);
                 }
             }
             l.end();
@@ -350,19 +358,18 @@ impl<'a> JsonLine<'a> {
         JsonLine { out }
     }
 
-    fn key(&mut self, key: &str) {
-        self.out.extend_from_slice(b",\"");
+    /// Starts a field; `key` is what [`key!`] makes of its name (`,"name":`), one copy.
+    fn key(&mut self, key: &'static str) {
         self.out.extend_from_slice(key.as_bytes());
-        self.out.extend_from_slice(b"\":");
     }
 
-    fn str(&mut self, key: &str, value: &str) {
+    fn str(&mut self, key: &'static str, value: &str) {
         self.key(key);
         json_string(self.out, value);
     }
 
     /// At most `max` bytes of `value`, marked `…` when cut.
-    fn clipped(&mut self, key: &str, value: &str, max: usize) {
+    fn clipped(&mut self, key: &'static str, value: &str, max: usize) {
         let (kept, cut) = clip(value, max);
         self.key(key);
         self.out.push(b'"');
@@ -373,38 +380,38 @@ impl<'a> JsonLine<'a> {
         self.out.push(b'"');
     }
 
-    fn opt_str(&mut self, key: &str, value: Option<&str>) {
+    fn opt_str(&mut self, key: &'static str, value: Option<&str>) {
         if let Some(v) = value {
             self.str(key, v);
         }
     }
 
-    fn uint(&mut self, key: &str, value: u64) {
+    fn uint(&mut self, key: &'static str, value: u64) {
         self.key(key);
         self.out
             .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
     }
 
-    fn opt_uint(&mut self, key: &str, value: Option<u64>) {
+    fn opt_uint(&mut self, key: &'static str, value: Option<u64>) {
         if let Some(v) = value {
             self.uint(key, v);
         }
     }
 
-    fn int(&mut self, key: &str, value: i64) {
+    fn int(&mut self, key: &'static str, value: i64) {
         self.key(key);
         self.out
             .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
     }
 
-    fn bool(&mut self, key: &str, value: bool) {
+    fn bool(&mut self, key: &'static str, value: bool) {
         self.key(key);
         self.out
             .extend_from_slice(if value { b"true" } else { b"false" });
     }
 
     /// Milliseconds with microsecond precision, e.g. `1.234`.
-    fn millis(&mut self, key: &str, d: Duration) {
+    fn millis(&mut self, key: &'static str, d: Duration) {
         self.key(key);
         let micros = d.as_micros();
         let mut buf = itoa::Buffer::new();
@@ -419,7 +426,7 @@ impl<'a> JsonLine<'a> {
         ]);
     }
 
-    fn addr(&mut self, key: &str, addr: SocketAddr) {
+    fn addr(&mut self, key: &'static str, addr: SocketAddr) {
         self.key(key);
         self.out.push(b'"');
         match addr {
@@ -442,7 +449,7 @@ impl<'a> JsonLine<'a> {
     }
 
     /// Bytes as a lowercase hex string (trace and span ids).
-    fn hex(&mut self, key: &str, bytes: &[u8]) {
+    fn hex(&mut self, key: &'static str, bytes: &[u8]) {
         self.key(key);
         self.out.push(b'"');
         crate::trace::push_hex(self.out, bytes);
@@ -450,7 +457,7 @@ impl<'a> JsonLine<'a> {
     }
 
     /// A comma-separated string, left out when empty.
-    fn list(&mut self, key: &str, items: &[&str]) {
+    fn list(&mut self, key: &'static str, items: &[&str]) {
         if items.is_empty() {
             return;
         }
@@ -568,8 +575,8 @@ mod tests {
         let long = "é".repeat(600); // 1,200 bytes
         let mut buf = Vec::new();
         let mut l = JsonLine::start(&mut buf, SystemTime::now());
-        l.clipped("path", &long, MAX_LOGGED_PATH);
-        l.clipped("authority", "a:80", MAX_LOGGED_AUTHORITY);
+        l.clipped(key!("path"), &long, MAX_LOGGED_PATH);
+        l.clipped(key!("authority"), "a:80", MAX_LOGGED_AUTHORITY);
         l.end();
         let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
         let c = v["path"].as_str().unwrap();
@@ -601,12 +608,12 @@ mod tests {
         fn any_string_round_trips(value in ".*", reasons in proptest::collection::vec("[a-z0-9-]{1,8}", 0..4)) {
             let mut buf = Vec::new();
             let mut l = JsonLine::start(&mut buf, SystemTime::now());
-            l.str("path", &value);
+            l.str(key!("path"), &value);
             let refs: Vec<&str> = reasons.iter().map(String::as_str).collect();
-            l.list("retry_reasons", &refs);
-            l.millis("duration_ms", Duration::from_micros(1_234_567));
-            l.addr("endpoint", "10.1.2.3:8080".parse().unwrap());
-            l.int("epoch", -5);
+            l.list(key!("retry_reasons"), &refs);
+            l.millis(key!("duration_ms"), Duration::from_micros(1_234_567));
+            l.addr(key!("endpoint"), "10.1.2.3:8080".parse().unwrap());
+            l.int(key!("epoch"), -5);
             l.end();
             proptest::prop_assert_eq!(buf.iter().filter(|b| **b == b'\n').count(), 1);
             let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();

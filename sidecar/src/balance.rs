@@ -32,6 +32,7 @@ use crate::{
     breaker::{Admission, Breaker, BreakerConfig, BreakerState},
     ctx::RequestCtx,
     errors::{BoxFuture, ProxyError},
+    hash::FnvBuild,
     metrics::Metrics,
 };
 
@@ -121,7 +122,7 @@ impl EndpointState {
 #[derive(Debug)]
 pub struct Endpoints {
     cfg: BreakerConfig,
-    map: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
+    map: Mutex<HashMap<SocketAddr, Arc<EndpointState>, FnvBuild>>,
     /// Held while a failure decides whether its breaker may open: counting the open breakers
     /// and opening one is a single step, so concurrent failures cannot together eject more
     /// than the allowed share.
@@ -133,29 +134,42 @@ impl Endpoints {
     pub fn new(cfg: BreakerConfig) -> Self {
         Endpoints {
             cfg,
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(HashMap::default()),
             ejecting: Mutex::new(()),
         }
     }
 
     /// The state of `addr`, created on first use.
     pub fn get(&self, addr: SocketAddr) -> Arc<EndpointState> {
+        // `get_all` returns one state per address given.
+        let mut one = self.get_all(&[addr]);
+        one.swap_remove(0)
+    }
+
+    /// The states of `addrs`, in order, each created on first use; one lock for all of them
+    /// (every request looks up its candidates).
+    pub fn get_all(&self, addrs: &[SocketAddr]) -> Vec<Arc<EndpointState>> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = map.get(&addr) {
-            return e.clone();
-        }
-        if map.len() >= MAX_ENDPOINTS {
-            // Forget endpoints nobody is using whose breaker is closed: nothing is lost but
-            // their latency estimate.
-            map.retain(|_, e| {
-                Arc::strong_count(e) > 1 || e.breaker_state() != BreakerState::Closed
-            });
-        }
-        let e = Arc::new(EndpointState::new(addr, self.cfg));
-        if map.len() < MAX_ENDPOINTS {
-            map.insert(addr, e.clone());
-        }
-        e
+        addrs
+            .iter()
+            .map(|&addr| {
+                if let Some(e) = map.get(&addr) {
+                    return e.clone();
+                }
+                if map.len() >= MAX_ENDPOINTS {
+                    // Forget endpoints nobody is using whose breaker is closed: nothing is lost
+                    // but their latency estimate.
+                    map.retain(|_, e| {
+                        Arc::strong_count(e) > 1 || e.breaker_state() != BreakerState::Closed
+                    });
+                }
+                let e = Arc::new(EndpointState::new(addr, self.cfg));
+                if map.len() < MAX_ENDPOINTS {
+                    map.insert(addr, e.clone());
+                }
+                e
+            })
+            .collect()
     }
 
     /// Number of tracked endpoints.
@@ -339,11 +353,7 @@ where
                     targets.destination
                 )));
             }
-            let states: Vec<Arc<EndpointState>> = targets
-                .addrs
-                .iter()
-                .map(|a| this.layer.endpoints.get(*a))
-                .collect();
+            let states = this.layer.endpoints.get_all(&targets.addrs);
             let now = Instant::now();
             let Some((i, admission, state)) =
                 this.pick(&states, &tried, now, (&targets.destination, shard))
@@ -375,7 +385,8 @@ where
                 admission,
                 finished: false,
             };
-            let start = Instant::now();
+            // The pick took no time worth measuring: the attempt's clock starts with it.
+            let start = now;
             let mut inner = this.inner.clone();
             let result = inner.call(req).await;
             let end = Instant::now();
@@ -387,10 +398,11 @@ where
                 Ok(resp) => !is_failure_status(resp.status()),
                 Err(_) => false,
             };
-            let jitter: f64 = rand::rng().random();
             let transition = if ok {
-                ep.breaker().on_result(end, admission, true, false, jitter)
+                // The jitter only spreads the open durations of breakers that open.
+                ep.breaker().on_result(end, admission, true, false, 0.0)
             } else {
+                let jitter: f64 = rand::rng().random();
                 let _one_at_a_time = this
                     .layer
                     .endpoints

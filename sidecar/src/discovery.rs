@@ -25,6 +25,8 @@ use http::{header::HeaderName, uri::Authority};
 use serde::Deserialize;
 use shardmesh_api::shardmap::ShardMap;
 
+use crate::hash::FnvBuild;
+
 /// How requests to a destination are spread.
 #[derive(Clone, Debug, PartialEq)]
 pub enum DestinationKind {
@@ -235,7 +237,7 @@ fn is_normalized(raw: &str) -> bool {
 /// Destinations from a file, fixed for the life of the process.
 #[derive(Clone, Debug, Default)]
 pub struct StaticRegistry {
-    destinations: HashMap<String, Arc<Destination>>,
+    destinations: HashMap<String, Arc<Destination>, FnvBuild>,
 }
 
 #[derive(Deserialize)]
@@ -350,7 +352,7 @@ impl StaticRegistry {
         let file: RegistryFile = serde_yaml::from_str(text).map_err(|e| {
             format!("{e}; expected `destinations: {{\"host:port\": {{endpoints: [\"ip:port\", ...]}}}}`")
         })?;
-        let mut destinations = HashMap::new();
+        let mut destinations = HashMap::default();
         for (key, d) in file.destinations {
             let p = format!("destinations[{key:?}]");
             let name = normalize_authority(&key)

@@ -38,6 +38,7 @@ pub mod ctx;
 pub mod discovery;
 pub mod drain;
 pub mod errors;
+pub mod hash;
 pub mod headers;
 pub mod inbound;
 pub mod leader;

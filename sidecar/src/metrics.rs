@@ -10,7 +10,6 @@
 use std::{
     collections::HashMap,
     fmt::Write as _,
-    hash::{BuildHasherDefault, Hasher},
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
         Arc, RwLock,
@@ -23,6 +22,7 @@ use http::StatusCode;
 use crate::{
     breaker::BreakerState,
     discovery::{Destination, DestinationKind},
+    hash::FnvBuild,
     retry::RetryReason,
 };
 
@@ -113,32 +113,7 @@ pub struct Metrics {
     misdirected: AtomicU64,
     redirects: [AtomicU64; 2],
     handoffs: [AtomicU64; HandoffKind::ALL.len()],
-    destinations: RwLock<HashMap<SeriesKey, Arc<DestinationSeries>, BuildHasherDefault<Fnv>>>,
-}
-
-/// FNV-1a for the per-destination series map, looked up once per request: a few dozen
-/// instructions for a short name where SipHash costs a few hundred. Flooding is not a concern:
-/// the map is bounded, and only the pod's own application names destinations.
-#[derive(Default)]
-struct Fnv(u64);
-
-impl Hasher for Fnv {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 {
-            0xcbf2_9ce4_8422_2325
-        } else {
-            self.0
-        };
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        self.0 = h;
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
+    destinations: RwLock<HashMap<SeriesKey, Arc<DestinationSeries>, FnvBuild>>,
 }
 
 /// A (destination, shard) pair; `None` for destinations that are not sharded.

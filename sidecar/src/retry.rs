@@ -23,7 +23,9 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use http::{header::HeaderName, HeaderMap, Method, Request, Response, StatusCode};
+use http::{
+    header::HeaderName, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use rand::Rng;
@@ -61,16 +63,61 @@ pub struct Resend {
     pub body: Bytes,
 }
 
+/// What every attempt after the first is made from: the request head without its extensions
+/// (only the request's context travels there, and each attempt is given it), so the copy kept
+/// for replay is the headers and the URI, not a map of boxed values too.
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn of(parts: &http::request::Parts) -> Head {
+        Head {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+        }
+    }
+
+    /// The head as request parts again, carrying `ctx`.
+    fn into_parts(self, ctx: &RequestCtx) -> http::request::Parts {
+        let (mut parts, ()) = Request::new(()).into_parts();
+        parts.method = self.method;
+        parts.uri = self.uri;
+        parts.version = self.version;
+        parts.headers = self.headers;
+        parts.extensions.insert(ctx.clone());
+        parts
+    }
+
+    /// A copy of the request for one more attempt.
+    fn request(&self, ctx: &RequestCtx, body: ProxyBody) -> Request<ProxyBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req.extensions_mut().insert(ctx.clone());
+        req
+    }
+}
+
 /// `result`, carrying the kept request when it is a 421 (a request never processed, which the
 /// layer above may send to the right shard).
 fn hand_back(
     mut result: Result<Response<ProxyBody>, ProxyError>,
-    mut parts: http::request::Parts,
+    head: Head,
+    ctx: &RequestCtx,
     body: Bytes,
-    idempotent: Option<http::HeaderValue>,
+    idempotent: Option<HeaderValue>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if let Ok(resp) = &mut result {
         if resp.status() == StatusCode::MISDIRECTED_REQUEST {
+            let mut parts = head.into_parts(ctx);
             if let Some(v) = idempotent {
                 parts.headers.insert(IDEMPOTENT_HEADER, v);
             }
@@ -181,15 +228,18 @@ pub fn classify(result: &Result<Response<ProxyBody>, ProxyError>) -> Option<Retr
 
 /// Whether repeating the request is harmless once it may have reached the upstream.
 pub fn is_idempotent(method: &Method, headers: &HeaderMap) -> bool {
-    match headers
-        .get(&IDEMPOTENT_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().to_ascii_lowercase())
-        .as_deref()
-    {
-        Some("true") => return true,
-        Some("false") => return false,
-        _ => {}
+    idempotent_given(method, headers.get(&IDEMPOTENT_HEADER), headers)
+}
+
+/// [`is_idempotent`] with the marking header's value already taken out of `headers`.
+fn idempotent_given(method: &Method, marked: Option<&HeaderValue>, headers: &HeaderMap) -> bool {
+    if let Some(v) = marked.and_then(|v| v.to_str().ok()).map(str::trim) {
+        if v.eq_ignore_ascii_case("true") {
+            return true;
+        }
+        if v.eq_ignore_ascii_case("false") {
+            return false;
+        }
     }
     if headers.contains_key(&IDEMPOTENCY_KEY) {
         return true;
@@ -345,8 +395,9 @@ where
                 metrics,
             } = this.layer;
             let (mut parts, body) = req.into_parts();
-            let idempotent = is_idempotent(&parts.method, &parts.headers);
+            // The marking header is for this sidecar only: taken out, and read from there.
             let marked = parts.headers.remove(&IDEMPOTENT_HEADER);
+            let idempotent = idempotent_given(&parts.method, marked.as_ref(), &parts.headers);
             let ctx = RequestCtx::from_extensions(&parts.extensions);
             let (deadline, may_redirect) = {
                 let r = ctx.lock();
@@ -373,15 +424,22 @@ where
             };
             ctx.lock().request_bytes = Some(bytes.len() as u64);
 
+            // The first attempt is the request itself; the copy is kept for the others.
+            let head = Head::of(&parts);
+            let mut first = Some(parts);
             let mut attempt = 1u32;
             loop {
                 ctx.lock().attempts = attempt;
                 metrics.upstream_attempt();
-                let req = Request::from_parts(parts.clone(), full(bytes.clone()));
+                let body = full(bytes.clone());
+                let req = match first.take() {
+                    Some(parts) => Request::from_parts(parts, body),
+                    None => head.request(&ctx, body),
+                };
                 let mut inner = this.inner.clone();
                 let result = inner.call(req).await;
                 let Some(reason) = classify(&result) else {
-                    return hand_back(result, parts, bytes, marked);
+                    return hand_back(result, head, &ctx, bytes, marked);
                 };
                 if let Some(why) = stop_reason(&policy, reason, idempotent, attempt) {
                     ctx.lock().retry_stop = Some(why);

@@ -42,7 +42,7 @@ use tokio::{
     sync::Semaphore,
     time::Instant,
 };
-use tower::{util::BoxCloneService, ServiceExt};
+use tower::{Service, ServiceExt};
 
 use crate::{
     access_log::LoggedBody,
@@ -51,8 +51,47 @@ use crate::{
     errors::BoxFuture,
 };
 
-/// A proxy stack, type-erased so the accept loop is not generic.
-pub type HttpService = BoxCloneService<Request<ProxyBody>, Response<LoggedBody>, Infallible>;
+/// A proxy stack, type-erased so the accept loop is not generic: one shared copy, cloned for
+/// each request (tower's contract) and called once it is ready. The stack's own future is
+/// already boxed, so nothing is boxed again on the way (as `BoxCloneService` and `oneshot`
+/// would: two more allocations and a copy of the future per request).
+#[derive(Clone)]
+pub struct HttpService(Arc<dyn Fn(Request<ProxyBody>) -> StackFuture + Send + Sync>);
+
+type StackFuture = BoxFuture<Result<Response<LoggedBody>, Infallible>>;
+
+impl HttpService {
+    /// Erases `stack`'s type.
+    pub fn new<S>(stack: S) -> Self
+    where
+        S: Service<
+                Request<ProxyBody>,
+                Response = Response<LoggedBody>,
+                Error = Infallible,
+                Future = StackFuture,
+            > + Clone
+            + Send
+            + Sync
+            + 'static,
+    {
+        HttpService(Arc::new(move |req| {
+            let mut svc = stack.clone();
+            // A stack that is ready now is called at once; one that is not is awaited (with a
+            // real waker) before the call.
+            let waker = std::task::Waker::noop();
+            match svc.poll_ready(&mut std::task::Context::from_waker(waker)) {
+                std::task::Poll::Ready(Ok(())) => svc.call(req),
+                std::task::Poll::Ready(Err(never)) => match never {},
+                std::task::Poll::Pending => Box::pin(svc.oneshot(req)),
+            }
+        }))
+    }
+
+    /// Handles one request.
+    pub fn call(&self, req: Request<ProxyBody>) -> StackFuture {
+        (self.0)(req)
+    }
+}
 
 /// Largest HTTP/1 request head (request line and headers) and HTTP/2 header list accepted.
 /// Larger heads are refused with 431 (HTTP/1) or a stream reset (HTTP/2). Envoy's default is
@@ -114,9 +153,7 @@ pub async fn serve(
 ) {
     let make = move |_peer: SocketAddr| {
         let svc = svc.clone();
-        move |req: Request<Incoming>| -> BoxFuture<Result<Response<LoggedBody>, Infallible>> {
-            Box::pin(svc.clone().oneshot(req.map(boxed)))
-        }
+        move |req: Request<Incoming>| -> StackFuture { svc.call(req.map(boxed)) }
     };
     serve_with(listener, make, limits, closing).await
 }
@@ -200,15 +237,30 @@ async fn connection<F, Fut, B>(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.idle)
+        // No header read timeout here: the watchdog closes a connection that has not completed
+        // a request head within the idle timeout (hyper's timer is a boxed sleep per request).
         .max_buf_size(MAX_HEAD_BYTES);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEAD_BYTES as u32)
         .max_concurrent_streams(MAX_H2_STREAMS);
-    let conn = builder.serve_connection(io, hyper::service::service_fn(handler));
+    // Requests are counted in and out, so the watchdog knows when the connection waits for a head.
+    let counted = {
+        let progress = progress.clone();
+        move |req| {
+            let finished = Finished::new(&progress);
+            let fut = handler(req);
+            async move {
+                let resp = fut.await?;
+                Ok::<_, Infallible>(resp.map(|body| Counted {
+                    body,
+                    _finished: finished,
+                }))
+            }
+        }
+    };
+    let conn = builder.serve_connection(io, hyper::service::service_fn(counted));
     tokio::pin!(conn);
 
     let draining = async {
@@ -258,6 +310,56 @@ struct Progress {
     bytes: AtomicU64,
     /// The last write found the peer's window full.
     write_blocked: AtomicBool,
+    /// Requests whose head arrived.
+    heads: AtomicU64,
+    /// Requests finished: their response written, or dropped.
+    finished: AtomicU64,
+}
+
+/// Counts a request as finished when dropped: with its response body once written, or with
+/// its handler's future when the request is abandoned.
+struct Finished(Arc<Progress>);
+
+impl Finished {
+    fn new(progress: &Arc<Progress>) -> Self {
+        progress.heads.fetch_add(1, Ordering::Relaxed);
+        Finished(progress.clone())
+    }
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.0.finished.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that counts its request finished when it is dropped.
+    struct Counted<B> {
+        #[pin]
+        body: B,
+        _finished: Finished,
+    }
+}
+
+impl<B: hyper::body::Body> hyper::body::Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The watchdog's judgement of a connection.
@@ -278,6 +380,9 @@ struct Watchdog {
     quiet_since: Instant,
     next_check: Instant,
     period: Duration,
+    /// Since when no request has been in flight (the connection waits for a head), the heads
+    /// counted then and the bytes moved then; `None` while a request is in flight.
+    waiting: Option<(Instant, u64, u64)>,
 }
 
 impl Watchdog {
@@ -290,12 +395,26 @@ impl Watchdog {
             quiet_since: now,
             next_check: now + period,
             period,
+            waiting: Some((now, 0, 0)),
         }
     }
 
     fn check(&mut self, progress: &Progress, now: Instant) -> Verdict {
         self.next_check = now + self.period;
         let bytes = progress.bytes.load(Ordering::Relaxed);
+        let heads = progress.heads.load(Ordering::Relaxed);
+        if heads != progress.finished.load(Ordering::Relaxed) {
+            self.waiting = None;
+        } else if self.waiting.is_none_or(|(_, h, _)| h != heads) {
+            self.waiting = Some((now, heads, bytes));
+        }
+        // Bytes trickling in without ever completing a head (slowloris) keep the connection
+        // from being silent; they do not keep it open past the idle timeout.
+        if let Some((since, _, moved)) = self.waiting {
+            if bytes != moved && now.saturating_duration_since(since) >= self.limits.idle {
+                return Verdict::Close("no complete request head within the idle timeout");
+            }
+        }
         if bytes != self.seen {
             self.seen = bytes;
             self.quiet_since = now;
@@ -409,13 +528,50 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(w.check(&p, t0 + Duration::from_secs(59)), Verdict::Fine);
         assert_eq!(w.check(&p, t0 + Duration::from_secs(60)), Verdict::Idle);
-        // A byte either way starts the silence over.
+        // A request answered starts the silence over.
+        p.heads.fetch_add(1, Ordering::Relaxed);
+        p.finished.fetch_add(1, Ordering::Relaxed);
         p.bytes.fetch_add(1, Ordering::Relaxed);
         assert_eq!(w.check(&p, t0 + Duration::from_secs(61)), Verdict::Fine);
         assert_eq!(w.check(&p, t0 + Duration::from_secs(120)), Verdict::Fine);
         assert_eq!(w.check(&p, t0 + Duration::from_secs(121)), Verdict::Idle);
         assert!(matches!(
             w.check(&p, t0 + Duration::from_secs(181)),
+            Verdict::Close(_)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_trickling_in_is_closed_after_the_idle_timeout_a_request_in_flight_is_not() {
+        let p = Progress::default();
+        let mut w = Watchdog::new(limits());
+        let t0 = Instant::now();
+        // A byte of a head every 10 s: never silent, never a complete head.
+        for s in (10..60).step_by(10) {
+            p.bytes.fetch_add(1, Ordering::Relaxed);
+            assert_eq!(w.check(&p, t0 + Duration::from_secs(s)), Verdict::Fine);
+        }
+        p.bytes.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(
+            w.check(&p, t0 + Duration::from_secs(60)),
+            Verdict::Close("no complete request head within the idle timeout")
+        );
+
+        // A long upload: its head arrived, its body keeps coming for minutes.
+        let p = Progress::default();
+        let mut w = Watchdog::new(limits());
+        p.heads.fetch_add(1, Ordering::Relaxed);
+        for s in (10..300).step_by(10) {
+            p.bytes.fetch_add(1, Ordering::Relaxed);
+            assert_eq!(w.check(&p, t0 + Duration::from_secs(s)), Verdict::Fine);
+        }
+        // Answered: the wait for the next head starts now.
+        p.finished.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(w.check(&p, t0 + Duration::from_secs(300)), Verdict::Fine);
+        p.bytes.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(w.check(&p, t0 + Duration::from_secs(359)), Verdict::Fine);
+        assert!(matches!(
+            w.check(&p, t0 + Duration::from_secs(360)),
             Verdict::Close(_)
         ));
     }

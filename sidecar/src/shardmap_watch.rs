@@ -31,6 +31,7 @@ use crate::{
         normalize_authority, parse_addr, sharded_kind, Destination, DestinationKind, Discover,
         StaticRegistry,
     },
+    hash::FnvBuild,
 };
 
 /// One `--shardmap` entry: follow service `service` in `namespace` for requests to `authority`.
@@ -312,7 +313,7 @@ pub struct LiveRegistry {
     fixed: StaticRegistry,
     // A lock held only to clone or replace an `Arc`: no I/O, no await, so the request path
     // never waits on the API server. Bounded: one entry per `--shardmap` flag.
-    live: RwLock<HashMap<String, Arc<Destination>>>,
+    live: RwLock<HashMap<String, Arc<Destination>, FnvBuild>>,
     /// Bumped on every change, for requests waiting for a newer map.
     changes: tokio::sync::watch::Sender<u64>,
     /// Per live destination: the UID of the ConfigMap its map came from and its epoch.
@@ -324,7 +325,7 @@ impl LiveRegistry {
     pub fn new(fixed: StaticRegistry) -> Self {
         LiveRegistry {
             fixed,
-            live: RwLock::new(HashMap::new()),
+            live: RwLock::new(HashMap::default()),
             changes: tokio::sync::watch::Sender::new(0),
             epochs: std::sync::Mutex::new(HashMap::new()),
         }

@@ -118,7 +118,7 @@ impl ShardMap {
         let in_range = |field: &str, n: u32| {
             if n == 0 || n as usize > listed {
                 Err(format!(
-                    "{field}: {n} must be between 1 and the {listed} listed shard(s)"
+                    "{field}: {n} must be between 1 and the number of entries in shards ({listed})"
                 ))
             } else {
                 Ok(())
