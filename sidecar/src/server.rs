@@ -263,12 +263,12 @@ async fn connection<F, Fut, B>(
     let conn = builder.serve_connection(io, hyper::service::service_fn(counted));
     tokio::pin!(conn);
 
-    let draining = async {
+    let draining = OnWake::new(async {
         match &closing {
             Some(c) => c.drain.reached(c.at).await,
             None => std::future::pending().await,
         }
-    };
+    });
     tokio::pin!(draining);
     let mut watch = Watchdog::new(limits);
     let mut shutting_down = false;
@@ -359,6 +359,62 @@ impl<B: hyper::body::Body> hyper::body::Body for Counted<B> {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Polls `inner` only when it woke the task (and the first time). A connection's task wakes
+    /// for every read and write; the drain signal, polled at each of them, would take its
+    /// channel's lock twice per request.
+    struct OnWake<F> {
+        #[pin]
+        inner: F,
+        flag: Arc<WakeFlag>,
+    }
+}
+
+/// Set when the wrapped future's waker is woken, and the task's waker to pass that on to.
+#[derive(Default)]
+struct WakeFlag {
+    woken: AtomicBool,
+    task: futures::task::AtomicWaker,
+}
+
+impl std::task::Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F> OnWake<F> {
+    fn new(inner: F) -> Self {
+        let flag = WakeFlag {
+            woken: AtomicBool::new(true),
+            ..WakeFlag::default()
+        };
+        OnWake {
+            inner,
+            flag: Arc::new(flag),
+        }
+    }
+}
+
+impl<F: Future> Future for OnWake<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        this.flag.task.register(cx.waker());
+        if !this.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let waker = std::task::Waker::from(this.flag.clone());
+        this.inner.poll(&mut Context::from_waker(&waker))
     }
 }
 
@@ -574,6 +630,31 @@ mod tests {
             w.check(&p, t0 + Duration::from_secs(360)),
             Verdict::Close(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_future_polled_only_when_woken_still_completes_when_its_signal_comes() {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let n = notify.clone();
+        let polls = Arc::new(AtomicU64::new(0));
+        let p = polls.clone();
+        let fut = OnWake::new(async move {
+            p.fetch_add(1, Ordering::Relaxed);
+            n.notified().await;
+            p.fetch_add(1, Ordering::Relaxed);
+        });
+        tokio::pin!(fut);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        // Polled again without its own wake-up: the inner future is not polled.
+        for _ in 0..3 {
+            assert!(fut.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(polls.load(Ordering::Relaxed), 1);
+        notify.notify_waiters();
+        assert!(fut.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(polls.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test(start_paused = true)]
