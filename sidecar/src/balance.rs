@@ -139,13 +139,6 @@ impl Endpoints {
         }
     }
 
-    /// The state of `addr`, created on first use.
-    pub fn get(&self, addr: SocketAddr) -> Arc<EndpointState> {
-        // `get_all` returns one state per address given.
-        let mut one = self.get_all(&[addr]);
-        one.swap_remove(0)
-    }
-
     /// The states of `addrs`, in order, each created on first use; one lock for all of them
     /// (every request looks up its candidates).
     pub fn get_all(&self, addrs: &[SocketAddr]) -> Vec<Arc<EndpointState>> {

@@ -97,6 +97,14 @@ struct Idle {
     tick: u64,
 }
 
+impl Idle {
+    /// Whether the connection may still serve a request at the pool's tick `now`: open, and
+    /// returned less than [`TICKS_PER_IDLE_TIMEOUT`] ticks ago.
+    fn usable(&self, now: u64) -> bool {
+        !self.tx.is_closed() && now.saturating_sub(self.tick) < TICKS_PER_IDLE_TIMEOUT
+    }
+}
+
 impl std::fmt::Debug for Idle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Idle").field("tick", &self.tick).finish()
@@ -163,10 +171,9 @@ impl Pool {
     /// holding a forgotten slot returns its connection there, and it is closed with the slot).
     fn reap(&self) {
         let tick = self.tick.fetch_add(1, Ordering::Relaxed) + 1;
-        let oldest = tick.checked_sub(TICKS_PER_IDLE_TIMEOUT);
         self.lock().retain(|_, slot| {
             let mut conns = slot.lock();
-            conns.retain(|c| !c.tx.is_closed() && oldest.is_none_or(|o| c.tick > o));
+            conns.retain(|c| c.usable(tick));
             !conns.is_empty()
         });
     }
@@ -175,12 +182,9 @@ impl Pool {
     /// expired ones are dropped; one not ready yet (its last response still being finished by
     /// its connection task) stays for later.
     fn checkout(&self, slot: &Slot) -> Option<http1::SendRequest<ProxyBody>> {
-        let oldest = self
-            .tick
-            .load(Ordering::Relaxed)
-            .checked_sub(TICKS_PER_IDLE_TIMEOUT);
+        let tick = self.tick.load(Ordering::Relaxed);
         let mut conns = slot.lock();
-        conns.retain(|c| !c.tx.is_closed() && oldest.is_none_or(|o| c.tick > o));
+        conns.retain(|c| c.usable(tick));
         let ready = conns.iter().rposition(|c| c.tx.is_ready())?;
         Some(conns.remove(ready).tx)
     }

@@ -66,6 +66,7 @@ pub struct Resend {
 /// What every attempt after the first is made from: the request head without its extensions
 /// (only the request's context travels there, and each attempt is given it), so the copy kept
 /// for replay is the headers and the URI, not a map of boxed values too.
+#[derive(Clone)]
 struct Head {
     method: Method,
     uri: Uri,
@@ -96,13 +97,7 @@ impl Head {
 
     /// A copy of the request for one more attempt.
     fn request(&self, ctx: &RequestCtx, body: ProxyBody) -> Request<ProxyBody> {
-        let mut req = Request::new(body);
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
-        req.extensions_mut().insert(ctx.clone());
-        req
+        Request::from_parts(self.clone().into_parts(ctx), body)
     }
 }
 
