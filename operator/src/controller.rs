@@ -33,6 +33,7 @@ use tracing::{info, instrument, warn};
 
 use crate::{
     build::{build_with, template_revision, BuildOptions, Workloads},
+    cache::{self, Cache},
     capabilities::Capabilities,
     collision,
     disruption::{PdbApi, PodDisruptionBudgetV1beta1},
@@ -83,30 +84,30 @@ pub struct Context {
 #[derive(Clone, Default)]
 pub struct Owned {
     /// Shard and routing Services.
-    pub services: Option<Store<PartialObjectMeta<Service>>>,
+    pub services: Option<Cache<Service>>,
     /// `policy/v1` budgets.
-    pub budgets: Option<Store<PartialObjectMeta<PodDisruptionBudget>>>,
+    pub budgets: Option<Cache<PodDisruptionBudget>>,
     /// `policy/v1beta1` budgets.
-    pub budgets_v1beta1: Option<Store<PartialObjectMeta<PodDisruptionBudgetV1beta1>>>,
+    pub budgets_v1beta1: Option<Cache<PodDisruptionBudgetV1beta1>>,
     /// Member ServiceAccounts.
-    pub accounts: Option<Store<PartialObjectMeta<ServiceAccount>>>,
+    pub accounts: Option<Cache<ServiceAccount>>,
     /// Member and reader Roles.
-    pub roles: Option<Store<PartialObjectMeta<Role>>>,
+    pub roles: Option<Cache<Role>>,
     /// Member RoleBindings.
-    pub bindings: Option<Store<PartialObjectMeta<RoleBinding>>>,
+    pub bindings: Option<Cache<RoleBinding>>,
     /// Leader Leases.
-    pub leases: Option<Store<PartialObjectMeta<Lease>>>,
+    pub leases: Option<Cache<Lease>>,
 }
 
 impl Owned {
     /// Waits until every store has its first complete listing.
     async fn wait_until_ready(&self) -> Result<()> {
-        async fn ready<K>(store: &Option<Store<PartialObjectMeta<K>>>) -> Result<()>
+        async fn ready<K>(cache: &Option<Cache<K>>) -> Result<()>
         where
             K: Resource<DynamicType = ()> + Clone + 'static,
         {
-            match store {
-                Some(s) => s
+            match cache {
+                Some(c) => c
                     .wait_until_ready()
                     .await
                     .map_err(|_| Error::CacheUnavailable("owned objects")),
@@ -237,40 +238,6 @@ pub async fn run(
     Ok(())
 }
 
-/// Watches the metadata of the owned objects of kind `K` under `root` (selected by `config`)
-/// into a store, trimmed to what [`runtime::unchanged`] reads; the stream wakes the owners.
-fn watch_owned<K>(
-    client: &Client,
-    root: &Option<String>,
-    config: watcher::Config,
-) -> (
-    Store<PartialObjectMeta<K>>,
-    impl futures::Stream<Item = ObjectRef<ShardedService>> + Send + 'static,
-)
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let kind = K::kind(&()).to_string();
-    let stream = watcher(scope::api::<PartialObjectMeta<K>>(client, root), config)
-        .default_backoff()
-        .inspect(move |e| {
-            if let Err(e) = e {
-                warn!(kind = %kind, error = %e, "watch of owned objects failed; retrying with backoff (until it recovers, their applies are not skipped)");
-            }
-        })
-        .modify(|m: &mut PartialObjectMeta<K>| runtime::trim(&mut m.metadata))
-        .reflect(writer)
-        .touched_objects();
-    (reader, runtime::detach(stream, runtime::controller_of))
-}
-
 /// The controller over one root of the scope (every namespace, or one), with its own caches.
 async fn run_in(
     client: Client,
@@ -313,10 +280,14 @@ async fn run_in(
     )
     .default_backoff()
     .touched_objects();
-    let (svc_store, svc_events) = watch_owned::<Service>(&client, &root, managed.clone());
-    let (sa_store, sa_events) = watch_owned::<ServiceAccount>(&client, &root, managed.clone());
-    let (role_store, role_events) = watch_owned::<Role>(&client, &root, managed.clone());
-    let (rb_store, rb_events) = watch_owned::<RoleBinding>(&client, &root, managed.clone());
+    let (svc_store, svc_events) =
+        cache::watch::<Service>(&client, &root, managed.clone(), metrics.clone());
+    let (sa_store, sa_events) =
+        cache::watch::<ServiceAccount>(&client, &root, managed.clone(), metrics.clone());
+    let (role_store, role_events) =
+        cache::watch::<Role>(&client, &root, managed.clone(), metrics.clone());
+    let (rb_store, rb_events) =
+        cache::watch::<RoleBinding>(&client, &root, managed.clone(), metrics.clone());
     let leader_leases = watcher::Config::default()
         .labels(&format!(
             "{}={},{}={}",
@@ -326,7 +297,8 @@ async fn run_in(
             labels::LEASE_ROLE_LEADER
         ))
         .any_semantic();
-    let (lease_store, lease_events) = watch_owned::<Lease>(&client, &root, leader_leases);
+    let (lease_store, lease_events) =
+        cache::watch::<Lease>(&client, &root, leader_leases, metrics.clone());
     let mut owned = Owned {
         services: Some(svc_store),
         accounts: Some(sa_store),
@@ -359,13 +331,18 @@ async fn run_in(
         .reconcile_on(lease_events);
     controller = match caps.pdb {
         Some(PdbApi::V1) => {
-            let (store, events) = watch_owned::<PodDisruptionBudget>(&client, &root, managed);
+            let (store, events) =
+                cache::watch::<PodDisruptionBudget>(&client, &root, managed, metrics.clone());
             owned.budgets = Some(store);
             controller.reconcile_on(events)
         }
         Some(PdbApi::V1beta1) => {
-            let (store, events) =
-                watch_owned::<PodDisruptionBudgetV1beta1>(&client, &root, managed);
+            let (store, events) = cache::watch::<PodDisruptionBudgetV1beta1>(
+                &client,
+                &root,
+                managed,
+                metrics.clone(),
+            );
             owned.budgets_v1beta1 = Some(store);
             controller.reconcile_on(events)
         }
@@ -645,25 +622,23 @@ fn plan_rollout(
     )
 }
 
-/// Applies `obj` unless the watched copy in `store` already holds it (no store: always);
+/// Applies `obj` unless the watched copy in `cache` already holds it (no cache: always);
 /// returns how many writes that took (0 or 1).
-async fn put<K>(
-    client: &Client,
-    ns: &str,
-    obj: K,
-    store: &Option<Store<PartialObjectMeta<K>>>,
-) -> Result<u32>
+async fn put<K>(client: &Client, ns: &str, obj: K, cache: &Option<Cache<K>>) -> Result<u32>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
         + DeserializeOwned
         + serde::Serialize
-        + std::fmt::Debug,
+        + std::fmt::Debug
+        + 'static,
 {
-    let key = ObjectRef::<PartialObjectMeta<K>>::new(&obj.name_any()).within(ns);
-    let current = store.as_ref().and_then(|s| s.get(&key));
+    let current = cache.as_ref().and_then(|c| c.get(ns, &obj.name_any()));
     let written =
         runtime::apply_unless_held(client, ns, obj, current.as_ref().map(|c| &c.metadata)).await?;
+    if let (Some(cache), Some(w)) = (cache, &written) {
+        cache.wrote(w);
+    }
     Ok(u32::from(written.is_some()))
 }
 

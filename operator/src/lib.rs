@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod build;
+pub mod cache;
 pub mod capabilities;
 pub mod collision;
 pub mod controller;

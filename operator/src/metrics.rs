@@ -151,6 +151,7 @@ pub struct Metrics {
     admissions: Family<Labels<2>, Counter>,
     admission_duration: Histogram,
     api_requests: Arc<ApiRequests>,
+    watch_restarts: Family<Labels<1>, Counter>,
 }
 
 impl Default for Metrics {
@@ -206,6 +207,12 @@ impl Default for Metrics {
             "Kubernetes API requests sent by the controller, by verb",
             api_requests.0.clone(),
         );
+        let watch_restarts = Family::<Labels<1>, Counter>::default();
+        registry.register(
+            "shardmesh_operator_watch_restarts",
+            "Watches of owned objects restarted with a fresh list because they had not shown an object the operator wrote, by kind",
+            watch_restarts.clone(),
+        );
         // Every series a dashboard or an alert reads exists from the start, at 0: a family
         // without series is not rendered at all, and a rate over a window that begins before
         // the first reconcile is still defined.
@@ -228,6 +235,7 @@ impl Default for Metrics {
             admissions,
             admission_duration,
             api_requests,
+            watch_restarts,
         }
     }
 }
@@ -276,6 +284,11 @@ impl Metrics {
             .get_or_create(&[("webhook", webhook), ("outcome", outcome)])
             .inc();
         self.admission_duration.observe(took.as_secs_f64());
+    }
+
+    /// Records a restart of the watch of owned objects of `kind` (it stalled).
+    pub fn watch_restarted(&self, kind: &'static str) {
+        self.watch_restarts.get_or_create(&[("kind", kind)]).inc();
     }
 
     /// The API request counter to hand to [`count_api_requests`].

@@ -150,11 +150,11 @@ fn truncate(s: &str, max: usize) -> String {
 /// Drives `watch` (a watch reflected into a store) in a task of its own and returns, as a
 /// stream, the ShardedService each event concerns (`owner_of`). A controller polls its trigger
 /// streams only while it has room for more reconciles: a store fed inside one would fall behind
-/// the API server whenever the controller is busy (seen at 1,000 services: Services missing
-/// from the cache for over a minute, so their applies were not skipped), and a Lease cache
-/// that lags would make renewing members look silent. Detached, the cache follows the API
-/// server at its own pace; the wake-ups queue (one small reference each) until the controller
-/// takes them, and it merges repeats.
+/// the API server whenever the controller is busy, and a Lease cache that lags would make
+/// renewing members look silent. Detached, the cache follows the API server at its own pace;
+/// the wake-ups queue (one small reference each) until the controller takes them, and it merges
+/// repeats. The owned-object caches run the same way and also restart a stalled watch
+/// ([`crate::cache`]).
 pub fn detach<K, S>(
     watch: S,
     owner_of: impl Fn(&K) -> Option<ObjectRef<ShardedService>> + Send + 'static,

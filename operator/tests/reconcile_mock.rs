@@ -313,11 +313,11 @@ impl FakeApi {
 
     fn owned(&self) -> Owned {
         Owned {
-            services: Some(self.store()),
-            accounts: Some(self.store()),
-            roles: Some(self.store()),
-            bindings: Some(self.store()),
-            leases: Some(self.store()),
+            services: Some(self.store().into()),
+            accounts: Some(self.store().into()),
+            roles: Some(self.store().into()),
+            bindings: Some(self.store().into()),
+            leases: Some(self.store().into()),
             ..Owned::default()
         }
     }
