@@ -202,10 +202,8 @@ where
         store,
         freshness: freshness.clone(),
     };
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, wakeups) = runtime::wakeups();
     tokio::spawn(run(make, writer, freshness, kind, metrics, tx));
-    let wakeups =
-        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
     (cache, wakeups)
 }
 

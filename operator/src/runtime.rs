@@ -165,7 +165,7 @@ where
         + Send
         + 'static,
 {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = wakeups();
     tokio::spawn(async move {
         let mut watch = std::pin::pin!(watch);
         while let Some(item) = futures::StreamExt::next(&mut watch).await {
@@ -177,7 +177,19 @@ where
             }
         }
     });
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
+    rx
+}
+
+/// The queue between a watch task and its controller: the task sends the owners of what
+/// changed (one small reference each, never blocking), the controller takes them as a stream.
+pub fn wakeups() -> (
+    tokio::sync::mpsc::UnboundedSender<ObjectRef<ShardedService>>,
+    impl futures::Stream<Item = ObjectRef<ShardedService>> + Send + 'static,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let stream =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    (tx, stream)
 }
 
 /// The ShardedService that controls `obj` (its controller owner reference), if any.

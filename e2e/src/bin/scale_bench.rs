@@ -337,16 +337,13 @@ struct Seen {
 }
 
 impl Seen {
-    /// Everything `other` saw, added to this.
-    fn merge(&mut self, other: &Seen) {
-        for (kind, names) in &other.names {
-            self.names
-                .entry(kind)
-                .or_default()
-                .extend(names.iter().cloned());
+    /// Adds what a later poll saw (nothing here deletes, so objects only appear; generations
+    /// are replaced by the later view).
+    fn merge(&mut self, later: Seen) {
+        for (kind, names) in later.names {
+            self.names.entry(kind).or_default().extend(names);
         }
-        self.generations
-            .extend(other.generations.iter().map(|(k, v)| (k.clone(), *v)));
+        self.generations.extend(later.generations);
     }
 }
 
@@ -590,19 +587,17 @@ async fn operator_bench(o: OperatorOpts) -> anyhow::Result<()> {
         );
 
         let mut last_report = Instant::now();
-        // What each namespace showed when it was last polled. Only namespaces with services
-        // still converging are polled again (nothing here deletes, so a converged namespace
-        // stays converged): the benchmark's own lists must not be what loads the API server.
-        let mut by_ns: BTreeMap<&str, Seen> = BTreeMap::new();
+        // Everything seen so far. Only namespaces with services still converging are polled
+        // again (nothing here deletes, so a converged namespace stays converged): the
+        // benchmark's own lists must not be what loads the API server.
+        let mut seen = Seen::default();
         let mut pending: Vec<&str> = ns_names.clone();
         let (converged, at_convergence) = loop {
             // Polls served from the API server's watch cache: cheap for it, unlike quorum lists.
             let mut failed = None;
             for ns in &pending {
                 match snapshot(&client, &[ns], budgets.as_ref()).await {
-                    Ok(seen) => {
-                        by_ns.insert(ns, seen);
-                    }
+                    Ok(later) => seen.merge(later),
                     Err(e) => failed = Some(e),
                 }
             }
@@ -610,10 +605,6 @@ async fn operator_bench(o: OperatorOpts) -> anyhow::Result<()> {
                 eprintln!("[bench] poll failed (retrying): {e:#}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
-            }
-            let mut seen = Seen::default();
-            for s in by_ns.values() {
-                seen.merge(s);
             }
             let (m, present) = missing(&seen, &services, budgets.is_some());
             pending.retain(|ns| {
