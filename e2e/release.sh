@@ -60,14 +60,15 @@ LICENSE=$(sed -n '/^\[workspace.package\]/,/^\[/s/^license *= *"\(.*\)"/\1/p' Ca
 
 HOOK=$TARGET/release/shardmesh-hook
 if [ "$BUILD" = 1 ]; then
-  echo "release.sh: cargo build --release (operator, sidecar, demo, static hook) into $TARGET" >&2
-  cargo build --release --locked -p shardmesh-operator -p shardmesh-sidecar -p shardmesh-demo --bins
-  # crt-static: the hook runs inside application images, whose libc (if any) is unknown.
-  cargo rustc --release --locked -p shardmesh-hook --bin shardmesh-hook -- -C target-feature=+crt-static
+  echo "release.sh: e2e/scripts/build-release.sh (operator, demo; sidecar and hook static) into $TARGET" >&2
+  "$HERE/scripts/build-release.sh"
 fi
-[ -x "$HOOK" ] || { echo "release.sh: $HOOK not built (run without --no-build)" >&2; exit 1; }
-ldd "$HOOK" 2>&1 | grep -qE 'not a dynamic executable|statically linked' \
-  || { echo "release.sh: $HOOK is dynamically linked; build it with: cargo rustc --release -p shardmesh-hook --bin shardmesh-hook -- -C target-feature=+crt-static" >&2; exit 1; }
+# The hook runs inside application images (unknown libc); the sidecar is static for its memory.
+for bin in shardmesh-hook shardmesh-sidecar; do
+  [ -x "$TARGET/release/$bin" ] || { echo "release.sh: $TARGET/release/$bin not built (run without --no-build)" >&2; exit 1; }
+  ldd "$TARGET/release/$bin" 2>&1 | grep -qE 'not a dynamic executable|statically linked' \
+    || { echo "release.sh: $TARGET/release/$bin is dynamically linked; build the release binaries with e2e/scripts/build-release.sh" >&2; exit 1; }
+done
 mkdir -p "$OUT"
 
 # image NAME BINARY DIR: writes DIR/shardmesh-NAME-VERSION.oci.tar, prints mkimage's JSON line.

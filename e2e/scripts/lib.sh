@@ -77,8 +77,7 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # The release binaries the images are made of (e2e/release.sh packs them): operator, sidecar,
 # demo app, and the preStop helper, static because it runs inside any application image.
 build_release() {
-  cargo build --release --locked -p shardmesh-operator -p shardmesh-sidecar -p shardmesh-demo --bins
-  cargo rustc --release --locked -p shardmesh-hook --bin shardmesh-hook -- -C target-feature=+crt-static
+  "$REPO_ROOT/e2e/scripts/build-release.sh"
 }
 
 in_ns() { nsenter --net="/run/netns/$E2E_NS" "$@"; }

@@ -135,8 +135,10 @@ fi
 # ---------------------------------------------------------------------------------------------
 # Build our binaries
 say "building (CARGO_TARGET_DIR=$TARGET)"
-if ! (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET" cargo build --release -q \
-      -p shardmesh-sidecar -p shardmesh-demo --bins --example loadgen --example bare_forwarder); then
+# The sidecar exactly as the release image carries it (statically linked), then the tools.
+if ! (cd "$ROOT" && export CARGO_TARGET_DIR="$TARGET" CARGO_QUIET=1 \
+      && e2e/scripts/build-release.sh sidecar demo \
+      && cargo build --release -q --locked -p shardmesh-sidecar --example loadgen --example bare_forwarder); then
   say "build failed"; exit 1
 fi
 SIDECAR="$TARGET/release/shardmesh-sidecar"

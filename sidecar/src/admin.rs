@@ -30,7 +30,14 @@ const MAX_LEVEL_BODY: usize = 1024;
 /// API-server outage must not take every pod out of its Services (the sidecar keeps serving on
 /// what it knows).
 #[derive(Clone, Debug, Default)]
-pub struct StartupGates(Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>);
+pub struct StartupGates(Arc<GatesInner>);
+
+#[derive(Debug, Default)]
+struct GatesInner {
+    pending: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Signalled when the last pending step is done.
+    all_open: tokio::sync::Notify,
+}
 
 /// One pending start-up step; `open` it when done (dropping it unopened keeps it pending).
 #[derive(Debug)]
@@ -40,13 +47,14 @@ pub struct Gate {
 }
 
 impl StartupGates {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
+        self.0.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Registers a step `/ready` waits for, described for the `/ready` body.
     pub fn add(&self, what: impl Into<String>) -> Gate {
         let what = what.into();
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(what.clone());
+        self.lock().insert(what.clone());
         Gate {
             gates: self.clone(),
             what,
@@ -55,19 +63,33 @@ impl StartupGates {
 
     /// The steps still pending, sorted.
     pub fn pending(&self) -> Vec<String> {
-        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        g.iter().cloned().collect()
+        self.lock().iter().cloned().collect()
+    }
+
+    /// Returns once no step is pending (at once when none was added).
+    pub async fn all_open(&self) {
+        loop {
+            let notified = self.0.all_open.notified();
+            tokio::pin!(notified);
+            // Registered before looking, so an `open` in between is not missed.
+            notified.as_mut().enable();
+            if self.lock().is_empty() {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
 impl Gate {
     /// Marks the step done (idempotent).
     pub fn open(&self) {
-        self.gates
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.what);
+        let mut pending = self.gates.lock();
+        pending.remove(&self.what);
+        if pending.is_empty() {
+            drop(pending);
+            self.gates.0.all_open.notify_waiters();
+        }
     }
 }
 
@@ -284,9 +306,19 @@ mod tests {
         lease.open();
         let (_, body) = ready_text(&admin).await;
         assert!(!body.contains("Lease") && body.contains("orders"), "{body}");
+        let started = admin.gates.clone();
+        let mut started = tokio::spawn(async move { started.all_open().await });
+        tokio::task::yield_now().await;
+        assert!(!started.is_finished(), "a step is still pending");
         map.open();
         map.open();
         assert_eq!(ready_text(&admin).await.0, StatusCode::OK);
+        tokio::time::timeout(Duration::from_secs(30), &mut started)
+            .await
+            .expect("all_open returns once the last step is done")
+            .expect("no panic");
+        // With nothing pending it returns at once.
+        admin.gates.all_open().await;
         // Draining still wins.
         admin.drain.begin(false);
         let (status, body) = ready_text(&admin).await;

@@ -25,6 +25,7 @@
 //! | [`admin`] | /live, /ready, /metrics, /drain, /shutdown, /log-level |
 //! | [`drain`] | graceful shutdown, ordered inbound → app → outbound |
 //! | [`server`] | accept loop shared by the proxies |
+//! | [`resident`] | start-up code pages out of the resident set once started |
 
 pub mod access_log;
 pub mod admin;
@@ -47,6 +48,7 @@ pub mod membership;
 pub mod metrics;
 pub mod outbound;
 pub mod ownership;
+pub mod resident;
 pub mod retry;
 pub mod server;
 pub mod shardmap_watch;
@@ -90,6 +92,8 @@ pub struct Running {
     grace_period: Duration,
     /// Membership and leader election: they release their Leases when the drain begins.
     registry_tasks: Vec<JoinHandle<()>>,
+    /// The start-up steps `/ready` waits for.
+    gates: admin::StartupGates,
 }
 
 /// What the ordered drain needs of the inbound side.
@@ -312,7 +316,7 @@ pub async fn start_with(
             discovery: Some(outbound.discovery.clone()),
             app,
             level,
-            gates,
+            gates: gates.clone(),
             drain_answer_within: args.drain_delay + args.grace_period + DRAIN_ANSWER_SLACK,
         },
         conn.admin(),
@@ -337,10 +341,19 @@ pub async fn start_with(
         drain_delay: args.drain_delay,
         grace_period: args.grace_period,
         registry_tasks,
+        gates,
     })
 }
 
 impl Running {
+    /// Returns once start-up is over: the listeners are bound (they are when [`start`]
+    /// returns) and every registry step `/ready` waits for is done (the first shard-map syncs,
+    /// the pod's listing and its Lease).
+    pub fn started(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let gates = self.gates.clone();
+        async move { gates.all_open().await }
+    }
+
     /// Runs the shutdown sequence once a drain has begun (SIGTERM, `POST /drain` or
     /// `/shutdown`), as described in [`drain`]: keep accepting for the drain delay, then close
     /// inbound, wait for its requests, keep outbound until the application exited, close it.

@@ -8,6 +8,7 @@ use shardmesh_sidecar::{
     config::{Args, Settings},
     log,
     metrics::Metrics,
+    resident,
 };
 
 /// mimalloc instead of glibc's allocator: a proxied request allocates and frees a few dozen
@@ -55,6 +56,19 @@ fn main() -> ExitCode {
                 Ok(r) => r,
                 Err(e) => return fail(e),
             };
+        // Start-up code is done once the sidecar has started: its pages need not stay resident.
+        let started = running.started();
+        tokio::spawn(async move {
+            started.await;
+            match resident::release_startup_pages() {
+                Ok(r) => tracing::info!(
+                    kib = r.bytes / 1024,
+                    mappings = r.mappings,
+                    "start-up pages of the binary released from the resident set"
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot release the start-up pages of the binary (no other effect)"),
+            }
+        });
         let drain = running.drain.clone();
         tokio::spawn(async move {
             let why = shutdown_signal().await;
