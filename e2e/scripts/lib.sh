@@ -75,7 +75,7 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # Run a command inside the cluster's network namespace (nsenter, not `ip netns exec`, which
 # remounts /sys and hides the cgroup mounts from the kubelet).
 # The release binaries the images are made of (e2e/release.sh packs them): operator, sidecar,
-# demo app, and the preStop helper, static because it runs inside any application image.
+# demo app and the preStop helper, built (the sidecar and the helper static) by one script.
 build_release() {
   "$REPO_ROOT/e2e/scripts/build-release.sh"
 }

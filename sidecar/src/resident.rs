@@ -32,41 +32,45 @@ struct Releasable {
 /// (RELRO: vtables, pointers): dropping it would bring back the unrelocated bytes of the file.
 fn releasable(smaps: &str, exe: &str) -> Vec<Releasable> {
     let mut out = Vec::new();
-    // The mapping being read: (range, eligible so far, Rss bytes, Anonymous seen and zero).
-    let mut cur: Option<(Range<usize>, bool, u64, bool)> = None;
-    let mut finish = |cur: &mut Option<(Range<usize>, bool, u64, bool)>| {
-        if let Some((range, eligible, rss, no_anon)) = cur.take() {
-            if eligible && no_anon && rss > 0 {
-                out.push(Releasable {
-                    range,
-                    rss_bytes: rss,
-                });
-            }
-        }
-    };
+    // The executable's read-only mapping being read, if the current one is such.
+    let mut cur: Option<Candidate> = None;
     for line in smaps.lines() {
-        if let Some(mapping) = header(line) {
-            finish(&mut cur);
-            let (range, perms, path) = mapping;
+        if let Some((range, perms, path)) = header(line) {
+            out.extend(cur.take().and_then(Candidate::releasable));
             let read_only_private =
                 perms.as_bytes().get(1) == Some(&b'-') && perms.as_bytes().get(3) == Some(&b'p');
-            cur = Some((range, read_only_private && path == exe, 0, false));
-            continue;
-        }
-        let Some((_, eligible, rss, no_anon)) = cur.as_mut() else {
-            continue;
-        };
-        if !*eligible {
-            continue;
-        }
-        if let Some(kib) = field_kib(line, "Rss:") {
-            *rss = kib * 1024;
-        } else if let Some(kib) = field_kib(line, "Anonymous:") {
-            *no_anon = kib == 0;
+            cur = (read_only_private && path == exe).then_some(Candidate {
+                range,
+                rss_kib: 0,
+                anonymous_kib: None,
+            });
+        } else if let Some(c) = cur.as_mut() {
+            if let Some(kib) = field_kib(line, "Rss:") {
+                c.rss_kib = kib;
+            } else if let Some(kib) = field_kib(line, "Anonymous:") {
+                c.anonymous_kib = Some(kib);
+            }
         }
     }
-    finish(&mut cur);
+    out.extend(cur.and_then(Candidate::releasable));
     out
+}
+
+/// A read-only private mapping of the executable, as far as its smaps lines were read.
+struct Candidate {
+    range: Range<usize>,
+    rss_kib: u64,
+    /// None until its `Anonymous:` line: not known to be clean.
+    anonymous_kib: Option<u64>,
+}
+
+impl Candidate {
+    fn releasable(self) -> Option<Releasable> {
+        (self.anonymous_kib == Some(0) && self.rss_kib > 0).then_some(Releasable {
+            range: self.range,
+            rss_bytes: self.rss_kib * 1024,
+        })
+    }
 }
 
 /// A mapping's header line (`start-end perms offset dev inode [path]`): its range, permissions
