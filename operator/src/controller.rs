@@ -45,10 +45,13 @@ use crate::{
     Error, Result,
 };
 
-/// Requeue interval once everything is ready: a safety net, changes arrive through watches.
-const RESYNC: Duration = Duration::from_secs(300);
-/// Requeue interval while shards are not ready.
-const RESYNC_NOT_READY: Duration = Duration::from_secs(30);
+/// How often a ShardedService is looked at again when nothing changed (`--resync-period`): a
+/// safety net only. Everything its build and status read is watched (its objects, pods, slices
+/// and Leases), so readiness, rollouts and resharding move on events, not on this. Ready or
+/// not, the period is the same: at 3,000 services that never became Ready a 30 s re-check
+/// alone needed more reconciles per second than the API server answered here, and services not
+/// yet built waited behind it (BENCHMARKS.md, issue 17).
+pub const RESYNC: Duration = Duration::from_secs(300);
 /// Next look at a service whose shard-map slices were caught mid-write (normally the slice
 /// watch triggers one sooner).
 const LAYOUT_BEING_WRITTEN: Duration = Duration::from_secs(2);
@@ -76,6 +79,8 @@ pub struct Context {
     owned: Owned,
     /// Consecutive failures per object, for exponential backoff.
     failures: Failures,
+    /// The resync period (see [`RESYNC`]).
+    resync: Duration,
 }
 
 /// Watched metadata (trimmed, see [`runtime::trim`]) of every kind a ShardedService owns
@@ -140,7 +145,14 @@ impl Context {
             services,
             owned: Owned::default(),
             failures: Failures::default(),
+            resync: RESYNC,
         }
+    }
+
+    /// The same context resyncing every service about every `period`.
+    pub fn with_resync(mut self, period: Duration) -> Self {
+        self.resync = period;
+        self
     }
 
     /// The same context skipping applies the watched objects in `owned` already hold.
@@ -168,11 +180,29 @@ impl Context {
     }
 }
 
+/// What the operator's flags set for the controller.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// What shapes the built objects.
+    pub options: BuildOptions,
+    /// How often each ShardedService is looked at again when nothing changed (see [`RESYNC`]).
+    pub resync: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            options: BuildOptions::default(),
+            resync: RESYNC,
+        }
+    }
+}
+
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
     client: Client,
     instance: Option<String>,
-    options: BuildOptions,
+    settings: Settings,
     metrics: Arc<Metrics>,
     scope: Scope,
     shutdown: runtime::Shutdown,
@@ -223,7 +253,7 @@ pub async fn run(
             root,
             caps.clone(),
             instance.clone(),
-            options,
+            settings,
             metrics.clone(),
             shutdown.clone(),
         )
@@ -244,7 +274,7 @@ async fn run_in(
     root: Option<String>,
     caps: Capabilities,
     instance: Option<String>,
-    options: BuildOptions,
+    settings: Settings,
     metrics: Arc<Metrics>,
     shutdown: runtime::Shutdown,
 ) {
@@ -351,7 +381,8 @@ async fn run_in(
 
     let ctx = Arc::new(
         Context::new(client, caps, instance)
-            .with_options(options)
+            .with_options(settings.options)
+            .with_resync(settings.resync)
             .with_metrics(metrics)
             .with_services(services)
             .with_owned(owned),
@@ -578,16 +609,24 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     observed.map = map;
     observed.rollout = Some(plan.status);
     let st = status::applied(&svc, &observed, notes, now);
-    let ready = st
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
     write_status(&ctx, &svc, st).await?;
     ctx.failures.succeeded(&svc);
-    let resync = if ready { RESYNC } else { RESYNC_NOT_READY };
+    let resync = resync_after(ctx.resync, &uid);
     Ok(Action::requeue(
         plan.requeue.map_or(resync, |d| d.min(resync)),
     ))
+}
+
+/// When to look at the service with `uid` again: `period` plus up to a fifth of it, the same
+/// offset for a service every time and different across services, so services created (or an
+/// operator restarted) together do not all resync in the same second.
+pub fn resync_after(period: Duration, uid: &str) -> Duration {
+    // FNV-1a: stable across releases and processes, unlike std's randomly keyed hasher.
+    let hash = uid.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let spread = u64::try_from((period / 5).as_millis()).unwrap_or(u64::MAX);
+    period + Duration::from_millis(hash.checked_rem(spread).unwrap_or(0))
 }
 
 /// The rollout decision from the StatefulSets as they were before this reconcile's apply.
@@ -754,4 +793,34 @@ async fn write_status(ctx: &Context, svc: &ShardedService, st: ShardedServiceSta
         .await?;
     runtime::tell(&ctx.recorder, svc, &status::transitions(&prev, &st)).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resync_is_spread_over_a_fifth_of_the_period_and_stable_per_service() {
+        let period = Duration::from_secs(300);
+        let uids: Vec<String> = (0..1000)
+            .map(|i| format!("6f1c2a9e-0000-4000-8000-{i:012}"))
+            .collect();
+        let after: Vec<Duration> = uids.iter().map(|u| resync_after(period, u)).collect();
+        assert!(after
+            .iter()
+            .all(|d| *d >= period && *d < period + period / 5));
+        // Spread, not bunched: every 6 s slice of the 60 s spread gets some of 1,000 services.
+        let mut slices = [0u32; 10];
+        for d in &after {
+            slices[((*d - period).as_secs() / 6) as usize] += 1;
+        }
+        assert!(slices.iter().all(|n| *n >= 50), "{slices:?}");
+        // The same service, the same offset: a restart does not reshuffle.
+        assert_eq!(resync_after(period, &uids[7]), after[7]);
+        // A period too short to spread is the period itself.
+        assert_eq!(
+            resync_after(Duration::from_millis(4), "x"),
+            Duration::from_millis(4)
+        );
+    }
 }

@@ -44,6 +44,10 @@ enum Command {
         /// namespaces (and the Lease namespace) are enough.
         #[arg(long, env = "SHARDMESH_WATCH_NAMESPACES", value_delimiter = ',')]
         watch_namespaces: Vec<String>,
+        /// How often each ShardedService is looked at again when nothing changed (e.g. 5m;
+        /// 10s to 24h): a safety net, changes arrive through watches.
+        #[arg(long, env = "SHARDMESH_RESYNC_PERIOD", default_value = "5m", value_parser = parse_resync)]
+        resync_period: std::time::Duration,
         #[command(flatten)]
         leader: LeaderArgs,
     },
@@ -86,11 +90,22 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     shardmesh_api::duration::parse_duration(s).map_err(|e| e.to_string())
 }
 
+/// A resync period: shorter than 10 s would make the safety net the operator's main load, and
+/// longer than a day would leave a missed event unnoticed for too long.
+fn parse_resync(s: &str) -> Result<std::time::Duration, String> {
+    use std::time::Duration;
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(10) || d > Duration::from_secs(24 * 3600) {
+        return Err(format!("{s} is outside 10s..24h; e.g. 5m (the default)"));
+    }
+    Ok(d)
+}
+
 /// Runs the controller, behind leader election when asked to.
 async fn controller(
     client: kube::Client,
     instance: Option<String>,
-    options: shardmesh_operator::build::BuildOptions,
+    settings: shardmesh_operator::controller::Settings,
     metrics_addr: SocketAddr,
     leader: LeaderArgs,
     metrics: std::sync::Arc<shardmesh_operator::metrics::Metrics>,
@@ -108,7 +123,7 @@ async fn controller(
     let run = shardmesh_operator::controller::run;
     if !leader.leader_elect {
         metrics.set_leader(true);
-        return run(client, instance, options, metrics, scope, shutdown).await;
+        return run(client, instance, settings, metrics, scope, shutdown).await;
     }
     let namespace = leader.leader_lease_namespace.ok_or_else(|| {
         anyhow::anyhow!("--leader-elect needs the Lease namespace: set POD_NAMESPACE (downward API metadata.namespace) or --leader-lease-namespace")
@@ -139,7 +154,7 @@ async fn controller(
     };
     metrics.set_leader(true);
     let result = tokio::select! {
-        r = run(client, instance, options, metrics.clone(), scope, shutdown) => r,
+        r = run(client, instance, settings, metrics.clone(), scope, shutdown) => r,
         _ = elector.hold(until) => Err(anyhow::anyhow!(
             "lost leadership; exiting so this replica restarts as a standby"
         )),
@@ -285,6 +300,7 @@ async fn main() -> anyhow::Result<()> {
             sidecar_injection,
             metrics_addr,
             watch_namespaces,
+            resync_period,
             leader,
         } => {
             init_logging(log_format);
@@ -303,11 +319,14 @@ async fn main() -> anyhow::Result<()> {
                     metrics.api_requests(),
                 ))
                 .build();
-            let options = shardmesh_operator::build::BuildOptions { sidecar_injection };
+            let settings = shardmesh_operator::controller::Settings {
+                options: shardmesh_operator::build::BuildOptions { sidecar_injection },
+                resync: resync_period,
+            };
             controller(
                 client,
                 instance,
-                options,
+                settings,
                 metrics_addr,
                 leader,
                 metrics,

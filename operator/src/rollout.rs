@@ -39,19 +39,15 @@ pub const TEMPLATE: &str = "shardmesh.io/template-revision";
 /// Pod label the StatefulSet controller sets to the pod's revision.
 const POD_REVISION: &str = "controller-revision-hash";
 
-/// How long a rollout in progress goes without being looked at when nothing happens: a safety
-/// net only. Progress and failures arrive as events (the controller watches the StatefulSets
-/// and the pods of every service; a crash loop changes its pod's status on every restart), and
-/// the deadlines it waits for (progress deadline, bake time) are requeued at exactly.
-pub const POLL: Duration = Duration::from_secs(60);
-
-/// The time left until `deadline` has passed since `from` (at least a second), capped at
-/// [`POLL`].
+/// The time left until `deadline` has passed since `from` (at least a second). A rollout is
+/// looked at again then (or at the controller's resync, whichever comes first), and on every
+/// event in between: progress and failures arrive as events (the controller watches the
+/// StatefulSets and the pods of every service; a crash loop changes its pod's status on every
+/// restart), so nothing is polled.
 fn until_past(from: Timestamp, deadline: Duration, now: Timestamp) -> Duration {
     deadline
         .saturating_sub(elapsed(from, now))
         .saturating_add(Duration::from_secs(1))
-        .min(POLL)
 }
 
 /// Phase names of `status.rollout.phase`.
@@ -295,7 +291,7 @@ pub fn plan(
             status.shards_in_flight = list(&rolling);
         }
         return Plan {
-            requeue: (!rolling.is_empty()).then_some(POLL),
+            requeue: None,
             released,
             status,
         };
@@ -633,8 +629,8 @@ mod tests {
             updated: 1,
             ..rolling()
         };
-        // Nothing happening is looked at after POLL at the latest, and right after the deadline.
-        assert_eq!(first.requeue, Some(POLL));
+        // Nothing happening is looked at right after the deadline (the resync may come sooner).
+        assert_eq!(first.requeue, Some(Duration::from_secs(301)));
         let on_time = plan(&p, "new", &obs, Some(&first.status), at(299));
         assert_eq!(on_time.status.phase, phase::ROLLING);
         assert_eq!(on_time.requeue, Some(Duration::from_secs(2)));
