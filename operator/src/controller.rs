@@ -69,8 +69,8 @@ pub struct Context {
     pub caps: Capabilities,
     /// Publishes Events on ShardedServices.
     pub recorder: Recorder,
-    /// Operator settings that shape the built objects.
-    pub options: BuildOptions,
+    /// What the operator's flags set: the built objects' shape and the resync period.
+    pub settings: Settings,
     /// Reconcile counters and durations for `/metrics`.
     pub metrics: Arc<Metrics>,
     /// Every ShardedService (the controller's reflector), for name collisions.
@@ -79,8 +79,6 @@ pub struct Context {
     owned: Owned,
     /// Consecutive failures per object, for exponential backoff.
     failures: Failures,
-    /// The resync period (see [`RESYNC`]).
-    resync: Duration,
 }
 
 /// Watched metadata (trimmed, see [`runtime::trim`]) of every kind a ShardedService owns
@@ -140,19 +138,12 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             caps,
-            options: BuildOptions::default(),
+            settings: Settings::default(),
             metrics: Arc::default(),
             services,
             owned: Owned::default(),
             failures: Failures::default(),
-            resync: RESYNC,
         }
-    }
-
-    /// The same context resyncing every service about every `period`.
-    pub fn with_resync(mut self, period: Duration) -> Self {
-        self.resync = period;
-        self
     }
 
     /// The same context skipping applies the watched objects in `owned` already hold.
@@ -173,9 +164,9 @@ impl Context {
         self
     }
 
-    /// The same context building objects with `options`.
-    pub fn with_options(mut self, options: BuildOptions) -> Self {
-        self.options = options;
+    /// The same context building objects and resyncing as `settings` say.
+    pub fn with_settings(mut self, settings: Settings) -> Self {
+        self.settings = settings;
         self
     }
 }
@@ -381,8 +372,7 @@ async fn run_in(
 
     let ctx = Arc::new(
         Context::new(client, caps, instance)
-            .with_options(settings.options)
-            .with_resync(settings.resync)
+            .with_settings(settings)
             .with_metrics(metrics)
             .with_services(services)
             .with_owned(owned),
@@ -504,7 +494,7 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
             })
             .collect(),
     };
-    let desired = build_with(&svc, &ctx.caps, ctx.options, &workloads)?;
+    let desired = build_with(&svc, &ctx.caps, ctx.settings.options, &workloads)?;
 
     // 3. apply: one field manager, forced, so the operator owns exactly the fields it sets.
     // An object whose watched copy already holds what would be applied is not written, so a
@@ -611,7 +601,7 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
     let st = status::applied(&svc, &observed, notes, now);
     write_status(&ctx, &svc, st).await?;
     ctx.failures.succeeded(&svc);
-    let resync = resync_after(ctx.resync, &uid);
+    let resync = resync_after(ctx.settings.resync, &uid);
     Ok(Action::requeue(
         plan.requeue.map_or(resync, |d| d.min(resync)),
     ))
@@ -621,10 +611,8 @@ pub async fn reconcile(svc: Arc<ShardedService>, ctx: Arc<Context>) -> Result<Ac
 /// offset for a service every time and different across services, so services created (or an
 /// operator restarted) together do not all resync in the same second.
 pub fn resync_after(period: Duration, uid: &str) -> Duration {
-    // FNV-1a: stable across releases and processes, unlike std's randomly keyed hasher.
-    let hash = uid.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    // The routing hash: stable across releases and processes, unlike std's keyed hasher.
+    let hash = shardmesh_api::routing::key_hash(uid.as_bytes());
     let spread = u64::try_from((period / 5).as_millis()).unwrap_or(u64::MAX);
     period + Duration::from_millis(hash.checked_rem(spread).unwrap_or(0))
 }
